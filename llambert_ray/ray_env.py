@@ -1,0 +1,62 @@
+"""Connecting to Ray: a local Ray on a laptop, or an existing cluster, with the environment engines need."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# Environment every Ray worker needs. On CPU, vLLM takes one core for OpenMP unless told to bind all, and
+# its default KV cache (4 GiB+) is far more than a small model needs.
+CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "auto",
+                  "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
+
+
+def has_gpu() -> bool:
+    """True if this Ray cluster (or, before Ray starts, this machine) has a GPU."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.cluster_resources().get("GPU", 0) > 0
+    except Exception:
+        pass
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def worker_env() -> dict[str, str]:
+    """Env vars to pass to Ray workers: this process's engine settings plus the CPU defaults."""
+    env = dict(CPU_ENGINE_ENV)
+    ncpu = os.cpu_count() or 1
+    env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{ncpu - 1}" if ncpu > 1 else "0"
+    for key in list(CPU_ENGINE_ENV) + ["LLAMBERT_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "HF_HOME"]:
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwargs: Any) -> None:
+    """Start a local Ray (address None) or connect to a cluster ("auto", "ray://host:10001"). Idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = worker_env()
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    opts: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True,
+                            "include_dashboard": False, **kwargs}
+    if address is None or address == "local":
+        # Plenty of worker processes get forked on 2 cores; keep Ray's own memory use modest.
+        opts.update(num_cpus=num_cpus, object_store_memory=kwargs.get("object_store_memory", 2 << 30))
+    else:
+        opts.update(address=address)
+    ray.init(**opts)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = False

@@ -1,0 +1,189 @@
+"""Classification tasks: label set, prompts, verbalizers, few-shot examples and the answer parse rule.
+
+A task is a YAML file (presets live in `llambert_ray/task_presets/`). Two prompt styles:
+- `chat`: system + user message through the model's chat template (the LlamBERT paper's prompts);
+- `completion`: plain few-shot text ("Review: ...\\nSentiment: positive"), which small models follow far better.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+OTHER = "other"
+# The paper strips whitespace and these characters before matching an answer to a verbalizer.
+_STRIP_CHARS = " \t\r\n.,!?;'\""
+
+
+class TaskError(ValueError):
+    """A task name or task file is wrong; the message names it and the fix."""
+
+
+class Example(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    label: str
+
+
+class Task(BaseModel):
+    """A text classification task as the LLM sees it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    labels: list[str] = Field(min_length=2)
+    verbalizers: dict[str, list[str]] = Field(description="answer words per label, first one is canonical")
+    system_prompt: str
+    user_template: str = Field(description="chat style user message; {text} is the row's text")
+    completion_instruction: str = Field("", description="completion style: text before the examples")
+    completion_template: str = Field("Text: {text}\nLabel:", description="completion style: one row")
+    examples: list[Example] = Field(default_factory=list)
+    gold_label_map: dict[str, str] = Field(default_factory=dict,
+                                           description="raw gold values (as strings) -> label names")
+    default_style: Literal["chat", "completion"] = "chat"
+    default_shots: int = 0
+    # Per-model defaults, keyed by model reference: small models need the completion style.
+    model_defaults: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    example_max_chars: int = 400
+
+    @model_validator(mode="after")
+    def _check(self) -> Task:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be unique, got {self.labels}")
+        if OTHER in self.labels:
+            raise ValueError(f"{OTHER!r} is reserved for unparseable answers; rename that label")
+        missing = [lab for lab in self.labels if not self.verbalizers.get(lab)]
+        if missing:
+            raise ValueError(f"labels {missing} have no verbalizers; add answer words for each label")
+        extra = set(self.verbalizers) - set(self.labels)
+        if extra:
+            raise ValueError(f"verbalizers for unknown labels {sorted(extra)}")
+        for tmpl_name in ("user_template", "completion_template"):
+            if "{text}" not in getattr(self, tmpl_name):
+                raise ValueError(f"{tmpl_name} must contain {{text}}")
+        bad = [e.label for e in self.examples if e.label not in self.labels]
+        if bad:
+            raise ValueError(f"examples use unknown labels {sorted(set(bad))}")
+        return self
+
+    # ---------------------------------------------------------------- prompting
+    def defaults_for(self, model: str) -> dict[str, Any]:
+        """The prompt style and shot count that work for `model` (falls back to the task defaults)."""
+        d = {"prompt_style": self.default_style, "shots": self.default_shots}
+        d.update(self.model_defaults.get(model, {}))
+        return d
+
+    def pick_examples(self, shots: int) -> list[Example]:
+        """The first `shots` examples, interleaving labels so no label dominates the context."""
+        if shots > len(self.examples):
+            raise TaskError(f"task {self.name!r} has {len(self.examples)} examples, {shots} shots asked; "
+                            f"fix: lower --shots or add examples to the task YAML")
+        by_label = {lab: [e for e in self.examples if e.label == lab] for lab in self.labels}
+        out: list[Example] = []
+        i = 0
+        while len(out) < shots:
+            for lab in self.labels:
+                if i < len(by_label[lab]) and len(out) < shots:
+                    out.append(by_label[lab][i])
+            i += 1
+        return out
+
+    def _render(self, template: str, text: str, max_chars: int) -> str:
+        return template.replace("{text}", text[:max_chars])
+
+    def chat_messages(self, text: str, shots: int = 0, max_chars: int = 6000) -> list[dict[str, str]]:
+        """System + (few-shot turns) + user message, the paper's chat prompt."""
+        msgs = [{"role": "system", "content": self.system_prompt}]
+        for ex in self.pick_examples(shots):
+            msgs.append({"role": "user", "content": self._render(self.user_template, ex.text,
+                                                                 self.example_max_chars)})
+            msgs.append({"role": "assistant", "content": self.verbalizers[ex.label][0]})
+        msgs.append({"role": "user", "content": self._render(self.user_template, text, max_chars)})
+        return msgs
+
+    def completion_prefix(self, shots: int) -> str:
+        """The shared part of every completion prompt (instruction + shots): the engine caches it."""
+        parts = [self.completion_instruction] if self.completion_instruction else []
+        for ex in self.pick_examples(shots):
+            shot = self._render(self.completion_template, ex.text, self.example_max_chars)
+            parts.append(f"{shot} {self.verbalizers[ex.label][0]}")
+        return "\n\n".join(parts) + ("\n\n" if parts else "")
+
+    def completion_prompt(self, text: str, shots: int = 0, max_chars: int = 6000) -> str:
+        return self.completion_prefix(shots) + self._render(self.completion_template, text, max_chars)
+
+    def answer_words(self, style: str) -> dict[str, str]:
+        """The canonical answer string per label as it follows the prompt (completion: after a space)."""
+        lead = " " if style == "completion" else ""
+        return {lab: lead + self.verbalizers[lab][0] for lab in self.labels}
+
+    # ------------------------------------------------------------------ parsing
+    def parse(self, answer: str | None) -> str:
+        """The paper's parse rule: a label name, or OTHER when the answer is not clearly one label."""
+        if answer is None:
+            return OTHER
+        cleaned = answer.strip(_STRIP_CHARS).lower()
+        for lab in self.labels:
+            if cleaned in (v.lower() for v in self.verbalizers[lab]):
+                return lab
+        hits = [lab for lab in self.labels
+                if any(re.search(rf"\b{re.escape(v.lower())}\b", cleaned) for v in self.verbalizers[lab])]
+        return hits[0] if len(hits) == 1 else OTHER
+
+    def gold_label(self, raw: Any) -> str | None:
+        """Map a raw gold value (1, 'pos', 'positive') to a label name; None if it is missing."""
+        if raw is None:
+            return None
+        if isinstance(raw, float) and raw != raw:  # NaN
+            return None
+        key = str(raw).strip()
+        if key in self.labels:
+            return key
+        if key in self.gold_label_map:
+            return self.gold_label_map[key]
+        low = key.lower()
+        for lab in self.labels:
+            if low == lab.lower() or low in (v.lower() for v in self.verbalizers[lab]):
+                return lab
+        raise TaskError(f"gold label {raw!r} is not a label of task {self.name!r} ({self.labels}); fix: add "
+                        f"it to gold_label_map in the task YAML or set corpus.label_column: null")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("llambert_ray.task_presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_task(ref: str) -> Task:
+    """A task by preset name (`imdb-sentiment`) or by path to a task YAML file."""
+    path = Path(ref)
+    if ref.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise TaskError(f"task file {ref} does not exist; fix: give a task YAML path or one of the "
+                            f"presets {preset_names()}")
+        text = path.read_text(encoding="utf-8")
+        source = str(path)
+    else:
+        res = resources.files("llambert_ray.task_presets") / f"{ref}.yaml"
+        if not res.is_file():
+            raise TaskError(f"unknown task {ref!r}; fix: use one of the presets {preset_names()} or a path "
+                            f"to a task YAML")
+        text = res.read_text(encoding="utf-8")
+        source = f"preset {ref}"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise TaskError(f"task {source} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise TaskError(f"task {source} must be a mapping with name, labels, verbalizers, prompts")
+    try:
+        return Task.model_validate(data)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise TaskError(f"task {source} is invalid: {msgs}") from None

