@@ -41,8 +41,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(PY) -m llambert_ray.cli data fetch tweets --dest data
-	$(PY) -m llambert_ray.cli annotate --task tweet-sentiment --input data/tweets.parquet \
-		--output runs/demo-annotate --sample 200 --seed 0
+	$(PY) -m llambert_ray.cli run --config configs/demo.yaml
 
 test: setup
 	$(PY) -m pytest -ra $(PYTEST_ARGS)

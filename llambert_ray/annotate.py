@@ -22,12 +22,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+import pandas as pd
+
 from llambert_ray.config import AnnotateConfig, RunConfig
 from llambert_ray.models import resolve_model
 from llambert_ray.ray_env import has_gpu, worker_env
 from llambert_ray.tasks import OTHER, Task, TaskError
 
 OUTPUT_COLUMNS = ["llm_label", "llm_confidence", "llm_raw", "llm_error", "prompt_tokens"]
+# Content-free inputs for contextual calibration (Zhao et al., 2021): the LLM's label preference on them is
+# its bias, independent of any row.
+CONTENT_FREE_TEXTS = ["N/A", "[MASK]", "", "..."]
+_CF_PREFIX = "__llambert_content_free_"
 
 
 class AnnotationError(RuntimeError):
@@ -218,6 +225,7 @@ class AnnotationSummary:
     model: str
     label_counts: dict[str, int]
     accuracy: float | None = None  # against gold labels, over all rows (dropped rows count as wrong)
+    calibration: dict[str, float] | None = None  # content-free log-prob offsets subtracted per label
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -240,26 +248,78 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
     model_path = resolve_model(cfg.model)
     plan = make_plan(task, cfg, model_path)
     engine = engine or VLLMEngine(cfg, model_path)
+    calibrate = cfg.calibration == "content-free" and plan.mode == "score"
+    if calibrate:
+        ds = ds.union(_content_free_rows(ds))
     t0 = time.time()
     df = engine.run(ds, plan).to_pandas()
     seconds = time.time() - t0
     for col in OUTPUT_COLUMNS:
         if col not in df:
             df[col] = None
+    offsets = None
+    if calibrate:
+        cf = df["id"].astype(str).str.startswith(_CF_PREFIX)
+        df, offsets = apply_calibration(df[~cf].copy(), df[cf], task.labels)
     failed = int(df["llm_error"].notna().sum())
     labelled = int(df["llm_label"].notna().sum())
     tokens = int(df["prompt_tokens"].fillna(0).sum())
     acc = None
     if "label" in df and df["label"].notna().any():
         gold = df[df["label"].notna()]
-        acc = float((gold["llm_label"] == gold["label"]).mean())
+        acc = float((gold["llm_label"] == gold["label"]).fillna(False).astype(bool).mean())
     summary = AnnotationSummary(
         rows_in=len(df), labelled=labelled, dropped=len(df) - labelled - failed, failed=failed,
         seconds=seconds, rows_per_s=len(df) / seconds if seconds else 0.0, prompt_tokens=tokens,
         prompt_tokens_per_s=tokens / seconds if seconds else 0.0, mode=plan.mode, style=plan.style,
         shots=plan.shots, model=cfg.model,
-        label_counts={str(k): int(v) for k, v in df["llm_label"].value_counts().items()}, accuracy=acc)
+        label_counts={str(k): int(v) for k, v in df["llm_label"].value_counts().items()}, accuracy=acc,
+        calibration=offsets)
     return df.sort_values("id", kind="stable").reset_index(drop=True), summary
+
+
+def _content_free_rows(ds):
+    import ray
+
+    cols = ds.columns()
+    rows = [{c: (f"{_CF_PREFIX}{i}" if c == "id" else t if c == "text" else None) for c in cols}
+            for i, t in enumerate(CONTENT_FREE_TEXTS)]
+    return ray.data.from_pandas(pd.DataFrame(rows, columns=cols).astype(ds.to_pandas(limit=1).dtypes.to_dict()))
+
+
+def _label_logsoftmax(raw: str | None, labels: list[str]) -> np.ndarray | None:
+    if not isinstance(raw, str) or not raw:
+        return None
+    scores = json.loads(raw)
+    v = np.array([scores[lab] for lab in labels], dtype=float)
+    return v - (v.max() + np.log(np.exp(v - v.max()).sum()))
+
+
+def apply_calibration(df: pd.DataFrame, content_free: pd.DataFrame, labels: list[str]):
+    """Subtract the mean label log-probabilities on content-free inputs from every row's, relabel.
+
+    Returns (frame with llm_label / llm_confidence recalibrated, offsets per label). llm_raw keeps the raw
+    scores, so the correction can be audited or undone.
+    """
+    cf = [x for x in (_label_logsoftmax(r, labels) for r in content_free["llm_raw"]) if x is not None]
+    if not cf:
+        return df, None
+    offset = np.mean(cf, axis=0)
+    new_label, new_conf = [], []
+    for raw, old_label, old_conf in zip(df["llm_raw"], df["llm_label"], df["llm_confidence"], strict=True):
+        v = _label_logsoftmax(raw, labels) if isinstance(old_label, str) else None
+        if v is None:
+            new_label.append(old_label)
+            new_conf.append(old_conf)
+            continue
+        v = v - offset
+        p = np.exp(v - v.max())
+        p /= p.sum()
+        new_label.append(labels[int(p.argmax())])
+        new_conf.append(float(p.max()))
+    df["llm_label"] = pd.Series(new_label, index=df.index, dtype=object)
+    df["llm_confidence"] = pd.Series(new_conf, index=df.index, dtype=float)
+    return df, {lab: float(o) for lab, o in zip(labels, offset, strict=True)}
 
 
 def annotate_corpus(cfg: RunConfig, output_dir: str | Path) -> AnnotationSummary:

@@ -24,10 +24,12 @@ app.add_typer(models_app, name="models")
 def _user_errors() -> tuple[type[BaseException], ...]:
     from llambert_ray.annotate import AnnotationError
     from llambert_ray.data import CorpusError
+    from llambert_ray.label import LabelError
     from llambert_ray.models import ModelNotFoundError
     from llambert_ray.tasks import TaskError
+    from llambert_ray.train import TrainError
 
-    return ConfigError, CorpusError, TaskError, ModelNotFoundError, AnnotationError
+    return ConfigError, CorpusError, TaskError, ModelNotFoundError, AnnotationError, TrainError, LabelError
 
 
 def friendly_errors(fn):
@@ -89,6 +91,160 @@ def annotate(
     summary = annotate_corpus(cfg, output)
     typer.echo("\n".join(summary.lines()))
     typer.echo(f"wrote {output / 'annotations.parquet'}")
+
+
+@app.command()
+@friendly_errors
+def train(
+    train_path: str = typer.Option(..., "--train", help="annotations.parquet from `llambert annotate`, or any "
+                                   "corpus with gold labels"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder for model/ and train_summary.json"),
+    task: str | None = typer.Option(None, "--task", "-t", help="task preset or YAML (for the label names)"),
+    variant: str | None = typer.Option(None, help="gold | llm | llm+extra | combined (default llm)"),
+    extra: str | None = typer.Option(None, help="annotations of unlabelled extra rows (llm+extra, combined)"),
+    eval_path: str | None = typer.Option(None, "--eval", help="gold-labelled corpus to evaluate on"),
+    model: str | None = typer.Option(None, help="encoder: packaged name, local folder or hub id"),
+    workers: int | None = typer.Option(None, help="Ray Train workers"),
+    zero_stage: int | None = typer.Option(None, "--zero-stage", help="DeepSpeed ZeRO stage 0-3"),
+    epochs: int | None = typer.Option(None),
+    learning_rate: float | None = typer.Option(None, "--lr"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="per-worker micro batch"),
+    max_length: int | None = typer.Option(None, "--max-length", help="tokens per text"),
+    use_gpu: bool | None = typer.Option(None, "--gpu/--cpu", help="train on GPUs (bf16) or CPUs (fp32)"),
+    address: str | None = typer.Option(None, help="Ray address (default: start a local Ray)"),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Fine-tune the encoder with Ray Train + DeepSpeed on LLM (or gold) labels; writes OUTPUT/model."""
+    cfg = _config(config, {
+        "task": task, "train.variants": [variant] if variant else None, "train.model": model,
+        "train.workers": workers, "train.zero_stage": zero_stage, "train.epochs": epochs,
+        "train.learning_rate": learning_rate, "train.batch_size": batch_size, "train.max_length": max_length,
+        "train.use_gpu": use_gpu, "cluster.address": address})
+    from llambert_ray.train import train_from_files
+
+    result, metrics = train_from_files(cfg, train_path, output, extra_path=extra, eval_path=eval_path)
+    typer.echo(f"trained {cfg.train.variants[0]} on {result.rows} rows in {result.seconds:.1f}s "
+               f"({result.samples_per_s:.1f} samples/s) -> {result.model_dir}")
+    if metrics:
+        typer.echo(f"  eval accuracy {metrics['accuracy']:.2%}, macro F1 {metrics['macro_f1']:.2%} "
+                   f"on {metrics['rows']} rows")
+
+
+@app.command()
+@friendly_errors
+def label(
+    model: Path = typer.Option(..., "--model", "-m", help="trained model folder (OUTPUT/model of train)"),
+    input: str = typer.Option(..., "--input", "-i", help="corpus to label (any supported format)"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder for labels.parquet"),
+    id_column: str | None = typer.Option(None, "--id-column"),
+    text_column: str | None = typer.Option(None, "--text-column"),
+    label_column: str | None = typer.Option(None, "--label-column", help="gold labels, kept as `gold`"),
+    task: str | None = typer.Option(None, "--task", "-t", help="task (maps gold labels to label names)"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    concurrency: int | None = typer.Option(None, help="classifier actors"),
+    address: str | None = typer.Option(None),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Label a whole corpus with a trained classifier: OUTPUT/labels.parquet (id, label, prob_<class>...)."""
+    cfg = _config(config, {"task": task, "corpus.path": input, "corpus.id_column": id_column,
+                           "corpus.text_column": text_column, "corpus.label_column": label_column,
+                           "label.batch_size": batch_size, "label.concurrency": concurrency,
+                           "cluster.address": address})
+    from llambert_ray.label import label_corpus
+
+    summary = label_corpus(cfg, model, output / "labels.parquet")
+    typer.echo("\n".join(summary.lines()))
+    typer.echo(f"wrote {output / 'labels.parquet'}")
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    input: Path = typer.Option(..., "--input", "-i", help="annotations.parquet (llm_label vs label) or "
+                               "labels.parquet (label vs gold)"),
+    task: str | None = typer.Option(None, "--task", "-t"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="write the metrics as JSON here"),
+) -> None:
+    """Accuracy, per-class precision / recall / F1 and the confusion matrix of predictions vs gold."""
+    import json as _json
+
+    import pandas as pd
+
+    from llambert_ray.data import CorpusError, read_parquet_frame
+    from llambert_ray.evaluate import classification_metrics
+    from llambert_ray.tasks import load_task
+
+    df = read_parquet_frame(input)
+    if "llm_label" in df:
+        pred, gold = df["llm_label"], df.get("label")
+    else:
+        pred, gold = df.get("label"), df.get("gold")
+    if pred is None or gold is None or gold.isna().all():
+        raise CorpusError(f"{input} has no predictions with gold labels to compare; fix: pass annotations of a "
+                          f"labelled corpus, or labels.parquet of a corpus with --label-column")
+    labels = load_task(task).labels if task else sorted(set(pd.concat([pred, gold]).dropna()))
+    m = classification_metrics(gold, pred, labels)
+    typer.echo(f"rows {m['rows']}  accuracy {m['accuracy']:.2%}  macro F1 {m['macro_f1']:.2%}  "
+               f"dropped {m['dropped']:.2%}")
+    for lab, c in m["per_class"].items():
+        typer.echo(f"  {lab:>12}: precision {c['precision']:.2%} recall {c['recall']:.2%} f1 {c['f1']:.2%} "
+                   f"support {c['support']}")
+    typer.echo(f"  confusion (rows gold, columns predicted, order {labels}): {m['confusion']}")
+    if output:
+        output.write_text(_json.dumps(m, indent=2))
+
+
+@app.command()
+@friendly_errors
+def run(
+    config: Path = typer.Option(..., "--config", "-c", help="pipeline YAML (see configs/demo.yaml)"),
+    name: str | None = typer.Option(None, help="run name (folder under output_dir)"),
+    output_dir: str | None = typer.Option(None, "--output-dir", help="parent folder of run folders"),
+    address: str | None = typer.Option(None, help="Ray address (default: start a local Ray)"),
+) -> None:
+    """The whole pipeline: annotate -> train each variant -> label the corpus -> evaluate -> report.
+    Stages whose outputs exist for the same config are skipped, so a rerun resumes."""
+    cfg = _config(config, {"name": name, "output_dir": output_dir, "cluster.address": address})
+    from llambert_ray.pipeline import run_pipeline
+    from llambert_ray.report import headline_table
+
+    metrics = run_pipeline(cfg, log=typer.echo)
+    typer.echo("")
+    typer.echo(headline_table(metrics))
+    typer.echo(f"\nreport: {metrics['report']} (and report.html); labels: {cfg.run_dir / 'labels.parquet'}")
+
+
+@app.command()
+@friendly_errors
+def serve(
+    model: Path = typer.Option(..., "--model", "-m", help="trained model folder"),
+    host: str | None = typer.Option(None, help="bind address (default 127.0.0.1)"),
+    port: int | None = typer.Option(None, help="HTTP port (default 8000)"),
+    replicas: int | None = typer.Option(None, help="fixed number of replicas"),
+    autoscale: str | None = typer.Option(None, help="MIN:MAX replicas, scaled on ongoing requests"),
+    max_batch_size: int | None = typer.Option(None, "--max-batch-size", help="texts per forward pass"),
+    batch_wait_timeout_s: float | None = typer.Option(None, "--batch-wait-timeout-s"),
+    address: str | None = typer.Option(None),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Serve a trained classifier over HTTP (Ray Serve, dynamic batching); runs until Ctrl-C."""
+    mn = mx = replicas
+    if autoscale:
+        try:
+            mn, mx = (int(x) for x in autoscale.split(":"))
+        except ValueError:
+            raise ConfigError(f"--autoscale {autoscale!r} must be MIN:MAX, e.g. 1:4") from None
+    cfg = _config(config, {"serve.host": host, "serve.port": port, "serve.min_replicas": mn,
+                           "serve.max_replicas": mx, "serve.max_batch_size": max_batch_size,
+                           "serve.batch_wait_timeout_s": batch_wait_timeout_s, "cluster.address": address})
+    from llambert_ray.label import model_labels
+    from llambert_ray.ray_env import init_ray
+    from llambert_ray.serve import start
+
+    model_labels(model)
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    typer.echo(f"serving {model} on http://{cfg.serve.host}:{cfg.serve.port} (docs at /docs); Ctrl-C stops")
+    start(model, cfg.serve, blocking=True)
 
 
 @data_app.command("fetch")

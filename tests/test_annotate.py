@@ -81,3 +81,20 @@ def test_generate_mode_parses_free_text(ray_local, reviews_jsonl):
     assert summary.labelled + summary.dropped + summary.failed == 12
     assert df["llm_raw"].notna().all()  # raw answers are kept, also for dropped rows
     assert summary.labelled >= 6
+
+
+def test_content_free_calibration_removes_label_bias():
+    from llambert_ray.annotate import apply_calibration
+
+    rows = pd.DataFrame({
+        "id": ["a", "b", "c"], "llm_label": ["positive", "positive", None], "llm_confidence": [0.6, 0.9, None],
+        "llm_raw": [json.dumps({"positive": -0.5, "negative": -0.9}),
+                    json.dumps({"positive": -0.1, "negative": -2.4}), None]})
+    # On content-free inputs the model prefers 'positive' by a log-odds of about 1.0: that is bias.
+    cf = pd.DataFrame({"llm_raw": [json.dumps({"positive": -0.3, "negative": -1.3})] * 2})
+    out, offsets = apply_calibration(rows.copy(), cf, ["positive", "negative"])
+    assert offsets["positive"] > offsets["negative"]
+    assert out["llm_label"][:2].tolist() == ["negative", "positive"]  # the weak 'positive' flips
+    assert pd.isna(out["llm_label"][2])  # a dropped row stays dropped
+    assert out["llm_raw"].tolist() == rows["llm_raw"].tolist()  # raw scores kept for audit
+    assert 0.5 <= out["llm_confidence"][0] < 0.7

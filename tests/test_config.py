@@ -21,7 +21,7 @@ def test_defaults_and_overrides(tmp_path):
     ("corpus: {sample: -5}", "corpus.sample"),
     ("corpus: {fraction: 1.5}", "corpus.fraction"),
     ("corpus: {sample: 5, fraction: 0.5}", "not both"),
-    ("train: {variant: magic}", "train.variant"),
+    ("train: {variants: [magic]}", "train.variants"),
     ("annotate: [1, 2", "not valid YAML"),
     ("- a\n- b\n", "mapping"),
 ])

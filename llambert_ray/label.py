@@ -1,0 +1,144 @@
+"""Labelling the whole corpus with the trained encoder: Ray Data `map_batches` over an actor pool.
+
+Each actor loads the model once; each batch is split into length-sorted sub-batches so short texts are not
+padded to the longest one. Output rows: `id, label, prob_<class>...` (+ the gold `label` as `gold` if present).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llambert_ray.config import LabelConfig
+
+
+class LabelError(ValueError):
+    """The model folder or input cannot be labelled; the message says why and what to change."""
+
+
+def model_labels(model_dir: str | Path) -> list[str]:
+    """The label names a trained model folder predicts, in output order."""
+    path = Path(model_dir)
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise LabelError(f"{path} is not a trained model folder (no config.json); fix: pass the model/ folder "
+                         f"written by `llambert train`")
+    id2label = json.loads(cfg_path.read_text()).get("id2label") or {}
+    labels = [id2label[k] for k in sorted(id2label, key=int)]
+    if not labels:
+        raise LabelError(f"{path}/config.json has no id2label; fix: train it with `llambert train`")
+    return labels
+
+
+class Classifier:
+    """A trained sequence classifier, loaded once per Ray actor (or per Serve replica)."""
+
+    def __init__(self, model_dir: str, max_length: int = 256, sub_batch: int = 32, threads: int | None = None):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(self.device).eval()
+        self.labels = model_labels(model_dir)
+        self.max_length = max_length
+        self.sub_batch = sub_batch
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        """Class probabilities, shape (len(texts), n_labels), in input order."""
+        import torch
+
+        if not texts:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.sub_batch):
+                idx = order[start:start + self.sub_batch]
+                enc = self.tok([texts[i] for i in idx], truncation=True, max_length=self.max_length,
+                               padding=True, return_tensors="pt").to(self.device)
+                out[idx] = torch.softmax(self.model(**enc).logits.float(), dim=-1).cpu().numpy()
+        return out
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        probs = self.predict_proba(batch["text"].astype(str).tolist())
+        out = pd.DataFrame({"id": batch["id"].to_numpy(),
+                            "label": np.array(self.labels, dtype=object)[probs.argmax(1)]})
+        for j, name in enumerate(self.labels):
+            out[f"prob_{name}"] = probs[:, j]
+        if "label" in batch:
+            out["gold"] = batch["label"].to_numpy()
+        return out
+
+
+@dataclass
+class LabelSummary:
+    rows: int
+    seconds: float
+    rows_per_s: float
+    label_counts: dict[str, int]
+    accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        acc = f", accuracy vs gold {self.accuracy:.2%}" if self.accuracy is not None else ""
+        return [f"labelled {self.rows} rows in {self.seconds:.1f}s ({self.rows_per_s:.1f} rows/s){acc}",
+                f"  labels {self.label_counts}"]
+
+
+def label_dataset(ds, model_dir: str | Path, cfg: LabelConfig):
+    """Lazy Dataset of predictions for every row of `ds` (columns id, text[, label])."""
+    from ray.data import ActorPoolStrategy
+
+    model_labels(model_dir)  # fail before any actor starts
+    threads = max(1, int(round(cfg.cpus_per_actor)))
+    return ds.map_batches(
+        Classifier, batch_format="pandas", batch_size=cfg.batch_size,
+        fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "max_length": cfg.max_length,
+                               "threads": threads},
+        compute=ActorPoolStrategy(size=cfg.concurrency),
+        num_cpus=cfg.cpus_per_actor, **({"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor else {}))
+
+
+def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path) -> LabelSummary:
+    """Label every row of `ds` and write OUTPUT (a parquet folder, written atomically). Returns a summary."""
+    from llambert_ray.data import write_parquet
+
+    t0 = time.time()
+    preds = label_dataset(ds, model_dir, cfg).materialize()
+    write_parquet(preds, output)
+    seconds = time.time() - t0
+    cols = ["label"] + (["gold"] if "gold" in preds.columns() else [])
+    df = preds.select_columns(cols).to_pandas()
+    acc = None
+    if "gold" in df and df["gold"].notna().any():
+        g = df[df["gold"].notna()]
+        acc = float((g["label"] == g["gold"]).mean())
+    return LabelSummary(rows=len(df), seconds=seconds, rows_per_s=len(df) / max(seconds, 1e-9),
+                        label_counts={str(k): int(v) for k, v in df["label"].value_counts().items()},
+                        accuracy=acc)
+
+
+def label_corpus(cfg, model_dir: str | Path, output: str | Path) -> LabelSummary:
+    """The `llambert label` command: read cfg.corpus (all rows) and label it with the model folder."""
+    from llambert_ray.data import read_corpus
+    from llambert_ray.ray_env import init_ray
+    from llambert_ray.tasks import load_task
+
+    model_labels(model_dir)
+    task = load_task(cfg.task) if cfg.task else None
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    ds, _ = read_corpus(cfg.corpus, task)
+    summary = label(ds, model_dir, cfg.label, output)
+    Path(output).with_name("label_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    return summary

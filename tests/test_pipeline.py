@@ -1,0 +1,50 @@
+"""`llambert run`: the whole pipeline on a small real corpus, then a rerun that skips every finished stage."""
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import REVIEWS
+
+pytestmark = [pytest.mark.ray, pytest.mark.llm, pytest.mark.timeout(1800)]
+
+
+def test_run_then_rerun_skips(ray_local, tweets_frame, tmp_path):
+    from typer.testing import CliRunner
+
+    from llambert_ray.cli import app
+
+    corpus = pd.DataFrame([{"id": f"r{i:02d}", "text": t, "label": lab} for i, (t, lab) in enumerate(REVIEWS)])
+    corpus.to_parquet(tmp_path / "corpus.parquet")
+    (tmp_path / "run.yaml").write_text(f"""
+name: small
+output_dir: {tmp_path / 'runs'}
+task: imdb-sentiment
+corpus: {{path: {tmp_path / 'corpus.parquet'}, sample: 32, seed: 0}}
+test: {{path: {tmp_path / 'corpus.parquet'}}}
+annotate: {{batch_size: 8}}
+train: {{variants: [llm, gold], epochs: 1, batch_size: 8, max_length: 48, workers: 2, cpus_per_worker: 0.5}}
+label: {{batch_size: 16, max_length: 48, cpus_per_actor: 0.5}}
+""")
+    runner = CliRunner()
+    first = runner.invoke(app, ["run", "--config", str(tmp_path / "run.yaml")])
+    assert first.exit_code == 0, first.output
+    run_dir = tmp_path / "runs" / "small"
+    for name in ["annotations.parquet", "labels.parquet", "report.md", "report.html", "manifest.json",
+                 "metrics.json", "plots/variants.png", "plots/confusion_llm_labels.png",
+                 "models/llm/model/config.json"]:
+        assert (run_dir / name).exists(), name
+    ann = pd.read_parquet(run_dir / "annotations.parquet")
+    labels = pd.read_parquet(run_dir / "labels.parquet")
+    assert len(ann) == 32 and ann["id"].is_unique
+    assert len(labels) == 40 and set(labels["id"]) == set(corpus["id"])  # the whole corpus, each id once
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["variants"]) == {"llm", "gold"} and metrics["llm"]["accuracy"] > 0.6
+    assert "| LLM (" in first.output and "report:" in first.output
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+
+    second = runner.invoke(app, ["run", "--config", str(tmp_path / "run.yaml")])
+    assert second.exit_code == 0, second.output
+    for stage in ["annotate", "train[llm]", "train[gold]", "label", "evaluate"]:
+        assert f"[{stage}] up to date" in second.output, stage
+    assert json.loads((run_dir / "manifest.json").read_text())["stages"] == manifest["stages"]

@@ -1,0 +1,95 @@
+"""Ray Serve: real HTTP requests against a local deployment of a classifier folder, then a clean shutdown."""
+
+import socket
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tmp_path_factory):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from llambert_ray.config import ServeConfig
+    from llambert_ray.models import resolve_model
+    from llambert_ray.serve import start
+
+    src = resolve_model("minilm-l6")
+    model_dir = tmp_path_factory.mktemp("serve") / "model"
+    m = AutoModelForSequenceClassification.from_pretrained(
+        src, num_labels=2, id2label={0: "positive", 1: "negative"}, label2id={"positive": 0, "negative": 1})
+    m.save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(src).save_pretrained(model_dir)
+    cfg = ServeConfig(port=_free_port(), max_batch_size=8, max_texts_per_request=16, max_chars_per_text=500,
+                      cpus_per_replica=0.5, max_length=64)
+    start(model_dir, cfg, name="test-llambert")
+    yield f"http://127.0.0.1:{cfg.port}", model_dir
+    from ray import serve
+
+    serve.shutdown()
+
+
+def test_classify_single_and_batch(served):
+    import httpx
+
+    url, _ = served
+    r = httpx.post(f"{url}/v1/classify", json={"texts": ["A wonderful film."]}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    (pred,) = body["predictions"]
+    assert pred["label"] in {"positive", "negative"} and abs(sum(pred["probs"].values()) - 1) < 1e-4
+    texts = [f"review {i}: {'great' if i % 2 else 'awful'} movie" for i in range(12)]
+    r = httpx.post(f"{url}/v1/classify", json={"texts": texts}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 12
+    assert r.json()["model"] == body["model"]
+
+
+@pytest.mark.parametrize("payload,status,needle", [
+    (b"{not json", 422, ""),
+    ({"texts": "just a string"}, 422, ""),
+    ({"texts": [1, 2]}, 422, ""),
+    ({"text": ["wrong key"]}, 422, ""),
+    ({"texts": []}, 422, "empty"),
+    ({"texts": ["   "]}, 422, "whitespace"),
+    ({"texts": ["x"] * 17}, 413, "limit is 16"),
+    ({"texts": ["x" * 501]}, 413, "limit is 500"),
+])
+def test_bad_requests_get_clear_4xx(served, payload, status, needle):
+    import httpx
+
+    url, _ = served
+    if isinstance(payload, bytes):
+        r = httpx.post(f"{url}/v1/classify", content=payload, headers={"content-type": "application/json"},
+                       timeout=30)
+    else:
+        r = httpx.post(f"{url}/v1/classify", json=payload, timeout=30)
+    assert r.status_code == status, r.text
+    assert needle in r.text
+
+
+def test_health_model_docs(served):
+    import httpx
+
+    url, model_dir = served
+    assert httpx.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
+    info = httpx.get(f"{url}/v1/model", timeout=30).json()
+    assert info["labels"] == ["positive", "negative"] and len(info["version"]) == 12
+    assert "/v1/classify" in httpx.get(f"{url}/openapi.json", timeout=30).json()["paths"]
+
+
+def test_label_corpus_through_the_deployment(served, tweets_frame):
+    import ray
+
+    from llambert_ray.serve import label_via_serve
+
+    rows = tweets_frame.head(200)[["id", "text", "label"]]
+    out = label_via_serve(ray.data.from_pandas(rows), "test-llambert", batch_size=50, concurrency=1).to_pandas()
+    assert len(out) == 200 and out["id"].is_unique and set(out["id"]) == set(rows["id"])
+    assert out["label"].isin(["positive", "negative"]).all()
