@@ -28,6 +28,8 @@ VARIANTS = {
     "score-completion-0": dict(mode="score", prompt_style="completion", shots=0),
     "score-completion-2": dict(mode="score", prompt_style="completion", shots=2),
     "score-completion-4": dict(mode="score", prompt_style="completion", shots=4),
+    "score-completion-2-calibrated": dict(mode="score", prompt_style="completion", shots=2,
+                                          calibration="content-free"),
     "generate-completion-2": dict(mode="generate", prompt_style="completion", shots=2, max_new_tokens=3),
 }
 
