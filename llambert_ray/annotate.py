@@ -279,12 +279,13 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
 
 
 def _content_free_rows(ds):
+    """The content-free rows, with the same (string) columns as the corpus rows (id, text[, label])."""
     import ray
 
     cols = ds.columns()
     rows = [{c: (f"{_CF_PREFIX}{i}" if c == "id" else t if c == "text" else None) for c in cols}
             for i, t in enumerate(CONTENT_FREE_TEXTS)]
-    return ray.data.from_pandas(pd.DataFrame(rows, columns=cols).astype(ds.to_pandas(limit=1).dtypes.to_dict()))
+    return ray.data.from_pandas(pd.DataFrame(rows, columns=cols).astype("string"))
 
 
 def _label_logsoftmax(raw: str | None, labels: list[str]) -> np.ndarray | None:
