@@ -93,3 +93,28 @@ def test_label_corpus_through_the_deployment(served, tweets_frame):
     out = label_via_serve(ray.data.from_pandas(rows), "test-llambert", batch_size=50, concurrency=1).to_pandas()
     assert len(out) == 200 and out["id"].is_unique and set(out["id"]) == set(rows["id"])
     assert out["label"].isin(["positive", "negative"]).all()
+
+
+def test_serve_config_yaml_and_app_builder(tmp_path):
+    """configs/serve.yaml is a valid Serve config whose import path builds the app from its args."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from llambert_ray.config import ServeConfig
+    from llambert_ray.serve import build_app, deployment_options
+
+    doc = yaml.safe_load((Path(__file__).parents[1] / "configs" / "serve.yaml").read_text())
+    app_cfg = ServeDeploySchema.model_validate(doc).applications[0]
+    assert app_cfg.import_path == "llambert_ray.serve:build_app"
+    with pytest.raises(ValueError, match="model_dir is required"):
+        build_app({})
+    from llambert_ray.label import LabelError
+
+    with pytest.raises(LabelError, match="config.json"):
+        build_app({**app_cfg.args, "model_dir": str(tmp_path)})
+    auto = deployment_options(ServeConfig(min_replicas=1, max_replicas=4, max_batch_size=16))
+    assert auto["autoscaling_config"]["max_replicas"] == 4 and auto["max_ongoing_requests"] >= 32
+    fixed = deployment_options(ServeConfig(min_replicas=2, max_replicas=2))
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
