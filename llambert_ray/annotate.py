@@ -193,7 +193,7 @@ class VLLMEngine:
         from ray.data.llm import build_processor
 
         def pre(row: dict[str, Any]) -> dict[str, Any]:
-            return {**plan.request(row["text"])}
+            return plan.request(row["text"])
 
         def post(row: dict[str, Any]) -> dict[str, Any]:
             out = {k: row[k] for k in ("id", "text", "label") if k in row}
