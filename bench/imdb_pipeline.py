@@ -22,7 +22,7 @@ IMDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--variants", default="llm,gold,llm+extra")
+    ap.add_argument("--variants", default="llm,gold,llm+extra,combined")
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args()
     out = Path(a.out)
@@ -36,7 +36,7 @@ def main() -> None:
                   "sample": 500, "seed": 0},
         "test": {"path": str(IMDB / "imdb_labeled.parquet"), "id_column": "source_path",
                  "filters": {"split": ["test"]}, "sample": 2000, "seed": 0},
-        "train.variants": a.variants.split(","), "train.epochs": 2, "train.batch_size": 16,
+        "train.variants": a.variants.split(","), "train.epochs": 2, "train.batch_size": 8,
         "train.max_length": 256, "train.workers": 2, "label.batch_size": 128, "cluster.num_cpus": 2})
     metrics = run_pipeline(cfg)
     print(headline_table(metrics))

@@ -1,11 +1,10 @@
-"""Ray job entrypoint for the annotation stage alone (same flags as `llambert annotate`)."""
+"""Ray job entrypoint: `llambert annotate` on the job's cluster (same flags; `--address auto` added).
 
-import sys
+    make submit STAGE=annotate CONFIG=configs/imdb-llama2-70b.yaml ADDRESS=http://HEAD:8265 \
+        JOB_ARGS="--output runs/imdb70b"
+"""
 
-from llambert_ray.cli import app
+from _entry import run_command
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if "--address" not in args:
-        args += ["--address", "auto"]
-    sys.exit(app(["annotate", *args]))
+    run_command("annotate")

@@ -75,6 +75,8 @@ def annotate(
     concurrency: int | None = typer.Option(None, help="engine replicas"),
     tensor_parallel_size: int | None = typer.Option(None, "--tp", help="GPUs per engine (tensor parallel)"),
     address: str | None = typer.Option(None, help="Ray address (default: start a local Ray)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="only estimate rows, tokens, device-hours and cost "
+                                 "(as `llambert plan`), run nothing"),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Label a (sampled) corpus with the LLM: writes OUTPUT/annotations.parquet
@@ -86,6 +88,14 @@ def annotate(
         "annotate.prompt_style": prompt_style, "annotate.model": model, "annotate.batch_size": batch_size,
         "annotate.concurrency": concurrency, "annotate.tensor_parallel_size": tensor_parallel_size,
         "cluster.address": address})
+    if dry_run:
+        from llambert_ray.plan import load_hardware, plan_run
+        from llambert_ray.tasks import load_task
+
+        est = plan_run(cfg, load_task(cfg.task), hardware=load_hardware())
+        est.stages = [s for s in est.stages if s.stage.startswith("annotate")]
+        typer.echo(est.table())
+        return
     from llambert_ray.annotate import annotate_corpus
 
     summary = annotate_corpus(cfg, output)
@@ -212,6 +222,36 @@ def run(
     typer.echo("")
     typer.echo(headline_table(metrics))
     typer.echo(f"\nreport: {metrics['report']} (and report.html); labels: {cfg.run_dir / 'labels.parquet'}")
+
+
+@app.command()
+@friendly_errors
+def plan(
+    config: Path = typer.Option(..., "--config", "-c", help="pipeline YAML to estimate"),
+    gpu: str = typer.Option("a100-80gb", help="GPU kind for the stages the config puts on GPUs (a row of "
+                                              "the hardware table)"),
+    hardware: Path | None = typer.Option(None, help="hardware table YAML (default: the packaged "
+                                                    "llambert_ray/hardware.yaml: peak FLOP/s, utilization, prices)"),
+    measured: Path | None = typer.Option(None, help="a finished run folder (or its manifest.json) on the same "
+                                                    "hardware: use its measured throughput instead of FLOP estimates"),
+    rows: int | None = typer.Option(None, help="corpus rows, when plan cannot read the corpus (e.g. no "
+                                               "credentials for s3:// here)"),
+    mean_chars: float | None = typer.Option(None, "--mean-chars", help="mean characters per text, with --rows"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the estimate as JSON here"),
+) -> None:
+    """Estimate rows, tokens, device-hours and cost of every stage of a config before running anything
+    (no Ray, no model weights: corpus metadata, the tokenizers and a hardware table)."""
+    from llambert_ray.plan import load_hardware, load_manifest, plan_run
+    from llambert_ray.tasks import load_task
+
+    cfg = _config(config, {})
+    est = plan_run(cfg, load_task(cfg.task), hardware=load_hardware(hardware), gpu=gpu, rows=rows,
+                   mean_chars=mean_chars, measured=load_manifest(measured) if measured else None)
+    typer.echo(est.table())
+    if json_out:
+        import json as _json
+
+        json_out.write_text(_json.dumps(est.to_dict(), indent=2))
 
 
 @app.command()

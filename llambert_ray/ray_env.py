@@ -52,8 +52,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwarg
     opts: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True,
                             "include_dashboard": False, **kwargs}
     if address is None or address == "local":
-        # Plenty of worker processes get forked on 2 cores; keep Ray's own memory use modest.
-        opts.update(num_cpus=num_cpus, object_store_memory=kwargs.get("object_store_memory", 2 << 30))
+        # "local" (not None): ray.init(address=None) would join a cluster that `ray start` left running on
+        # this machine instead of starting the local Ray the config asked for. Plenty of worker processes get
+        # forked on 2 cores; keep Ray's own memory use modest.
+        opts.update(address="local", num_cpus=num_cpus, object_store_memory=kwargs.get("object_store_memory", 2 << 30))
     else:
         opts.update(address=address)
     ray.init(**opts)

@@ -1,0 +1,270 @@
+"""`llambert plan`: rows, tokens, device-hours and cost of a run config, estimated before anything runs.
+
+Rows come from the corpus's own metadata (parquet/jsonl/csv read with pyarrow, no Ray) or from --rows; tokens per
+row from the model's tokenizer on a sample of the texts rendered into the real prompts (4 characters per token if
+the tokenizer is not available offline). Throughput comes from the hardware table (llambert_ray/hardware.yaml: peak
+FLOP/s x utilization / FLOPs per token) or, with a manifest of an earlier run on the same hardware, from what that
+run measured. Nothing here starts Ray or loads model weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llambert_ray.config import ConfigError, CorpusConfig, RunConfig
+from llambert_ray.tasks import Task
+
+HARDWARE = Path(__file__).resolve().parent / "hardware.yaml"
+CHARS_PER_TOKEN = 4.0
+
+
+@dataclass
+class StagePlan:
+    """One stage's estimate. tokens: tokens the model processes (prompt + output for the LLM, padded-free
+    encoder tokens x epochs for training); device_hours: devices x wall hours."""
+
+    stage: str
+    rows: int
+    tokens: int
+    device: str
+    devices: float
+    tokens_per_device_s: float
+    device_hours: float
+    wall_hours: float
+    cost_usd: float
+    basis: str
+
+
+@dataclass
+class Plan:
+    stages: list[StagePlan] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def totals(self) -> dict[str, float]:
+        return {"tokens": sum(s.tokens for s in self.stages),
+                "device_hours": sum(s.device_hours for s in self.stages),
+                "wall_hours": sum(s.wall_hours for s in self.stages),
+                "cost_usd": sum(s.cost_usd for s in self.stages)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stages": [asdict(s) for s in self.stages], "totals": self.totals, "notes": self.notes}
+
+    def table(self) -> str:
+        lines = ["| stage | rows | tokens | device | devices | tokens/device-s | device-h | wall h | USD | basis |",
+                 "|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+        for s in self.stages:
+            lines.append(f"| {s.stage} | {s.rows:,} | {s.tokens:,} | {s.device} | {s.devices:g} | "
+                         f"{s.tokens_per_device_s:,.0f} | {s.device_hours:.3g} | {s.wall_hours:.3g} | "
+                         f"{s.cost_usd:,.2f} | {s.basis} |")
+        t = self.totals
+        lines.append(f"| **total** | | {t['tokens']:,} | | | | {t['device_hours']:.3g} | {t['wall_hours']:.3g} | "
+                     f"{t['cost_usd']:,.2f} | |")
+        return "\n".join(lines + [f"- {n}" for n in self.notes])
+
+
+def load_hardware(path: str | Path | None = None) -> dict[str, Any]:
+    p = Path(path) if path else HARDWARE
+    if not p.is_file():
+        raise ConfigError(f"hardware table {p} does not exist; fix: pass --hardware with a YAML like "
+                          f"llambert_ray/hardware.yaml")
+    hw = yaml.safe_load(p.read_text())
+    for key in ("devices", "utilization", "models"):
+        if not isinstance(hw.get(key), dict):
+            raise ConfigError(f"hardware table {p} needs a `{key}:` mapping (see llambert_ray/hardware.yaml)")
+    return hw
+
+
+# ------------------------------------------------------------------ corpus size and text lengths
+def corpus_stats(cc: CorpusConfig, *, rows: int | None = None, sample_rows: int = 400) -> tuple[int, list[str]]:
+    """(rows after filters, a sample of texts) of a parquet/jsonl/csv corpus, read with pyarrow only."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from llambert_ray.data import CorpusError, _filesystem, detect_format
+
+    if cc.path is None:
+        raise ConfigError("the config has no corpus.path; fix: set it (plan reads its size and text lengths)")
+    try:
+        fmt = detect_format(cc.path) if cc.format == "auto" else cc.format
+        if fmt == "aclimdb":
+            raise CorpusError("plan reads parquet/jsonl/csv corpora")
+        fs, p = _filesystem(cc.path)
+        ds = pads.dataset(p, filesystem=fs, format={"parquet": "parquet", "jsonl": "json", "csv": "csv"}[fmt])
+        expr = None
+        for col, values in cc.filters.items():
+            e = pc.field(col).isin(values)
+            expr = e if expr is None else expr & e
+        n = ds.count_rows(filter=expr)
+        texts = ds.head(sample_rows, columns=[cc.text_column], filter=expr).column(0).to_pylist()
+    except (CorpusError, OSError, KeyError, ValueError) as e:
+        if rows is None:
+            raise ConfigError(f"plan cannot read corpus {cc.path!r} ({e}); fix: pass --rows N (and "
+                              f"--mean-chars C) to plan without reading it") from None
+        return rows, []
+    return (rows if rows is not None else n), [t for t in texts if isinstance(t, str)]
+
+
+def planned_rows(cc: CorpusConfig, n: int) -> int:
+    if cc.sample is not None:
+        return min(cc.sample, n)
+    if cc.fraction is not None:
+        return round(cc.fraction * n)
+    return n
+
+
+class TokenCounter:
+    """Counts tokens with a model's tokenizer when it is available offline, else 4 characters per token."""
+
+    def __init__(self, model_ref: str):
+        self.exact = False
+        self.tok = None
+        try:
+            from transformers import AutoTokenizer
+
+            from llambert_ray.models import resolve_model
+
+            self.tok = AutoTokenizer.from_pretrained(resolve_model(model_ref), local_files_only=True)
+            self.exact = True
+        except Exception:  # not on this machine: estimate from characters
+            self.tok = None
+
+    def count(self, text: str) -> int:
+        if self.tok is None:
+            return max(1, round(len(text) / CHARS_PER_TOKEN))
+        return len(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def count_chat(self, messages: list[dict[str, str]]) -> int:
+        if self.tok is not None and getattr(self.tok, "chat_template", None):
+            return len(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        return sum(self.count(m["content"]) + 4 for m in messages)
+
+
+def _mean(xs: list[float], default: float) -> float:
+    return sum(xs) / len(xs) if xs else default
+
+
+# ------------------------------------------------------------------ the estimate
+def plan_run(cfg: RunConfig, task: Task, *, hardware: dict[str, Any], gpu: str = "a100-80gb",
+             rows: int | None = None, mean_chars: float | None = None,
+             measured: dict[str, Any] | None = None) -> Plan:
+    """Estimate every stage of `llambert run` for cfg (see the module doc for where the numbers come from)."""
+    devices, util, params = hardware["devices"], hardware["utilization"], hardware["models"]
+    if gpu not in devices:
+        raise ConfigError(f"--gpu {gpu!r} is not in the hardware table; fix: use one of {sorted(devices)}")
+    plan = Plan()
+    n, texts = corpus_stats(cfg.corpus, rows=rows)
+    if mean_chars is not None:
+        texts = ["x" * int(mean_chars)] * 8
+    if not texts:
+        raise ConfigError("plan has no texts to measure lengths on; fix: pass --mean-chars C")
+
+    def model_params(ref: str) -> float:
+        if ref in params:
+            return float(params[ref])
+        raise ConfigError(f"model {ref!r} is not in the hardware table's `models:`; fix: add its non-embedding "
+                          f"parameter count there (or pass --hardware with your own table)")
+
+    def rate(phase: str, device: str, ref: str, mult: float) -> tuple[float, str]:
+        d = devices[device]
+        flops = float(d["peak_tflops"]) * 1e12 * float(util[phase])
+        return flops / (mult * model_params(ref)), f"{util[phase]:.0%} of {d['peak_tflops']} TFLOP/s ({phase})"
+
+    def add(stage: str, nrows: int, tokens: float, device: str, ndev: float, tps: float, basis: str) -> None:
+        dev_h = tokens / tps / 3600 if tps > 0 else 0.0
+        price = float(devices[device]["usd_per_hour"])
+        plan.stages.append(StagePlan(stage, nrows, int(tokens), device, ndev, tps, dev_h, dev_h / max(ndev, 1e-9),
+                                     dev_h * price, basis))
+
+    def measured_rate(stage: str, per: str) -> float | None:
+        st = (measured or {}).get("stages", {}).get(stage)
+        if not st or not st.get("device_seconds"):
+            return None
+        return float(st.get(per) or 0) / float(st["device_seconds"]) or None
+
+    # -- annotate: prompts rendered exactly as the engine gets them
+    a = cfg.annotate
+    defaults = task.defaults_for(a.model)
+    style, shots = a.prompt_style or defaults["prompt_style"], a.shots if a.shots is not None else defaults["shots"]
+    llm_tok = TokenCounter(a.model)
+    if style == "chat":
+        prompt_tokens = [llm_tok.count_chat(task.chat_messages(t, shots, a.max_text_chars)) for t in texts]
+    else:
+        prompt_tokens = [llm_tok.count(task.completion_prompt(t, shots, a.max_text_chars)) for t in texts]
+    per_prompt = min(_mean(prompt_tokens, 0), a.max_model_len)
+    out_tokens = 1 if a.mode == "score" else a.max_new_tokens
+    llm_gpu = a.device == "gpu"
+    a_dev = gpu if llm_gpu else "cpu-core"
+    a_ndev = (a.tensor_parallel_size * a.pipeline_parallel_size if llm_gpu else a.cpus_per_engine) * a.concurrency
+    if not llm_tok.exact:
+        plan.notes.append(f"{a.model}: tokenizer not available offline, tokens estimated at "
+                          f"{CHARS_PER_TOKEN:g} characters per token")
+    ann_rows = planned_rows(cfg.corpus, n)
+    jobs = [("annotate", ann_rows)]
+    extra_rows = 0
+    if cfg.extra is not None:
+        en, _ = corpus_stats(cfg.extra, rows=rows)
+        extra_rows = planned_rows(cfg.extra, en)
+        jobs.append(("annotate_extra", extra_rows))
+    for stage, nrows in jobs:
+        pre, basis_p = rate("prefill", a_dev, a.model, 2)
+        dec, _ = rate("decode", a_dev, a.model, 2)
+        m = measured_rate(stage, "tokens") or measured_rate("annotate", "tokens")
+        tokens = nrows * (per_prompt + out_tokens)
+        if m:  # tokens per device-second of the whole stage as run
+            tps, basis = m, "measured"
+        else:  # time = prompt tokens / prefill rate + output tokens / decode rate, as one blended rate
+            secs = nrows * (per_prompt / pre + out_tokens / dec)
+            tps, basis = (tokens / secs if secs else 0.0), basis_p + f"; {out_tokens} output tok/row at decode"
+        add(stage, nrows, tokens, a_dev, a_ndev, tps, basis)
+
+    # -- train: encoder tokens per row, every variant, every epoch
+    t = cfg.train
+    enc_tok = TokenCounter(t.model)
+    enc_per_row = _mean([min(enc_tok.count(x) + 2, t.max_length) for x in texts], 0)
+    t_dev = gpu if t.use_gpu else "cpu-core"
+    t_ndev = t.workers * (1 if t.use_gpu else t.cpus_per_worker)
+    rows_for = {"gold": ann_rows, "llm": ann_rows, "llm+extra": ann_rows + extra_rows, "combined": 2 * ann_rows}
+    for variant in t.variants:
+        nrows = rows_for[variant]
+        tokens = nrows * t.epochs * enc_per_row
+        st = (measured or {}).get("stages", {}).get(f"train[{variant}]")
+        if st and st.get("device_seconds"):  # samples (rows x epochs) per device-second as that run trained
+            samples = sum(r["rows"] * r["epochs"] for r in st.get("stages", [])) or st["rows"]
+            tps, basis = samples / st["device_seconds"] * enc_per_row, "measured (samples/device-s)"
+        else:
+            tps, basis = rate("train", t_dev, t.model, 6)
+        add(f"train[{variant}]", nrows, tokens, t_dev, t_ndev, tps, basis)
+
+    # -- label the whole corpus, evaluate every variant on the test split
+    lab = cfg.label
+    l_dev = gpu if lab.gpus_per_actor else "cpu-core"
+    l_ndev = (lab.gpus_per_actor or lab.cpus_per_actor) * lab.concurrency
+    label_per_row = _mean([min(enc_tok.count(x) + 2, lab.max_length) for x in texts], 0)
+    m = measured_rate("label", "rows")
+    tps, basis = (m * label_per_row, "measured (rows/device-s)") if m else rate("infer", l_dev, t.model, 2)
+    add("label", n, n * label_per_row, l_dev, l_ndev, tps, basis)
+    if cfg.test is not None:
+        try:
+            tn, _ = corpus_stats(cfg.test)
+            test_rows = planned_rows(cfg.test, tn) * len(t.variants)
+            add("evaluate", test_rows, test_rows * label_per_row, l_dev, l_ndev, tps, basis)
+        except ConfigError as e:
+            plan.notes.append(f"evaluate not estimated: {e}")
+    plan.notes.append(f"corpus {n:,} rows; mean {per_prompt:,.0f} prompt tokens per row for {a.model} "
+                      f"({style}, {shots} shots, {a.mode} mode); {enc_per_row:,.0f} tokens per row for {t.model}")
+    return plan
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "manifest.json"
+    if not p.is_file():
+        raise ConfigError(f"--measured {path}: no manifest.json there; fix: pass a run folder or its manifest.json")
+    return json.loads(p.read_text())

@@ -1,0 +1,87 @@
+"""`llambert plan` / `annotate --dry-run`: estimates from corpus metadata, real tokenizers and the hardware table."""
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import REVIEWS
+from typer.testing import CliRunner
+
+from llambert_ray.cli import app
+from llambert_ray.config import ConfigError, load_config
+from llambert_ray.plan import load_hardware, plan_run
+from llambert_ray.tasks import load_task
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    rows = [{"id": f"r{i:03d}", "text": t, "label": lab, "split": "train" if i % 4 else "test"}
+            for i, (t, lab) in enumerate(REVIEWS * 5)]
+    path = tmp_path / "corpus.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def _cfg(corpus, **over):
+    return load_config(None, {"corpus.path": str(corpus), "corpus.filters": {"split": ["train"]},
+                              "corpus.sample": 60, "test": {"path": str(corpus), "filters": {"split": ["test"]}},
+                              "train.variants": ["llm", "combined"], "train.epochs": 2, **over})
+
+
+def test_plan_counts_rows_and_tokens_with_the_real_tokenizers(corpus):
+    hw = load_hardware()
+    est = plan_run(_cfg(corpus), load_task("imdb-sentiment"), hardware=hw)
+    by = {s.stage: s for s in est.stages}
+    assert [s.stage for s in est.stages] == ["annotate", "train[llm]", "train[combined]", "label", "evaluate"]
+    assert by["annotate"].rows == 60 and by["label"].rows == 150 and by["evaluate"].rows == 50 * 2
+    assert by["train[combined]"].rows == 120  # stage 1 on LLM labels + stage 2 on gold
+    # the 2-shot completion prompt is far longer than a review: prompt tokens per row > 3x the encoder's
+    assert by["annotate"].tokens / 60 > 3 * by["label"].tokens / 150
+    assert by["train[llm]"].tokens == pytest.approx(2 * 60 * by["label"].tokens / 150, rel=0.01)
+    assert not any("characters per token" in n for n in est.notes)  # packaged tokenizers were used
+    for s in est.stages:
+        price = hw["devices"][s.device]["usd_per_hour"]
+        assert s.device_hours > 0 and s.cost_usd == pytest.approx(s.device_hours * price)
+        assert s.wall_hours == pytest.approx(s.device_hours / s.devices)
+    assert est.totals["cost_usd"] == pytest.approx(sum(s.cost_usd for s in est.stages))
+
+
+def test_plan_uses_gpu_rows_and_measured_rates(corpus, tmp_path):
+    cfg = _cfg(corpus, **{"annotate.device": "gpu", "annotate.tensor_parallel_size": 4, "annotate.concurrency": 2})
+    est = plan_run(cfg, load_task("imdb-sentiment"), hardware=load_hardware(), gpu="h100-80gb")
+    ann = est.stages[0]
+    assert ann.device == "h100-80gb" and ann.devices == 8 and ann.basis.startswith("45% of 989")
+    manifest = {"stages": {"annotate": {"tokens": 1000, "device_seconds": 4.0},
+                           "train[llm]": {"rows": 10, "device_seconds": 2.0,
+                                          "stages": [{"rows": 10, "epochs": 3}]}}}
+    est2 = plan_run(_cfg(corpus), load_task("imdb-sentiment"), hardware=load_hardware(), measured=manifest)
+    by = {s.stage: s for s in est2.stages}
+    assert by["annotate"].tokens_per_device_s == 250 and by["annotate"].basis == "measured"
+    assert by["train[llm]"].basis.startswith("measured") and by["label"].basis.startswith("40%")
+
+
+def test_plan_errors_name_the_fix(corpus, tmp_path):
+    task = load_task("imdb-sentiment")
+    cfg = load_config(None, {"corpus.path": str(tmp_path / "missing.parquet")})
+    with pytest.raises(ConfigError, match="--rows"):
+        plan_run(cfg, task, hardware=load_hardware())
+    est = plan_run(cfg, task, hardware=load_hardware(), rows=1000, mean_chars=800)
+    assert est.stages[0].rows == 1000
+    with pytest.raises(ConfigError, match="not in the hardware table"):
+        plan_run(_cfg(corpus, **{"train.model": "my-org/unknown-encoder"}), task, hardware=load_hardware())
+    with pytest.raises(ConfigError, match="--gpu"):
+        plan_run(_cfg(corpus), task, hardware=load_hardware(), gpu="tpu-v9")
+
+
+def test_cli_plan_and_annotate_dry_run(corpus, tmp_path):
+    (tmp_path / "run.yaml").write_text(f"corpus: {{path: {corpus}, sample: 40}}\n")
+    r = CliRunner().invoke(app, ["plan", "-c", str(tmp_path / "run.yaml"), "--json", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    assert "| annotate | 40 |" in r.output and "**total**" in r.output
+    assert json.loads((tmp_path / "p.json").read_text())["totals"]["tokens"] > 0
+    out = tmp_path / "ann"
+    r = CliRunner().invoke(app, ["annotate", "-i", str(corpus), "-o", str(out), "--sample", "30", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "| annotate | 30 |" in r.output and "train" not in r.output and not out.exists()
+    r = CliRunner().invoke(app, ["plan", "-c", str(tmp_path / "run.yaml"), "--measured", str(tmp_path)])
+    assert r.exit_code == 2 and "no manifest.json" in r.output
