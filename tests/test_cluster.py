@@ -1,0 +1,114 @@
+"""cluster/ and jobs/: every manifest parses and passes the schema it is applied against, and the manifests agree
+with each other and with the config they run (GPUs per engine = tensor parallel size, shared run folder, ...)."""
+
+import copy
+import json
+import re
+import shlex
+
+import jsonschema
+import pytest
+import yaml
+from conftest import REPO
+
+from llambert_ray.config import load_config
+
+KUBERAY = REPO / "cluster" / "kuberay"
+SCHEMA = json.loads((KUBERAY / "schema" / "ray.io_v1_subset.json").read_text())
+CFG_70B = load_config(REPO / "configs" / "imdb-llama2-70b.yaml")
+
+
+def _load(name):
+    return yaml.safe_load((KUBERAY / name).read_text())
+
+
+def _errors(doc):
+    v = jsonschema.Draft202012Validator(SCHEMA)
+    return [e.message for e in v.iter_errors(doc)]
+
+
+def _groups(spec):
+    return {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+
+
+def _limits(group):
+    return group["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_manifests_pass_the_crd_schema(name):
+    assert _errors(_load(name)) == []
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda s: s["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), "is not of type 'string'"),
+    (lambda s: s.update({"workerGroupSpec": []}), "Additional properties"),
+    (lambda s: s["workerGroupSpecs"][0].pop("groupName"), "'groupName' is a required property"),
+    (lambda s: s["autoscalerOptions"].update({"upscalingMode": "Fast"}), "is not one of"),
+    (lambda s: _limits(s["workerGroupSpecs"][1]).update({"memory": "320 GB"}), "is not valid under any"),
+    (lambda s: s["workerGroupSpecs"][0].update({"maxReplicas": "8"}), "is not of type 'integer'"),
+])
+def test_the_schema_catches_typical_mistakes(mutate, expected):
+    doc = copy.deepcopy(_load("raycluster.yaml"))
+    mutate(doc["spec"])
+    errors = _errors(doc)
+    assert errors and any(expected in e for e in errors), errors
+
+
+def test_rayjob_runs_the_cluster_of_raycluster_yaml_and_a_real_entrypoint():
+    job, cluster = _load("rayjob.yaml"), _load("raycluster.yaml")
+    assert job["spec"]["rayClusterSpec"] == cluster["spec"]
+    assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["ttlSecondsAfterFinished"] > 0
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[0] == "python"
+    for arg in argv[1:]:
+        if arg.startswith("/home/ray/llambert-ray/"):  # where cluster/Dockerfile copies the repo
+            assert (REPO / arg.removeprefix("/home/ray/llambert-ray/")).exists(), arg
+    from ray.runtime_env import RuntimeEnv
+
+    RuntimeEnv(**yaml.safe_load(job["spec"]["runtimeEnvYAML"]))
+    for f in ["runtime_env.yaml", "runtime_env-cpu.yaml"]:
+        RuntimeEnv(**yaml.safe_load((REPO / "jobs" / f).read_text()))
+
+
+def test_groups_are_sized_for_the_70b_config():
+    spec = _load("raycluster.yaml")["spec"]
+    groups = _groups(spec)
+    a, t, lab = CFG_70B.annotate, CFG_70B.train, CFG_70B.label
+    assert spec["enableInTreeAutoscaling"] is True
+    llm = groups["llm-4gpu"]
+    assert int(_limits(llm)["nvidia.com/gpu"]) == a.tensor_parallel_size * a.pipeline_parallel_size
+    assert llm["minReplicas"] == 0 and llm["maxReplicas"] >= a.concurrency
+    train = groups["train-1gpu"]
+    assert train["minReplicas"] == 0 and train["maxReplicas"] * int(_limits(train)["nvidia.com/gpu"]) >= t.workers
+    assert train["maxReplicas"] >= lab.concurrency * lab.gpus_per_actor
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    # the run folder (and Ray Train's checkpoints under it) is on the volume every pod mounts
+    for g in [spec["headGroupSpec"], *groups.values()]:
+        mounts = [m["mountPath"] for m in g["template"]["spec"]["containers"][0].get("volumeMounts", [])]
+        assert any(CFG_70B.output_dir.startswith(m) for m in mounts), g.get("groupName", "head")
+
+
+def test_cluster_launcher_yaml_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(raw)))
+    types = raw["available_node_types"]
+    assert types[raw["head_node_type"]]["resources"] == {"CPU": 0}
+    assert types["llm_4gpu"]["min_workers"] == 0 and types["llm_4gpu"]["max_workers"] >= 1
+    assert "/mnt/shared" in " ".join(raw["docker"]["run_options"])
+    bad = copy.deepcopy(raw)
+    bad["available_node_types"]["llm_4gpu"]["min_worker"] = 0
+    with pytest.raises(Exception, match="min_worker"):
+        validate_config(prepare_config(bad))
+
+
+def test_dockerfile_pins_match_the_project():
+    docker = (REPO / "cluster" / "Dockerfile").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert "rayproject/ray:2.60.0-" in docker
+    for pkg in ["ray", "deepspeed", "transformers"]:
+        want = re.search(rf'"{pkg}(\[[^\]]*\])?==([^"]+)"', pyproject).group(2)
+        assert re.search(rf'{pkg}(\[[^\]]*\])?=={re.escape(want)}', docker), pkg
+    assert "vllm==0.32.0" in docker
