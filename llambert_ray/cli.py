@@ -273,7 +273,8 @@ def serve(
         try:
             mn, mx = (int(x) for x in autoscale.split(":"))
         except ValueError:
-            raise ConfigError(f"--autoscale {autoscale!r} must be MIN:MAX, e.g. 1:4") from None
+            raise ConfigError(f"--autoscale {autoscale!r} is not MIN:MAX; fix: give two replica counts, "
+                              f"e.g. --autoscale 1:4") from None
     cfg = _config(config, {"serve.host": host, "serve.port": port, "serve.min_replicas": mn,
                            "serve.max_replicas": mx, "serve.max_batch_size": max_batch_size,
                            "serve.batch_wait_timeout_s": batch_wait_timeout_s, "cluster.address": address})

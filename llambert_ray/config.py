@@ -222,7 +222,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections (corpus:, annotate:, ...), "
-                              f"not a {type(loaded).__name__}")
+                              f"not a {type(loaded).__name__}; fix: start it with top-level keys like `corpus:`")
         tree = loaded
     for dotted, value in (overrides or {}).items():
         if value is not None:

@@ -221,6 +221,9 @@ def read_corpus(cfg: CorpusConfig, task: Task | None = None, *, validate: bool =
     text_type = schema.types[cols.index(cfg.text_column)]
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)
             or pa.types.is_dictionary(text_type)):
+        if pa.types.is_binary(text_type) or pa.types.is_large_binary(text_type):
+            raise CorpusError(f"column {cfg.text_column!r} of {cfg.path!r} holds bytes that are not valid UTF-8 "
+                              f"text; fix: re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
         raise CorpusError(f"column {cfg.text_column!r} of {cfg.path!r} holds {text_type}, not text; fix: point "
                           f"corpus.text_column at the column with the texts")
     if label_col and label_col not in cols:

@@ -29,14 +29,31 @@ def has_gpu() -> bool:
 
 
 def worker_env() -> dict[str, str]:
-    """Env vars to pass to Ray workers: this process's engine settings plus the CPU defaults."""
+    """Env vars to pass to Ray workers: this process's engine settings plus the CPU defaults, less what the Ray
+    job this driver runs in sets already."""
     env = dict(CPU_ENGINE_ENV)
     ncpu = os.cpu_count() or 1
     env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{ncpu - 1}" if ncpu > 1 else "0"
     for key in list(CPU_ENGINE_ENV) + ["LLAMBERT_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "HF_HOME"]:
         if key in os.environ:
             env[key] = os.environ[key]
-    return env
+    # Inside a Ray job the job's runtime_env already reaches every worker, and Ray refuses a driver runtime_env
+    # (ray.init's, or ray.data.llm's) that sets the same keys again: add only what the job did not set.
+    job_env = _job_env_vars() or {}
+    return {k: v for k, v in env.items() if k not in job_env}
+
+
+def _job_env_vars() -> dict[str, str] | None:
+    """env_vars of the Ray job this driver runs in (None outside a job)."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except ValueError:
+        return {}
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwargs: Any) -> None:

@@ -1,4 +1,4 @@
-"""The command line: help texts, and bad input that fails with a clear message, exit code 2, no output."""
+"""The command line: help texts, evaluate, data fetch (bad input through the CLI: tests/test_bad_inputs.py)."""
 
 import json
 
@@ -17,28 +17,6 @@ def test_help_lists_every_stage():
     for cmd in ["annotate", "train", "label", "evaluate", "run", "serve", "data", "models"]:
         assert cmd in res.output
     assert "--sample" in runner.invoke(app, ["annotate", "--help"]).output
-
-
-@pytest.mark.parametrize("args,needle", [
-    (["annotate", "--task", "no-such-task", "--input", "x.jsonl", "--output", "{out}"], "unknown task"),
-    (["annotate", "--task", "imdb-sentiment", "--output", "{out}"], "no corpus given"),
-    (["annotate", "--input", "x.jsonl", "--output", "{out}", "--mode", "guess"], "annotate.mode"),
-    (["annotate", "--input", "x.jsonl", "--output", "{out}", "--sample", "0"], "corpus.sample"),
-    (["annotate", "--input", "x.jsonl", "--output", "{out}", "--model", "nope/nope/nope"], "unknown model"),
-    (["annotate", "--input", "x.jsonl", "--output", "{out}", "--shots", "50"], "shots"),
-    (["annotate", "--input", "x.jsonl", "--output", "{out}", "--config", "missing.yaml"], "does not exist"),
-    (["train", "--train", "x.parquet", "--output", "{out}", "--variant", "magic"], "train.variants"),
-    (["train", "--train", "x.parquet", "--output", "{out}", "--zero-stage", "5"], "train.zero_stage"),
-    (["label", "--model", "{out}", "--input", "x.parquet", "--output", "{out}"], "config.json"),
-    (["serve", "--model", "{out}", "--autoscale", "4"], "MIN:MAX"),
-    (["data", "fetch", "nothing"], "unknown corpus"),
-])
-def test_bad_input_exits_2_with_a_clear_error(tmp_path, args, needle):
-    out = tmp_path / "out"
-    res = runner.invoke(app, [a.replace("{out}", str(out)) for a in args])
-    assert res.exit_code == 2, res.output
-    assert needle in res.output and "Traceback" not in res.output
-    assert not (out / "annotations.parquet").exists() and not (out / "labels.parquet").exists()
 
 
 def test_evaluate_an_annotations_file(tmp_path):

@@ -1,0 +1,267 @@
+"""`make bench`: every comparison side by side in one run, on this machine, as ratios.
+
+1. ceiling   fp32 matmul GFLOP/s with torch on all cores (the machine's ceiling for the stages below)
+2. annotate  the paper's method (transformers `generate`, batch 1, sampling T=1 / top_k 50, 10 new tokens, the
+             paper's chat prompt) vs ours (vLLM in Ray Data: the same prompt in `generate` mode, and the default
+             `score` mode) on the same IMDb test reviews: rows/s, prompt tokens/s, accuracy, drop rate, ratios,
+             and tokens/s as a fraction of the ceiling (2 x non-embedding parameters FLOPs per token)
+3. label     ours (Ray Data actor, length-sorted batches) vs a plain transformers `pipeline` loop, same reviews
+4. train     samples/s for 1 vs 2 Ray Train workers and ZeRO 0 / 2 / 3
+5. serve     requests/s and p50/p99 with dynamic batching vs batch size 1, same load
+
+    python -m bench.run [--only ceiling,annotate,label,train,serve] [--annotate-rows 200] [--label-rows 2000]
+
+Writes bench/results/bench.json and bench/results/bench.md. Reads IMDb from ../shared/data (development data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.annotate_modes import IMDB
+
+RESULTS = Path("bench/results")
+PARAMS = {"smollm2-135m-instruct": 1.06e8, "minilm-l6": 1.1e7}  # non-embedding parameters (hardware.yaml)
+
+
+def imdb_test(rows: int, seed: int = 0) -> pd.DataFrame:
+    df = pd.read_parquet(IMDB).query("split == 'test'").sample(rows, random_state=seed)
+    return pd.DataFrame({"id": df["source_path"].astype(str), "text": df["text"],
+                         "label": df["label"].map({1: "positive", 0: "negative"})}).reset_index(drop=True)
+
+
+def ceiling(n: int = 2048, reps: int = 10) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    secs = time.perf_counter() - t0
+    return {"gflops": 2 * n**3 * reps / secs / 1e9, "threads": torch.get_num_threads(), "matrix": n}
+
+
+def _frac(tokens_per_s: float, model: str, ceil_gflops: float) -> float:
+    return tokens_per_s * 2 * PARAMS[model] / (ceil_gflops * 1e9)
+
+
+# ------------------------------------------------------------------------------------------ annotation
+def annotate_paper(df: pd.DataFrame, task, seed: int = 0) -> dict[str, Any]:
+    """The paper's loop: one review at a time through `generate` (sampling), then its parse rule."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llambert_ray.models import resolve_model
+
+    path = resolve_model("smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    preds, prompt_tokens = [], 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for text in df["text"]:
+            ids = tok.apply_chat_template(task.chat_messages(text, 0, 6000), add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)
+            prompt_tokens += ids["input_ids"].shape[1]
+            out = model.generate(**ids, do_sample=True, temperature=1.0, top_k=50, max_new_tokens=10,
+                                 pad_token_id=tok.eos_token_id)
+            preds.append(task.parse(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
+    secs = time.perf_counter() - t0
+    return _annotation_result(df, pd.Series(preds).replace("other", None), secs, prompt_tokens)
+
+
+def annotate_ours(df: pd.DataFrame, task, **kw) -> dict[str, Any]:
+    import ray
+
+    from llambert_ray.annotate import annotate
+    from llambert_ray.config import AnnotateConfig
+
+    t0 = time.perf_counter()
+    out, s = annotate(ray.data.from_pandas(df), task, AnnotateConfig(**kw))
+    out = out.set_index("id").loc[df["id"]].reset_index()
+    r = _annotation_result(df, out["llm_label"], s.seconds, s.prompt_tokens)
+    r["seconds_incl_engine_start"] = time.perf_counter() - t0
+    return r
+
+
+def _annotation_result(df, preds: pd.Series, secs: float, prompt_tokens: int) -> dict[str, Any]:
+    preds = pd.Series(list(preds))
+    gold = df["label"].reset_index(drop=True)
+    return {"rows": len(df), "seconds": secs, "rows_per_s": len(df) / secs, "prompt_tokens": int(prompt_tokens),
+            "prompt_tokens_per_s": prompt_tokens / secs,
+            "accuracy": float((preds == gold).mean()), "drop_rate": float(preds.isna().mean())}
+
+
+def bench_annotate(rows: int, ceil: float) -> dict[str, Any]:
+    from llambert_ray.tasks import load_task
+
+    task = load_task("imdb-sentiment")
+    df = imdb_test(rows)
+    res = {"paper_hf_generate_bs1": annotate_paper(df, task),
+           "ours_generate_chat_0": annotate_ours(df, task, mode="generate", prompt_style="chat", shots=0),
+           "ours_score_default": annotate_ours(df, task)}
+    base = res["paper_hf_generate_bs1"]["rows_per_s"]
+    for r in res.values():
+        r["speedup_vs_paper"] = r["rows_per_s"] / base
+        r["ceiling_fraction"] = _frac(r["prompt_tokens_per_s"], "smollm2-135m-instruct", ceil)
+    return res
+
+
+# ------------------------------------------------------------------------------------------- labelling
+def _classifier_dir(tmp: Path) -> Path:
+    """A MiniLM sequence classifier (untrained head: speed does not depend on the weights)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from llambert_ray.models import resolve_model
+
+    src, out = resolve_model("minilm-l6"), tmp / "classifier"
+    if not (out / "config.json").exists():
+        m = AutoModelForSequenceClassification.from_pretrained(
+            src, num_labels=2, id2label={0: "positive", 1: "negative"}, label2id={"positive": 0, "negative": 1})
+        m.save_pretrained(out)
+        AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
+def bench_label(rows: int, ceil: float, max_length: int = 256) -> dict[str, Any]:
+    import ray
+    import torch
+    from transformers import AutoTokenizer, pipeline
+
+    from llambert_ray.config import LabelConfig
+    from llambert_ray.label import label_dataset
+
+    df = imdb_test(rows, seed=1)
+    model = _classifier_dir(RESULTS / "bench_tmp")
+    tok = AutoTokenizer.from_pretrained(model)
+    tokens = int(sum(min(len(x), max_length) for x in tok(list(df["text"]), truncation=True,
+                                                          max_length=max_length)["input_ids"]))
+    torch.set_num_threads(os.cpu_count() or 1)
+    clf = pipeline("text-classification", model=str(model), device=-1)
+    t0 = time.perf_counter()
+    for text in df["text"]:
+        clf(text, truncation=True, max_length=max_length)
+    plain = time.perf_counter() - t0
+    cfg = LabelConfig(batch_size=64, max_length=max_length, cpus_per_actor=1.5)
+    t0 = time.perf_counter()
+    out = label_dataset(ray.data.from_pandas(df[["id", "text"]]), model, cfg).to_pandas()
+    ours = time.perf_counter() - t0
+    assert len(out) == len(df) and out["id"].is_unique
+    res = {"rows": rows, "tokens": tokens,
+           "plain_pipeline_loop": {"seconds": plain, "rows_per_s": rows / plain, "tokens_per_s": tokens / plain},
+           "ours_ray_data_actor": {"seconds": ours, "rows_per_s": rows / ours, "tokens_per_s": tokens / ours,
+                                   "note": "includes actor start-up"}}
+    for k in ("plain_pipeline_loop", "ours_ray_data_actor"):
+        res[k]["ceiling_fraction"] = _frac(res[k]["tokens_per_s"], "minilm-l6", ceil)
+    res["speedup"] = plain / ours
+    return res
+
+
+# -------------------------------------------------------------------------------------------- training
+def bench_train(rows: int) -> dict[str, Any]:
+    from llambert_ray.config import TrainConfig
+    from llambert_ray.train import fit
+
+    df = imdb_test(rows, seed=2)
+    res = {}
+    for workers, zero in [(1, 0), (2, 0), (2, 2), (2, 3)]:
+        cfg = TrainConfig(epochs=1, batch_size=8, max_length=128, workers=workers, zero_stage=zero,
+                          cpus_per_worker=0.9 if workers == 2 else 1.8)
+        r = fit(df, ["positive", "negative"], cfg, RESULTS / "bench_tmp" / f"train_w{workers}_z{zero}",
+                name=f"bench-w{workers}-z{zero}-{int(time.time())}")
+        res[f"workers_{workers}_zero_{zero}"] = {"rows": rows, "seconds": r.seconds,
+                                                  "samples_per_s": r.samples_per_s}
+        print("train", workers, zero, res[f"workers_{workers}_zero_{zero}"], flush=True)
+    return res
+
+
+def bench_serve(requests: int) -> dict[str, Any]:
+    from bench.serve_load import compare
+
+    return compare(str(_classifier_dir(RESULTS / "bench_tmp")), requests, 16, 300)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def summary_md(r: dict[str, Any]) -> str:
+    lines = [f"# Benchmarks ({r['machine']['cpus']} CPUs, {r['machine']['platform']})", ""]
+    if "ceiling" in r:
+        lines.append(f"Ceiling: {r['ceiling']['gflops']:.0f} GFLOP/s fp32 matmul on {r['ceiling']['threads']} "
+                     f"threads.\n")
+    if "annotate" in r:
+        lines += ["## Annotation (SmolLM2-135M-Instruct, IMDb test)", "",
+                  "| method | rows/s | prompt tok/s | accuracy | dropped | x paper | % of ceiling |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for k, v in r["annotate"].items():
+            lines.append(f"| {k} | {v['rows_per_s']:.2f} | {v['prompt_tokens_per_s']:.0f} | {v['accuracy']:.1%} | "
+                         f"{v['drop_rate']:.1%} | {v['speedup_vs_paper']:.1f} | {v['ceiling_fraction']:.0%} |")
+        lines.append("")
+    if "label" in r:
+        v = r["label"]
+        lines += ["## Labelling (MiniLM-L6 classifier, IMDb test, 256 tokens)", "",
+                  "| method | rows/s | tok/s | % of ceiling |", "|---|---:|---:|---:|"]
+        for k in ("plain_pipeline_loop", "ours_ray_data_actor"):
+            lines.append(f"| {k} | {v[k]['rows_per_s']:.1f} | {v[k]['tokens_per_s']:.0f} | "
+                         f"{v[k]['ceiling_fraction']:.0%} |")
+        lines += [f"\nspeed-up: {v['speedup']:.2f}x\n"]
+    if "train" in r:
+        lines += ["## Training (MiniLM-L6, 128 tokens, batch 8 per worker)", "", "| workers / ZeRO | samples/s |",
+                  "|---|---:|"]
+        lines += [f"| {k} | {v['samples_per_s']:.1f} |" for k, v in r["train"].items()]
+        lines.append("")
+    if "serve" in r:
+        s = r["serve"]
+        lines += ["## Serve (same load, 16 concurrent clients)", "", "| config | req/s | p50 ms | p99 ms |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {s[k]['requests_per_s']:.1f} | {s[k]['p50_ms']:.0f} | {s[k]['p99_ms']:.0f} |"
+                  for k in ("batch_1", "batch_32")]
+        lines.append(f"\nbatching: {s['speedup_requests_per_s']:.2f}x requests/s, p99 x{s['p99_ratio']:.2f}\n")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="ceiling,annotate,label,train,serve")
+    ap.add_argument("--annotate-rows", type=int, default=200)
+    ap.add_argument("--label-rows", type=int, default=2000)
+    ap.add_argument("--train-rows", type=int, default=256)
+    ap.add_argument("--serve-requests", type=int, default=600)
+    ap.add_argument("--out", default=str(RESULTS / "bench.json"))
+    a = ap.parse_args()
+    only = set(a.only.split(","))
+    from llambert_ray.ray_env import init_ray
+
+    out = Path(a.out)
+    res: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    res["ceiling"] = ceiling()  # always: every fraction below is relative to this run's ceiling
+    print("ceiling", res["ceiling"], flush=True)
+    init_ray(None, num_cpus=2)
+    ceil = res["ceiling"]["gflops"]
+    steps = {"annotate": lambda: bench_annotate(a.annotate_rows, ceil),
+             "label": lambda: bench_label(a.label_rows, ceil),
+             "train": lambda: bench_train(a.train_rows), "serve": lambda: bench_serve(a.serve_requests)}
+    for name, fn in steps.items():
+        if name in only:
+            res[name] = fn()
+            print(name, json.dumps(res[name], indent=1), flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(res, indent=2))
+    out.write_text(json.dumps(res, indent=2))
+    out.with_suffix(".md").write_text(summary_md(res))
+    print(summary_md(res))
+
+
+if __name__ == "__main__":
+    main()

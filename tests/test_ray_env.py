@@ -1,0 +1,20 @@
+"""ray_env: the environment engines need reaches workers without clashing with a Ray job's own runtime_env."""
+
+import json
+
+from llambert_ray.ray_env import worker_env
+
+
+def test_worker_env_outside_and_inside_a_ray_job(monkeypatch):
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    env = worker_env()
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["DS_ACCELERATOR"] == "cpu"
+    assert "VLLM_CPU_OMP_THREADS_BIND" in env
+    # a job driver: Ray refuses a driver runtime_env that repeats the job's env_vars keys, so those are left out
+    job = {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1",
+                                                                       "DS_ACCELERATOR": "cpu"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    env = worker_env()
+    assert "VLLM_CPU_KVCACHE_SPACE" not in env and "DS_ACCELERATOR" not in env
+    assert "VLLM_CPU_OMP_THREADS_BIND" in env and "TOKENIZERS_PARALLELISM" in env
