@@ -52,14 +52,17 @@ def test_classify_single_and_batch(served):
 
 
 @pytest.mark.parametrize("payload,status,needle", [
-    (b"{not json", 422, ""),
-    ({"texts": "just a string"}, 422, ""),
-    ({"texts": [1, 2]}, 422, ""),
-    ({"text": ["wrong key"]}, 422, ""),
+    (b"{not json", 422, "JSON decode error"),
+    (b'{"texts": ["caf\xe9 \xff"]}', 400, "error parsing the body"),  # not UTF-8
+    ({"texts": "just a string"}, 422, "texts"),
+    ({"texts": [1, 2]}, 422, "texts"),
+    ({"text": ["wrong key"]}, 422, "texts"),
     ({"texts": []}, 422, "empty"),
     ({"texts": ["   "]}, 422, "whitespace"),
+    ({"texts": ["ok", ""]}, 422, "texts[1]"),
     ({"texts": ["x"] * 17}, 413, "limit is 16"),
     ({"texts": ["x" * 501]}, 413, "limit is 500"),
+    ({"texts": ["x" * 1_000_000]}, 413, "limit is 500"),  # a 1 MB text
 ])
 def test_bad_requests_get_clear_4xx(served, payload, status, needle):
     import httpx
@@ -72,6 +75,23 @@ def test_bad_requests_get_clear_4xx(served, payload, status, needle):
         r = httpx.post(f"{url}/v1/classify", json=payload, timeout=30)
     assert r.status_code == status, r.text
     assert needle in r.text
+
+
+def test_2000_requests_of_loopback_load_without_errors(served):
+    """A bounded load of 2,000 requests from 16 concurrent loopback clients: every one answered 200."""
+    import asyncio
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO))
+    from bench.serve_load import load
+
+    url, _ = served
+    res = asyncio.run(load(f"{url}/v1/classify", requests=2000, concurrency=16, time_limit_s=800))
+    print(f"serve load: {res}")
+    assert res["requests"] == 2000 and res["errors"] == 0
+    assert res["p99_ms"] >= res["p50_ms"] > 0
 
 
 def test_health_model_docs(served):
