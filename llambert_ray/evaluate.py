@@ -37,3 +37,47 @@ def classification_metrics(gold: pd.Series | list, pred: pd.Series | list, label
     acc = float((g == p).sum() / n)
     return {"rows": n, "accuracy": acc, "macro_f1": float(np.mean([c["f1"] for c in per_class.values()])),
             "dropped": float(dropped.mean()), "per_class": per_class, "confusion": cm.tolist(), "labels": labels}
+
+
+def label_issues(annotations: pd.DataFrame, predictions: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+    """LLM labels the classifier contradicts with confidence, most doubtful first (confident learning).
+
+    annotations: id, llm_label (and text, llm_confidence, label = gold when present); predictions: id,
+    prob_<class> from the trained classifier. A row is flagged when, among the classes whose predicted
+    probability reaches that class's threshold (the mean probability the classifier gives the class on rows the
+    LLM gave it), the most probable one is not the LLM's label. Flagged rows are ranked by the probability of
+    the LLM's label (lowest first). The classifier has seen these rows in training, so this finds the grossest
+    issues, not all of them (out-of-sample probabilities would find more).
+    """
+    cols = [f"prob_{c}" for c in labels]
+    missing = [c for c in ["id", *cols] if c not in predictions]
+    if missing or "llm_label" not in annotations:
+        raise ValueError(f"label_issues needs annotations.llm_label and predictions {missing}")
+    keep = [c for c in ["id", "text", "llm_label", "llm_confidence", "label"] if c in annotations]
+    df = annotations[keep].merge(predictions[["id", *cols]], on="id", how="inner")
+    df = df[df["llm_label"].isin(labels)].reset_index(drop=True)
+    if df.empty:
+        return df.assign(classifier_label=pd.Series(dtype=str), p_llm_label=pd.Series(dtype=float))
+    probs = df[cols].to_numpy(dtype=float)
+    given = df["llm_label"].map({c: i for i, c in enumerate(labels)}).to_numpy()
+    thresholds = np.array([probs[given == j, j].mean() if (given == j).any() else 1.0 for j in range(len(labels))])
+    above = np.where(probs >= thresholds, probs, -1.0)
+    suggested = above.argmax(axis=1)
+    flagged = (above.max(axis=1) >= 0) & (suggested != given)
+    df["classifier_label"] = [labels[i] for i in suggested]
+    df["p_llm_label"] = probs[np.arange(len(df)), given]
+    out = df[flagged].sort_values("p_llm_label").reset_index(drop=True)
+    return out.drop(columns=cols)
+
+
+def label_issue_summary(issues: pd.DataFrame, annotations: pd.DataFrame) -> dict[str, Any]:
+    """How many LLM labels were flagged and, where gold exists, how often a flag points at a real LLM error."""
+    labelled = annotations["llm_label"].notna()
+    out: dict[str, Any] = {"annotated": int(labelled.sum()), "flagged": len(issues),
+                           "flagged_share": len(issues) / max(int(labelled.sum()), 1)}
+    if "label" in annotations and annotations["label"].notna().any() and "label" in issues:
+        gold = annotations[labelled & annotations["label"].notna()]
+        out["llm_error_rate"] = float((gold["llm_label"] != gold["label"]).mean())
+        g = issues[issues["label"].notna()]
+        out["flag_precision"] = float((g["llm_label"] != g["label"]).mean()) if len(g) else None
+    return out

@@ -74,7 +74,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
     """Run (or resume) the whole pipeline for cfg; returns the metrics (also in run_dir/metrics.json)."""
     from llambert_ray.annotate import annotate, make_plan
     from llambert_ray.data import read_corpus, read_parquet_frame, sample_corpus, write_parquet
-    from llambert_ray.evaluate import classification_metrics
+    from llambert_ray.evaluate import classification_metrics, label_issue_summary, label_issues
     from llambert_ray.label import label, label_dataset
     from llambert_ray.models import resolve_model
     from llambert_ray.ray_env import has_gpu, init_ray
@@ -198,7 +198,16 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
             p = preds[preds["variant"] == variant]
             metrics["variants"][variant] = classification_metrics(p["gold"], p["label"], task.labels)
     metrics["labels_summary"] = manifest.data["stages"]["label"].get("summary")
-    report = write_report(run_dir, metrics, manifest.data, annotations)
+    # ---- label issues: LLM labels the trained classifier contradicts with confidence
+    issues = None
+    try:
+        issues = label_issues(annotations, read_parquet_frame(labels_path), task.labels)
+    except ValueError as e:  # a model trained with other label names than the task's: nothing to compare
+        log(f"[label issues] skipped: {e}")
+    if issues is not None:
+        write_parquet(issues, run_dir / "label_issues.parquet")
+        metrics["label_issues"] = label_issue_summary(issues, annotations)
+    report = write_report(run_dir, metrics, manifest.data, annotations, issues=issues)
     metrics["report"] = str(report)
     manifest.save()
     return metrics

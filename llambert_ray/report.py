@@ -109,8 +109,29 @@ def cost_table(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def label_issue_section(summary: dict[str, Any], issues: pd.DataFrame, top: int = 15) -> list[str]:
+    md = ["## Label issues", "",
+          f"{summary['flagged']} of {summary['annotated']} LLM labels ({_pct(summary['flagged_share'])}) are "
+          f"contradicted with confidence by the trained classifier (confident-learning thresholds per class; "
+          f"all in `label_issues.parquet`, most doubtful first)."]
+    if summary.get("flag_precision") is not None:
+        md.append(f"Against gold: {_pct(summary['flag_precision'])} of the flagged labels are wrong, vs "
+                  f"{_pct(summary['llm_error_rate'])} of all LLM labels.")
+    md.append("")
+    if len(issues):
+        gold = "label" in issues
+        md += ["| id | text | LLM label | classifier | p(LLM label) |" + (" gold |" if gold else ""),
+               "|---|---|---|---|---:|" + ("---|" if gold else "")]
+        for r in issues.head(top).itertuples(index=False):
+            text = str(getattr(r, "text", ""))[:90].replace("|", "/").replace("\n", " ")
+            md.append(f"| {r.id} | {text} | {r.llm_label} | {r.classifier_label} | {r.p_llm_label:.2f} |"
+                      + (f" {r.label} |" if gold else ""))
+        md.append("")
+    return md
+
+
 def write_report(run_dir: str | Path, metrics: dict[str, Any], manifest: dict[str, Any],
-                 annotations: pd.DataFrame | None = None) -> Path:
+                 annotations: pd.DataFrame | None = None, issues: pd.DataFrame | None = None) -> Path:
     """Write report.md, report.html and plots/*.png into run_dir; returns the Markdown path."""
     import matplotlib
 
@@ -152,6 +173,8 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], manifest: dict[st
         s = metrics["labels_summary"]
         md += [f"Whole-corpus labelling: {s['rows']} rows at {s['rows_per_s']:.1f} rows/s "
                f"-> `labels.parquet`.", ""]
+    if metrics.get("label_issues") and issues is not None:
+        md += label_issue_section(metrics["label_issues"], issues)
     md += ["## Plots", ""] + [f"![{t}]({p})" for t, p in images] + [""]
     (run_dir / "report.md").write_text("\n".join(md))
     (run_dir / "report.html").write_text(_to_html("\n".join(md), manifest.get("name", run_dir.name)))

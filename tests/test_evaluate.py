@@ -16,3 +16,23 @@ def test_metrics_by_hand():
 
 def test_no_gold_rows():
     assert classification_metrics([None], ["a"], ["a", "b"])["accuracy"] is None
+
+
+def test_label_issues_flag_contradicted_llm_labels_first():
+    import pandas as pd
+
+    from llambert_ray.evaluate import label_issue_summary, label_issues
+
+    ann = pd.DataFrame({"id": list("abcdef"), "text": list("ABCDEF"),
+                        "llm_label": ["pos", "pos", "neg", "neg", "pos", None],
+                        "label": ["pos", "neg", "neg", "pos", "pos", "neg"]})
+    pred = pd.DataFrame({"id": list("abcdefg"), "prob_pos": [0.9, 0.2, 0.1, 0.7, 0.8, 0.5, 0.5],
+                         "prob_neg": [0.1, 0.8, 0.9, 0.3, 0.2, 0.5, 0.5]})
+    issues = label_issues(ann, pred, ["pos", "neg"])
+    # thresholds: pos 0.63 (mean p_pos over a, b, e), neg 0.6 (over c, d); b (LLM pos, p_neg 0.8) and d (LLM neg,
+    # p_pos 0.7) are flagged, b (p of its LLM label 0.2) before d (0.3); f has no LLM label, g no annotation
+    assert issues["id"].tolist() == ["b", "d"] and issues["classifier_label"].tolist() == ["neg", "pos"]
+    assert issues["p_llm_label"].tolist() == pytest.approx([0.2, 0.3])
+    s = label_issue_summary(issues, ann)
+    assert s["annotated"] == 5 and s["flagged"] == 2 and s["flag_precision"] == 1.0
+    assert s["llm_error_rate"] == pytest.approx(2 / 5)

@@ -32,7 +32,7 @@ label: {{batch_size: 16, max_length: 48, cpus_per_actor: 0.5}}
     run_dir = tmp_path / "runs" / "small"
     for name in ["annotations.parquet", "labels.parquet", "report.md", "report.html", "manifest.json",
                  "metrics.json", "plots/variants.png", "plots/confusion_llm_labels.png",
-                 "models/llm/model/config.json"]:
+                 "models/llm/model/config.json", "label_issues.parquet"]:
         assert (run_dir / name).exists(), name
     ann = pd.read_parquet(run_dir / "annotations.parquet")
     labels = pd.read_parquet(run_dir / "labels.parquet")
@@ -41,6 +41,7 @@ label: {{batch_size: 16, max_length: 48, cpus_per_actor: 0.5}}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["variants"]) == {"llm", "gold"} and metrics["llm"]["accuracy"] > 0.6
     assert "| LLM (" in first.output and "report:" in first.output
+    assert "## Label issues" in (run_dir / "report.md").read_text() and metrics["label_issues"]["annotated"] == 32
     manifest = json.loads((run_dir / "manifest.json").read_text())
 
     second = runner.invoke(app, ["run", "--config", str(tmp_path / "run.yaml")])
