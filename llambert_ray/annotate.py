@@ -35,6 +35,7 @@ OUTPUT_COLUMNS = ["llm_label", "llm_confidence", "llm_raw", "llm_error", "prompt
 # its bias, independent of any row.
 CONTENT_FREE_TEXTS = ["N/A", "[MASK]", "", "..."]
 _CF_PREFIX = "__llambert_content_free_"
+_LIGHT = {"num_cpus": 0.1}
 
 
 class AnnotationError(RuntimeError):
@@ -226,6 +227,7 @@ class AnnotationSummary:
     label_counts: dict[str, int]
     accuracy: float | None = None  # against gold labels, over all rows (dropped rows count as wrong)
     calibration: dict[str, float] | None = None  # content-free log-prob offsets subtracted per label
+    cached: int = 0  # rows whose answers were reused from the cache of an earlier (interrupted) run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,16 +236,43 @@ class AnnotationSummary:
         acc = f", accuracy vs gold {self.accuracy:.2%}" if self.accuracy is not None else ""
         return [f"annotated {self.rows_in} rows with {self.model} ({self.mode} mode, {self.style} prompt, "
                 f"{self.shots} shots) in {self.seconds:.1f}s",
-                f"  labelled {self.labelled}, dropped {self.dropped} (unparseable), failed {self.failed}{acc}",
+                f"  labelled {self.labelled}, dropped {self.dropped} (unparseable), failed {self.failed}{acc}"
+                + (f"; {self.cached} reused from the cache" if self.cached else ""),
                 f"  {self.rows_per_s:.2f} rows/s, {self.prompt_tokens_per_s:.0f} prompt tokens/s; "
                 f"labels {self.label_counts}"]
 
 
-def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | None = None):
+def plan_hash(plan: PromptPlan, model: str) -> str:
+    """What an answer depends on: the model and everything that shapes the prompt and its decoding."""
+    from llambert_ray.config import config_hash
+
+    return config_hash(plan.task, model, plan.mode, plan.style, plan.shots, plan.max_text_chars,
+                       plan.max_new_tokens, plan.temperature, plan.label_token_ids)
+
+
+def read_cache(folder: Path) -> pd.DataFrame:
+    """Every readable part of an annotation cache folder; parts cut short by a crash are deleted."""
+    frames = []
+    for part in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
+        try:
+            frames.append(pd.read_parquet(part))
+        except Exception:  # a part being written when the process died: its rows will be redone
+            part.unlink(missing_ok=True)
+    if not frames:
+        return pd.DataFrame(columns=["id", *OUTPUT_COLUMNS])
+    df = pd.concat(frames, ignore_index=True)
+    df = df[df["llm_error"].isna()] if "llm_error" in df else df  # engine failures are retried, not reused
+    return df.drop_duplicates("id", keep="last")
+
+
+def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | None = None,
+             cache_dir: str | Path | None = None):
     """Label every row of `ds` (columns id, text, label?) with the LLM. Returns (pandas frame, summary).
 
     Rows keep their ids; unparseable answers get llm_label null; engine failures are recorded per row in
-    llm_error instead of failing the run.
+    llm_error instead of failing the run. With cache_dir, answers are streamed to
+    CACHE_DIR/<model + prompt hash>/ as the engine finishes each chunk of rows, and rows already answered there
+    (by an interrupted run with the same model and prompt) are not sent to the engine again.
     """
     model_path = resolve_model(cfg.model)
     plan = make_plan(task, cfg, model_path)
@@ -252,7 +281,29 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
     if calibrate:
         ds = ds.union(_content_free_rows(ds))
     t0 = time.time()
-    df = engine.run(ds, plan).to_pandas()
+    cached = 0
+    if cache_dir is None:
+        df = engine.run(ds, plan).to_pandas()
+    else:
+        import ray
+
+        folder = Path(cache_dir) / plan_hash(plan, cfg.model)
+        rows = ds.to_pandas()  # the rows sent to an LLM: a sample, small enough to hold
+        done = read_cache(folder)
+        done_ids = set(done["id"]) & set(rows["id"])
+        cached = len(done_ids)
+        todo = rows[~rows["id"].isin(done_ids)]
+        if len(todo):
+            # one block per chunk, so finished chunks reach the cache while later ones are still in the engine
+            chunk = max(cfg.batch_size * 4, 32)
+            blocks = [todo.iloc[i:i + chunk] for i in range(0, len(todo), chunk)]
+            engine.run(ray.data.from_pandas(blocks), plan).write_parquet(str(folder), ray_remote_args=_LIGHT)
+        df = read_cache(folder)
+        df = df[df["id"].isin(set(rows["id"]))]
+        meta = rows.set_index("id")
+        for col in ("text", "label"):  # keep the input's columns as they are, whatever a part stored
+            if col in meta:
+                df[col] = df["id"].map(meta[col])
     seconds = time.time() - t0
     for col in OUTPUT_COLUMNS:
         if col not in df:
@@ -274,7 +325,7 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
         prompt_tokens_per_s=tokens / seconds if seconds else 0.0, mode=plan.mode, style=plan.style,
         shots=plan.shots, model=cfg.model,
         label_counts={str(k): int(v) for k, v in df["llm_label"].value_counts().items()}, accuracy=acc,
-        calibration=offsets)
+        calibration=offsets, cached=cached)
     return df.sort_values("id", kind="stable").reset_index(drop=True), summary
 
 
@@ -335,8 +386,8 @@ def annotate_corpus(cfg: RunConfig, output_dir: str | Path) -> AnnotationSummary
     init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
     ds, _ = read_corpus(cfg.corpus, task)
     subset = sample_corpus(ds, cfg.corpus)
-    df, summary = annotate(subset, task, cfg.annotate)
     out = Path(output_dir)
+    df, summary = annotate(subset, task, cfg.annotate, cache_dir=out / ".annotate_cache")
     write_parquet(df, out / "annotations.parquet")
     (out / "annotate_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return summary

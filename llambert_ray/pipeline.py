@@ -102,7 +102,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
     ann_hash = config_hash(cfg.corpus, cfg.annotate, task_hash)
 
     def do_annotate(ds, path: Path) -> dict[str, Any]:
-        df, s = annotate(ds, task, cfg.annotate)
+        # answers stream into the cache as they come, so an interrupted run resumes without redoing them
+        df, s = annotate(ds, task, cfg.annotate, cache_dir=run_dir / "cache" / "annotate")
         write_parquet(df, path)
         for line in s.lines():
             log("  " + line)

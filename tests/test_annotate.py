@@ -98,3 +98,95 @@ def test_content_free_calibration_removes_label_bias():
     assert pd.isna(out["llm_label"][2])  # a dropped row stays dropped
     assert out["llm_raw"].tolist() == rows["llm_raw"].tolist()  # raw scores kept for audit
     assert 0.5 <= out["llm_confidence"][0] < 0.7
+
+
+class CountingEngine:
+    """A stand-in engine (beside the real one tested above): answers 'positive' and counts the rows it got."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def run(self, ds, plan):
+        n = ds.count()
+        self.rows += n
+
+        def answer(b):
+            return b.assign(llm_label="positive", llm_confidence=0.9, llm_raw="positive", llm_error=None,
+                            prompt_tokens=10)
+
+        return ds.map_batches(answer, batch_format="pandas", num_cpus=0.1)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_cache_reuses_finished_rows_and_drops_broken_parts(ray_local, tmp_path):
+    import ray
+
+    from llambert_ray.annotate import annotate
+    from llambert_ray.config import AnnotateConfig
+
+    rows = pd.DataFrame({"id": [f"r{i:03d}" for i in range(60)], "text": [f"text {i}" for i in range(60)]})
+    cfg, cache = AnnotateConfig(mode="generate", batch_size=4), tmp_path / "cache"
+    first = CountingEngine()
+    annotate(ray.data.from_pandas(rows[:25]), TASK, cfg, engine=first, cache_dir=cache)  # "interrupted" here
+    (folders,) = list(cache.iterdir())
+    (folders / "torn-part.parquet").write_bytes(b"PAR1 cut short by a crash")
+    second = CountingEngine()
+    df, summary = annotate(ray.data.from_pandas(rows), TASK, cfg, engine=second, cache_dir=cache)
+    assert first.rows == 25 and second.rows == 35  # only the rows not answered before went to the engine
+    assert summary.cached == 25 and summary.rows_in == 60 and summary.labelled == 60
+    assert len(df) == 60 and df["id"].is_unique and set(df["id"]) == set(rows["id"])
+    assert df["text"].tolist() == rows["text"].tolist()
+    assert not (folders / "torn-part.parquet").exists()
+    # another prompt (shots) is another cache: nothing reused
+    third = CountingEngine()
+    annotate(ray.data.from_pandas(rows[:5]), TASK, AnnotateConfig(mode="generate", shots=1), engine=third,
+             cache_dir=cache)
+    assert third.rows == 5 and len(list(cache.iterdir())) == 2
+
+
+@pytest.mark.ray
+@pytest.mark.llm
+@pytest.mark.timeout(1500)
+def test_killed_annotation_run_resumes_from_its_cache(ray_local, tmp_path):
+    """`llambert annotate` killed (SIGKILL, its whole process tree) once the first chunk of answers is cached;
+    the rerun sends only the rest to the real engine, and every id comes out exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from conftest import REVIEWS
+    from typer.testing import CliRunner
+
+    from llambert_ray.cli import app
+
+    corpus = tmp_path / "reviews.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"r{k}-{i:02d}", "text": t, "label": lab}) + "\n"
+                              for k in range(3) for i, (t, lab) in enumerate(REVIEWS)))
+    out = tmp_path / "ann"
+    args = ["annotate", "-t", "imdb-sentiment", "-i", str(corpus), "-o", str(out), "--batch-size", "8"]
+    proc = subprocess.Popen([sys.executable, "-m", "llambert_ray.cli", *args], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None and not list(out.glob(".annotate_cache/*/*.parquet")):
+        time.sleep(0.5)
+    tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in tree:  # the run's own local Ray (raylet, workers, the engine actor)
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    proc.wait(30)
+    assert list(out.glob(".annotate_cache/*/*.parquet")), "no chunk was cached before the kill"
+    assert not (out / "annotations.parquet").exists()  # a killed run leaves no output that looks complete
+
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(out / "annotations.parquet")
+    assert len(df) == 120 and df["id"].is_unique and df["llm_label"].notna().all()
+    summary = json.loads((out / "annotate_summary.json").read_text())
+    assert 0 < summary["cached"] < 120 and "reused from the cache" in res.output
