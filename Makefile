@@ -23,6 +23,7 @@ CONFIG ?= configs/imdb-llama2-70b.yaml
 RUNTIME_ENV ?= jobs/runtime_env.yaml
 ENTRYPOINT_CPUS ?= 0.1
 JOB_ARGS ?=
+JOB_PYTHON ?= python
 WAIT ?=
 JOB ?=
 
@@ -77,11 +78,12 @@ plan: setup
 
 # `ray job submit` uploads this folder (minus .gitignore'd files) as the job's working dir; the entrypoint
 # gets ENTRYPOINT_CPUS of a CPU so the driver never starves the stages it launches. WAIT=1 follows the logs
-# and exits non-zero if the job fails.
+# and exits non-zero if the job fails. JOB_PYTHON is the interpreter on the cluster's nodes (the image's `python`;
+# a local cluster started from this venv needs .venv/bin/python).
 submit:
 	$(VENV)/bin/ray job submit --address $(ADDRESS) --working-dir . --runtime-env $(RUNTIME_ENV) \
 		--entrypoint-num-cpus $(ENTRYPOINT_CPUS) $(if $(WAIT),,--no-wait) \
-		-- python jobs/$(STAGE).py --config $(CONFIG) $(JOB_ARGS)
+		-- $(JOB_PYTHON) jobs/$(STAGE).py --config $(CONFIG) $(JOB_ARGS)
 
 job-status:
 	$(VENV)/bin/ray job status --address $(ADDRESS) $(JOB)

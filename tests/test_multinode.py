@@ -162,7 +162,7 @@ label: {{batch_size: 16, max_length: 48, cpus_per_actor: 0.4}}
         sub = subprocess.run(
             ["make", "-s", "submit", f"ADDRESS={cluster.dashboard}", "STAGE=pipeline",
              f"CONFIG={tmp_path / 'job.yaml'}", "RUNTIME_ENV=jobs/runtime_env-cpu.yaml", "WAIT=1",
-             "ENTRYPOINT_CPUS=0.1"],
+             "ENTRYPOINT_CPUS=0.1", f"JOB_PYTHON={sys.executable}"],
             cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=1500)
         assert sub.returncode == 0, (sub.stdout[-6000:], sub.stderr[-3000:])
         assert "succeeded" in sub.stdout.lower()
