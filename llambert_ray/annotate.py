@@ -35,6 +35,7 @@ OUTPUT_COLUMNS = ["llm_label", "llm_confidence", "llm_raw", "llm_error", "prompt
 # its bias, independent of any row.
 CONTENT_FREE_TEXTS = ["N/A", "[MASK]", "", "..."]
 _CF_PREFIX = "__llambert_content_free_"
+# Every stage around the engine is light: a fraction of a CPU each, or on 2 cores they starve the engine actor.
 _LIGHT = {"num_cpus": 0.1}
 
 
@@ -175,16 +176,15 @@ class VLLMEngine:
         if not on_gpu:
             # Without an explicit CPU bundle the engine actor waits forever for a GPU.
             kwargs["placement_group_config"] = {"bundle_per_worker": {"CPU": cfg.cpus_per_engine}}
-        light = {"num_cpus": 0.1}
         return vLLMEngineProcessorConfig(
             model_source=self.model_path,
             engine_kwargs=engine_kwargs,
             runtime_env={"env_vars": worker_env()},
             batch_size=cfg.batch_size,
             concurrency=cfg.concurrency,
-            chat_template_stage={"enabled": plan.style == "chat", **light},
-            tokenize_stage=light,
-            detokenize_stage=light,
+            chat_template_stage={"enabled": plan.style == "chat", **_LIGHT},
+            tokenize_stage=_LIGHT,
+            detokenize_stage=_LIGHT,
             should_continue_on_error=True,
             log_engine_metrics=False,
             **kwargs,
@@ -204,8 +204,7 @@ class VLLMEngine:
             return out
 
         processor = build_processor(self.processor_config(plan), preprocess=pre, postprocess=post,
-                                    preprocess_map_kwargs={"num_cpus": 0.1},
-                                    postprocess_map_kwargs={"num_cpus": 0.1})
+                                    preprocess_map_kwargs=_LIGHT, postprocess_map_kwargs=_LIGHT)
         return processor(ds)
 
 

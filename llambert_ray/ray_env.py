@@ -39,17 +39,17 @@ def worker_env() -> dict[str, str]:
             env[key] = os.environ[key]
     # Inside a Ray job the job's runtime_env already reaches every worker, and Ray refuses a driver runtime_env
     # (ray.init's, or ray.data.llm's) that sets the same keys again: add only what the job did not set.
-    job_env = _job_env_vars() or {}
+    job_env = _job_env_vars()
     return {k: v for k, v in env.items() if k not in job_env}
 
 
-def _job_env_vars() -> dict[str, str] | None:
-    """env_vars of the Ray job this driver runs in (None outside a job)."""
+def _job_env_vars() -> dict[str, str]:
+    """env_vars of the Ray job this driver runs in (empty outside a job)."""
     import json
 
     raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if not raw:
-        return None
+        return {}
     try:
         return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
     except ValueError:
