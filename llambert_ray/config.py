@@ -105,6 +105,8 @@ class TrainConfig(_Strict):
     batch_size: int = Field(16, gt=0, description="per-worker micro batch (rows)")
     grad_accum: int = Field(1, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    lr_schedule: Literal["linear", "constant"] = Field(
+        "linear", description="after warmup: linear decay to 0 (HF Trainer's default) or constant")
     weight_decay: float = Field(0.01, ge=0)
     max_length: int = Field(256, gt=0, description="tokens per text (paper: 512)")
     workers: int = Field(1, gt=0)
@@ -125,6 +127,9 @@ class LabelConfig(_Strict):
     concurrency: int = Field(1, gt=0)
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+    sub_batch_size: int = Field(32, gt=0, description="rows per forward pass, length-sorted within a batch "
+                                "(CPU: 32; GPU: 128-256)")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
 
 
 class ServeConfig(_Strict):

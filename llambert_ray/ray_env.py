@@ -6,9 +6,11 @@ import os
 from typing import Any
 
 # Environment every Ray worker needs. On CPU, vLLM takes one core for OpenMP unless told to bind all, and
-# its default KV cache (4 GiB+) is far more than a small model needs.
+# its default KV cache (4 GiB+) is far more than a small model needs (GPU builds of vLLM ignore these).
+# DeepSpeed's accelerator is not set here: training sets it per run (cpu or cuda), since a cluster-wide
+# DS_ACCELERATOR=cpu would silently put GPU training on the CPU accelerator.
 CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "auto",
-                  "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
+                  "TOKENIZERS_PARALLELISM": "false"}
 
 
 def has_gpu() -> bool:
@@ -34,7 +36,8 @@ def worker_env() -> dict[str, str]:
     env = dict(CPU_ENGINE_ENV)
     ncpu = os.cpu_count() or 1
     env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{ncpu - 1}" if ncpu > 1 else "0"
-    for key in list(CPU_ENGINE_ENV) + ["LLAMBERT_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "HF_HOME"]:
+    for key in list(CPU_ENGINE_ENV) + ["LLAMBERT_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "HF_HOME",
+                                       "DS_ACCELERATOR"]:
         if key in os.environ:
             env[key] = os.environ[key]
     # Inside a Ray job the job's runtime_env already reaches every worker, and Ray refuses a driver runtime_env

@@ -110,7 +110,13 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     import ray.train
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+    from deepspeed.accelerator import get_accelerator
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        get_constant_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
 
     cfg = TrainConfig(**config["train"])
     labels: list[str] = config["labels"]
@@ -135,7 +141,9 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
         {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = (get_constant_schedule_with_warmup(optimizer, warmup) if cfg.lr_schedule == "constant"
+                 else get_linear_schedule_with_warmup(optimizer, warmup, total_steps))
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else use_gpu
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=_deepspeed_config(cfg, use_bf16))
@@ -172,7 +180,8 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
             seen += len(batch)
             micro += 1
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(micro, 1),
-                                   "samples_per_s": seen * world / max(time.time() - t0, 1e-9)}
+                                   "samples_per_s": seen * world / max(time.time() - t0, 1e-9),
+                                   "accelerator": get_accelerator().device_name(), "bf16": use_bf16}
         if eval_shard is not None:
             metrics["eval_accuracy"] = _evaluate(engine, eval_shard, encode, label2id, device)
         history.append(metrics)
@@ -215,6 +224,22 @@ def _evaluate(engine, shard, encode, label2id, device) -> float:
     return float(correct[0] / max(correct[1], 1))
 
 
+def train_worker_env(use_gpu: bool) -> dict[str, str]:
+    """Env vars for the training workers: DeepSpeed's accelerator matches the devices the run trains on (a
+    DS_ACCELERATOR=cpu left in the driver's environment must not reach GPU workers), unless the Ray job sets it."""
+    from llambert_ray.ray_env import _job_env_vars
+
+    env = worker_env()
+    if "DS_ACCELERATOR" not in _job_env_vars():
+        env["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
+    if not use_gpu:
+        # DeepSpeed compiles a small CPU op on first use; cache it across runs and workers.
+        env.setdefault("TORCH_EXTENSIONS_DIR", os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path(os.environ.get("LLAMBERT_CACHE", Path.home() / ".cache/llambert"))
+                                        / "torch_extensions")))
+    return env
+
+
 def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: str | Path, *,
         eval_df: pd.DataFrame | None = None, init_model: str | None = None, name: str = "train") -> TrainResult:
     """Fine-tune `cfg.model` (or `init_model`, a folder from an earlier stage) on rows (text, label).
@@ -237,14 +262,7 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
                          f"more rows or lower train.batch_size / train.workers")
     output_dir = Path(output_dir).resolve()
     model_path = init_model or resolve_model(cfg.model)
-    env = worker_env()
-    if cfg.use_gpu:
-        env.pop("DS_ACCELERATOR", None)
-    else:
-        # DeepSpeed compiles a small CPU op on first use; cache it across runs and workers.
-        env.setdefault("TORCH_EXTENSIONS_DIR", os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(Path(os.environ.get("LLAMBERT_CACHE", Path.home() / ".cache/llambert"))
-                                        / "torch_extensions")))
+    env = train_worker_env(cfg.use_gpu)
     datasets = {"train": ray.data.from_pandas(train[["text", "label"]].reset_index(drop=True))}
     if eval_df is not None and len(eval_df):
         datasets["eval"] = ray.data.from_pandas(eval_df[["text", "label"]].reset_index(drop=True))

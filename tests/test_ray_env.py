@@ -9,7 +9,7 @@ def test_worker_env_outside_and_inside_a_ray_job(monkeypatch):
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
     env = worker_env()
-    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["DS_ACCELERATOR"] == "cpu"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
     assert "VLLM_CPU_OMP_THREADS_BIND" in env
     # a job driver: Ray refuses a driver runtime_env that repeats the job's env_vars keys, so those are left out
     job = {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1",
@@ -18,3 +18,18 @@ def test_worker_env_outside_and_inside_a_ray_job(monkeypatch):
     env = worker_env()
     assert "VLLM_CPU_KVCACHE_SPACE" not in env and "DS_ACCELERATOR" not in env
     assert "VLLM_CPU_OMP_THREADS_BIND" in env and "TOKENIZERS_PARALLELISM" in env
+
+
+def test_deepspeed_accelerator_follows_the_training_device(monkeypatch):
+    """A DS_ACCELERATOR=cpu in the driver's environment must not put GPU training on DeepSpeed's CPU backend."""
+    from llambert_ray.train import train_worker_env
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert train_worker_env(use_gpu=True)["DS_ACCELERATOR"] == "cuda"
+    assert train_worker_env(use_gpu=False)["DS_ACCELERATOR"] == "cpu"
+    assert "TORCH_EXTENSIONS_DIR" in train_worker_env(use_gpu=False)
+    # inside a Ray job that sets it, the job's value reaches the workers and is not repeated
+    job = {"runtime_env": {"env_vars": {"DS_ACCELERATOR": "cpu"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert "DS_ACCELERATOR" not in train_worker_env(use_gpu=False)
