@@ -172,8 +172,9 @@ def plan_run(cfg: RunConfig, task: Task, *, hardware: dict[str, Any], gpu: str =
 
     def rate(phase: str, device: str, ref: str, mult: float) -> tuple[float, str]:
         d = devices[device]
-        flops = float(d["peak_tflops"]) * 1e12 * float(util[phase])
-        return flops / (mult * model_params(ref)), f"{util[phase]:.0%} of {d['peak_tflops']} TFLOP/s ({phase})"
+        u = float((d.get("utilization") or {}).get(phase, util[phase]))
+        flops = float(d["peak_tflops"]) * 1e12 * u
+        return flops / (mult * model_params(ref)), f"{u:.0%} of {d['peak_tflops']} TFLOP/s ({phase})"
 
     def add(stage: str, nrows: int, tokens: float, device: str, ndev: float, tps: float, basis: str) -> None:
         dev_h = tokens / tps / 3600 if tps > 0 else 0.0

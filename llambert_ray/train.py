@@ -212,7 +212,8 @@ def _evaluate(engine, shard, encode, label2id, device) -> float:
     import torch.distributed as dist
 
     engine.eval()
-    correct = torch.zeros(2, dtype=torch.float64)
+    # on the training device: NCCL (GPU) reduces only CUDA tensors, gloo (CPU) only CPU ones
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
         for batch in shard.iter_batches(batch_size=64, batch_format="pandas"):
             logits = engine(**encode(batch["text"].tolist())).logits
