@@ -119,6 +119,8 @@ def make_plan(task: Task, cfg: AnnotateConfig, model_path: str | None = None) ->
     token_ids: dict[str, int] = {}
     if cfg.mode == "score":
         token_ids = label_token_ids(task, style, model_path or resolve_model(cfg.model))
+    if cfg.calibration == "prior":
+        _prior_vector(task.labels, cfg.label_prior)  # a bad prior fails here, before any LLM call
     return PromptPlan(task=task, mode=cfg.mode, style=style, shots=shots, max_text_chars=cfg.max_text_chars,
                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                       label_token_ids=token_ids)
@@ -225,7 +227,7 @@ class AnnotationSummary:
     model: str
     label_counts: dict[str, int]
     accuracy: float | None = None  # against gold labels, over all rows (dropped rows count as wrong)
-    calibration: dict[str, float] | None = None  # content-free log-prob offsets subtracted per label
+    calibration: dict[str, float] | None = None  # log-prob offsets subtracted per label (content-free / prior)
     cached: int = 0  # rows whose answers were reused from the cache of an earlier (interrupted) run
 
     def to_dict(self) -> dict[str, Any]:
@@ -311,6 +313,8 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
     if calibrate:
         cf = df["id"].astype(str).str.startswith(_CF_PREFIX)
         df, offsets = apply_calibration(df[~cf].copy(), df[cf], task.labels)
+    elif cfg.calibration == "prior" and plan.mode == "score":
+        df, offsets = apply_prior_calibration(df, task.labels, cfg.label_prior)
     failed = int(df["llm_error"].notna().sum())
     labelled = int(df["llm_label"].notna().sum())
     tokens = int(df["prompt_tokens"].fillna(0).sum())
@@ -356,6 +360,45 @@ def apply_calibration(df: pd.DataFrame, content_free: pd.DataFrame, labels: list
     if not cf:
         return df, None
     offset = np.mean(cf, axis=0)
+    return _relabel(df, labels, offset), {lab: float(o) for lab, o in zip(labels, offset, strict=True)}
+
+
+def apply_prior_calibration(df: pd.DataFrame, labels: list[str], prior: dict[str, float] | None = None,
+                            iters: int = 100):
+    """Shift every row's label log-probabilities by per-label offsets chosen so that the mean probability of
+    each label over the rows equals `prior` (equal shares when None). No extra LLM calls: the correction is
+    fitted on the score distribution itself. Returns (relabelled frame, offsets per label)."""
+    target = _prior_vector(labels, prior)
+    rows = [_label_logsoftmax(r, labels) if isinstance(lab, str) else None
+            for r, lab in zip(df["llm_raw"], df["llm_label"], strict=True)]
+    v = np.array([x for x in rows if x is not None])
+    if not len(v):
+        return df, None
+    offset = np.zeros(len(labels))
+    for _ in range(iters):
+        z = v - offset
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        offset += np.log(p.mean(0) / target)
+        offset -= offset.mean()
+    return _relabel(df, labels, offset), {lab: float(o) for lab, o in zip(labels, offset, strict=True)}
+
+
+def _prior_vector(labels: list[str], prior: dict[str, float] | None) -> np.ndarray:
+    """annotate.label_prior as shares in label order (equal shares when None); a clear error when it is off."""
+    if prior is None:
+        return np.full(len(labels), 1.0 / len(labels))
+    bad = sorted(set(prior) - set(labels)) + [lab for lab in labels if prior.get(lab, 0) <= 0]
+    if bad:
+        example = dict.fromkeys(labels, round(1 / len(labels), 3))
+        raise AnnotationError(f"annotate.label_prior {prior} is off for {bad}: it needs a positive share for each "
+                              f"label of {labels} and no other keys; fix: e.g. label_prior: {example}")
+    v = np.array([prior[lab] for lab in labels], dtype=float)
+    return v / v.sum()
+
+
+def _relabel(df: pd.DataFrame, labels: list[str], offset: np.ndarray) -> pd.DataFrame:
+    """Subtract `offset` from each scored row's label log-probabilities and relabel (llm_raw is kept)."""
     new_label, new_conf = [], []
     for raw, old_label, old_conf in zip(df["llm_raw"], df["llm_label"], df["llm_confidence"], strict=True):
         v = _label_logsoftmax(raw, labels) if isinstance(old_label, str) else None
@@ -370,7 +413,7 @@ def apply_calibration(df: pd.DataFrame, content_free: pd.DataFrame, labels: list
         new_conf.append(float(p.max()))
     df["llm_label"] = pd.Series(new_label, index=df.index, dtype=object)
     df["llm_confidence"] = pd.Series(new_conf, index=df.index, dtype=float)
-    return df, {lab: float(o) for lab, o in zip(labels, offset, strict=True)}
+    return df
 
 
 def annotate_corpus(cfg: RunConfig, output_dir: str | Path) -> AnnotationSummary:

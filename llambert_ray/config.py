@@ -77,9 +77,13 @@ class AnnotateConfig(_Strict):
                                                        "task's default for this model")
     max_new_tokens: int = Field(10, gt=0, description="generate mode: new tokens per answer (paper: 10)")
     temperature: float = Field(0.0, ge=0)
-    calibration: Literal["none", "content-free"] = Field(
-        "none", description="score mode: subtract the label bias the LLM shows on content-free inputs "
-                            "('N/A', '[MASK]', ...) from every row's label log-probabilities")
+    calibration: Literal["none", "content-free", "prior"] = Field(
+        "none", description="score mode: content-free = subtract the label bias the LLM shows on content-free "
+                            "inputs ('N/A', '[MASK]', ...) from every row's label log-probabilities; prior = "
+                            "shift them so each label's mean probability over the rows matches label_prior (no "
+                            "extra LLM calls)")
+    label_prior: dict[str, float] | None = Field(
+        None, description="calibration: prior: expected share of each label in the corpus; null = equal shares")
     max_text_chars: int = Field(6000, gt=0, description="texts are cut to this many characters")
     max_model_len: int = Field(2048, gt=0, description="tokens per sequence in the engine")
     batch_size: int = Field(16, gt=0, description="rows per engine call")
@@ -132,6 +136,25 @@ class LabelConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
 
 
+class SelectConfig(_Strict):
+    """Which rows the LLM labels: the seeded random sample (the paper) or active selection in rounds."""
+
+    strategy: Literal["random", "active"] = Field(
+        "random", description="active: rounds of uncertainty + diversity selection by a probe on encoder "
+                              "embeddings; the budget is corpus.sample either way")
+    rounds: int = Field(4, ge=1, description="active: LLM rounds (each pays the engine's start-up)")
+    seed_rows: int | None = Field(None, gt=0, description="active: rows of the random first round; "
+                                                           "null = budget / rounds")
+    diversity: bool = Field(True, description="spread each round over embedding space (farthest-point)")
+    confidence_weighted: bool = Field(True, description="weight the probe's rows by the LLM's confidence")
+    pool_rows: int | None = Field(None, gt=0, description="candidate pool: a seeded sample of the corpus of "
+                                                          "this many rows; null = the whole corpus")
+    model: str | None = Field(None, description="encoder for the embeddings; null = train.model")
+    max_length: int = Field(128, gt=0, description="tokens per text for the embeddings")
+    embed_batch_size: int = Field(256, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
@@ -162,6 +185,7 @@ class RunConfig(_Strict):
     test: CorpusConfig | None = Field(None, description="gold-labelled evaluation split")
     extra: CorpusConfig | None = Field(None, description="unlabelled extra rows for the llm+extra variant")
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
@@ -171,6 +195,9 @@ class RunConfig(_Strict):
     def _replicas(self) -> RunConfig:
         if self.serve.max_replicas < self.serve.min_replicas:
             raise ValueError("serve.max_replicas must be >= serve.min_replicas")
+        if self.select.strategy == "active" and self.corpus.sample is None:
+            raise ValueError("select.strategy active spends corpus.sample LLM calls, but corpus.sample is not set; "
+                             "fix: set corpus.sample (the LLM budget in rows)")
         return self
 
     @property

@@ -70,6 +70,57 @@ def _stage(manifest: Manifest, name: str, stage_hash: str, outputs: list[Path], 
     return True
 
 
+def _annotate_active(cfg: RunConfig, task, corpus_ds, run_dir: Path, ann_path: Path, device: str,
+                     log: Callable[[str], None]) -> dict[str, Any]:
+    """The annotate stage with select.strategy active: corpus.sample LLM calls spent in select.rounds rounds, each
+    round's rows chosen by a probe on encoder embeddings (llambert_ray.active). Writes annotations.parquet and
+    active_rounds.json (the probe's test accuracy after each round, when the run has a gold test split)."""
+    import ray
+
+    from llambert_ray.active import embed, run_rounds
+    from llambert_ray.annotate import annotate
+    from llambert_ray.data import read_corpus, sample_corpus, write_parquet
+    from llambert_ray.models import resolve_model
+
+    sel = cfg.select
+    pool_ds = corpus_ds if sel.pool_rows is None else sample_corpus(
+        corpus_ds, cfg.corpus.model_copy(update={"sample": sel.pool_rows, "fraction": None}))
+    encoder = resolve_model(sel.model or cfg.train.model)
+    log(f"  embedding the candidate pool with {sel.model or cfg.train.model}")
+    ids, x = embed(pool_ds, encoder, sel)
+    x_test = y_test = None
+    if cfg.test is not None:
+        test_ds, _ = read_corpus(cfg.test, task)
+        test_ds = sample_corpus(test_ds, cfg.test)
+        if "label" in test_ds.columns():
+            t_ids, x_test = embed(test_ds, encoder, sel)
+            gold = test_ds.select_columns(["id", "label"]).to_pandas().set_index("id")["label"]
+            y_test = gold.loc[t_ids].tolist()
+    pool = pool_ds.to_pandas().set_index("id")
+    summaries = []
+
+    def llm(round_ids: list[Any]):
+        sub = ray.data.from_pandas(pool.loc[round_ids].reset_index())
+        df, s = annotate(sub, task, cfg.annotate, cache_dir=run_dir / "cache" / "annotate")
+        for line in s.lines():
+            log("    " + line)
+        summaries.append(s)
+        return df
+
+    budget = cfg.corpus.sample or len(ids)
+    answers, result = run_rounds(ids, x, task.labels, budget, sel, llm, x_test=x_test, y_test=y_test,
+                                 seed=cfg.corpus.seed, log=log)
+    write_parquet(answers.sort_values("id", kind="stable").reset_index(drop=True), ann_path)
+    (run_dir / "active_rounds.json").write_text(json.dumps(result.to_dict(), indent=2))
+    secs = sum(s.seconds for s in summaries)
+    per_dev = (cfg.annotate.tensor_parallel_size * cfg.annotate.concurrency if device == "gpu"
+               else cfg.annotate.cpus_per_engine * cfg.annotate.concurrency)
+    return {"rows": len(answers), "tokens": sum(s.prompt_tokens for s in summaries), "device": device,
+            "device_seconds": secs * per_dev, "seconds": secs, "rounds": result.to_dict()["rounds"],
+            "summary": {"rows_in": len(answers), "labelled": sum(s.labelled for s in summaries),
+                        "failed": sum(s.failed for s in summaries), "strategy": "active"}}
+
+
 def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the whole pipeline for cfg; returns the metrics (also in run_dir/metrics.json)."""
     from llambert_ray.annotate import annotate, make_plan
@@ -112,8 +163,13 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
                                                if device == "gpu" else ann_cpu),
                 "seconds": s.seconds, "summary": s.to_dict()}
 
-    _stage(manifest, "annotate", ann_hash, [ann_path],
-           lambda: do_annotate(sample_corpus(corpus_ds, cfg.corpus), ann_path), log)
+    if cfg.select.strategy == "active":
+        ann_hash = config_hash(cfg.corpus, cfg.annotate, task_hash, cfg.select, cfg.select.model or cfg.train.model)
+        _stage(manifest, "annotate", ann_hash, [ann_path],
+               lambda: _annotate_active(cfg, task, corpus_ds, run_dir, ann_path, device, log), log)
+    else:
+        _stage(manifest, "annotate", ann_hash, [ann_path],
+               lambda: do_annotate(sample_corpus(corpus_ds, cfg.corpus), ann_path), log)
     annotations = read_parquet_frame(ann_path)
     extra_df = None
     if cfg.extra is not None:

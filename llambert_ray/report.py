@@ -130,6 +130,12 @@ def label_issue_section(summary: dict[str, Any], issues: pd.DataFrame, top: int 
     return md
 
 
+def _active_rounds(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The rounds of an active-selection annotate stage, as the manifest recorded them (None for random)."""
+    rounds = (manifest.get("stages", {}).get("annotate") or {}).get("rounds")
+    return {"strategy": "active", "rounds": rounds} if rounds else None
+
+
 def write_report(run_dir: str | Path, metrics: dict[str, Any], manifest: dict[str, Any],
                  annotations: pd.DataFrame | None = None, issues: pd.DataFrame | None = None) -> Path:
     """Write report.md, report.html and plots/*.png into run_dir; returns the Markdown path."""
@@ -153,6 +159,12 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], manifest: dict[st
         images.append((f"{variant} classifier vs gold", f"plots/confusion_{safe}.png"))
     if annotations is not None and _plot_confidence(annotations, plots / "llm_confidence.png"):
         images.append(("LLM confidence", "plots/llm_confidence.png"))
+    active = _active_rounds(manifest)
+    if active and any(r.get("probe_accuracy") is not None for r in active["rounds"]):
+        from llambert_ray.active import plot_curves
+
+        plot_curves([{**active, "name": "active selection (probe on embeddings)"}], plots / "active_selection.png")
+        images.append(("Active selection: accuracy vs LLM calls", "plots/active_selection.png"))
 
     md = [f"# llambert-ray report: {manifest.get('name', run_dir.name)}", "",
           f"Task `{metrics.get('task')}`; LLM `{metrics.get('llm_model')}`; encoder `{metrics.get('encoder')}`; "
@@ -173,6 +185,13 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], manifest: dict[st
         s = metrics["labels_summary"]
         md += [f"Whole-corpus labelling: {s['rows']} rows at {s['rows_per_s']:.1f} rows/s "
                f"-> `labels.parquet`.", ""]
+    if active:
+        md += ["## Active selection", "",
+               "Rows for the LLM were chosen in rounds by a probe (softmax regression on the encoder's embeddings) "
+               "among the pool rows it was least sure of, spread over embedding space:", "",
+               "| round | LLM calls | probe accuracy on test | probe macro F1 |", "|---:|---:|---:|---:|"]
+        md += [f"| {r['round']} | {r['llm_calls']} | {_pct(r.get('probe_accuracy'))} | "
+               f"{_pct(r.get('probe_macro_f1'))} |" for r in active["rounds"]] + [""]
     if metrics.get("label_issues") and issues is not None:
         md += label_issue_section(metrics["label_issues"], issues)
     md += ["## Plots", ""] + [f"![{t}]({p})" for t, p in images] + [""]

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -190,3 +191,24 @@ def test_killed_annotation_run_resumes_from_its_cache(ray_local, tmp_path):
     assert len(df) == 120 and df["id"].is_unique and df["llm_label"].notna().all()
     summary = json.loads((out / "annotate_summary.json").read_text())
     assert 0 < summary["cached"] < 120 and "reused from the cache" in res.output
+
+
+def test_prior_calibration_matches_the_label_shares_without_llm_calls():
+    """Scores biased towards 'positive' (every row +1 nat): fitted offsets bring the shares back to the prior."""
+    from llambert_ray.annotate import AnnotationError, apply_prior_calibration, make_plan
+    from llambert_ray.config import AnnotateConfig
+
+    rng = np.random.default_rng(0)
+    true = rng.random(400) < 0.5
+    margin = np.where(true, 1.0, -1.0) + rng.normal(0, 0.8, 400) + 1.0  # log p(pos) - log p(neg), biased +1
+    rows = pd.DataFrame({"llm_raw": [json.dumps({"positive": m / 2, "negative": -m / 2}) for m in margin],
+                         "llm_label": np.where(margin > 0, "positive", "negative"), "llm_confidence": 0.7})
+    before = float((rows["llm_label"] == np.where(true, "positive", "negative")).mean())
+    out, off = apply_prior_calibration(rows.copy(), ["positive", "negative"])
+    after = float((out["llm_label"] == np.where(true, "positive", "negative")).mean())
+    assert abs((out["llm_label"] == "positive").mean() - 0.5) < 0.05 and after > before + 0.1
+    assert off["positive"] > off["negative"]
+    out, _ = apply_prior_calibration(rows.copy(), ["positive", "negative"], {"positive": 0.8, "negative": 0.2})
+    assert (out["llm_label"] == "positive").mean() > 0.75  # mean p(positive) = 0.8; share of argmax > 0.75
+    with pytest.raises(AnnotationError, match="label_prior.*fix"):  # a bad prior fails before any LLM call
+        make_plan(TASK, AnnotateConfig(mode="score", calibration="prior", label_prior={"pos": 1.0}))

@@ -1,0 +1,236 @@
+"""Which rows the LLM labels: a seeded random sample (the paper) or active selection in rounds.
+
+Active selection spends the same LLM budget in rounds. The candidate pool is embedded once by the encoder
+(mean-pooled, L2-normalised last hidden states, in Ray Data actors); a random first batch goes to the LLM; then each
+round fits a *probe* (softmax regression on the frozen embeddings, weighted by the LLM's confidence) to the LLM
+labels so far and sends the LLM the next batch: the pool rows the probe is least sure about (smallest margin between
+its two most likely labels), spread out over embedding space by farthest-point selection among the 4x most
+uncertain, so one round does not spend its budget on near-duplicates. The probe costs seconds per round where
+fine-tuning the encoder would cost minutes; the encoder is fine-tuned once, on the rows selected.
+
+Each round is one `annotate()` call (with the run's annotation cache), so on a cluster each round pays the LLM
+engine's start-up: use few, large rounds there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llambert_ray.config import SelectConfig
+
+
+class Embedder:
+    """Mean-pooled, L2-normalised sentence embeddings from an HF encoder, loaded once per Ray actor."""
+
+    def __init__(self, model_path: str, max_length: int = 128, threads: int | None = None, sub_batch: int = 64):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModel.from_pretrained(model_path).to(self.device).eval()
+        self.max_length, self.sub_batch = max_length, sub_batch
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        with torch.inference_mode():
+            for s in range(0, len(texts), self.sub_batch):
+                idx = order[s:s + self.sub_batch]
+                enc = self.tok([texts[i] for i in idx], truncation=True, max_length=self.max_length, padding=True,
+                               return_tensors="pt").to(self.device)
+                h = self.model(**enc).last_hidden_state.float()
+                m = enc["attention_mask"].unsqueeze(-1).float()
+                e = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+                out[idx] = torch.nn.functional.normalize(e, dim=-1).cpu().numpy()
+        return out
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        emb = self.encode(batch["text"].astype(str).tolist())
+        return pd.DataFrame({"id": batch["id"].to_numpy(), "embedding": list(emb)})
+
+
+def embed(ds, model_path: str, cfg: SelectConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, embeddings) for every row of `ds` (columns id, text), computed in a Ray Data actor pool."""
+    from ray.data import ActorPoolStrategy
+
+    out = ds.select_columns(["id", "text"]).map_batches(
+        Embedder, batch_format="pandas", batch_size=cfg.embed_batch_size,
+        fn_constructor_kwargs={"model_path": str(model_path), "max_length": cfg.max_length,
+                               "threads": max(1, int(round(cfg.cpus_per_actor)))},
+        compute=ActorPoolStrategy(size=1), num_cpus=cfg.cpus_per_actor).to_pandas()
+    return out["id"].to_numpy(), np.stack(out["embedding"].to_numpy()).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ the probe
+@dataclass
+class Probe:
+    """Softmax regression on embeddings (L2-regularised, fitted with L-BFGS)."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, n_classes: int, sample_weight: np.ndarray | None = None,
+            l2: float = 1e-3, steps: int = 100) -> Probe:
+        import torch
+
+        X = torch.tensor(np.asarray(x), dtype=torch.float32)
+        Y = torch.tensor(np.asarray(y), dtype=torch.long)
+        w = torch.as_tensor(np.ones(len(y)) if sample_weight is None else sample_weight, dtype=torch.float32)
+        w = w / w.sum()
+        W = torch.zeros(X.shape[1], n_classes, requires_grad=True)
+        b = torch.zeros(n_classes, requires_grad=True)
+        opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            nll = torch.nn.functional.cross_entropy(X @ W + b, Y, reduction="none")
+            loss = (w * nll).sum() + l2 * (W * W).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return cls(W.detach().numpy(), b.detach().numpy())
+
+    def proba(self, x: np.ndarray) -> np.ndarray:
+        z = x @ self.weight + self.bias
+        z = np.exp(z - z.max(1, keepdims=True))
+        return z / z.sum(1, keepdims=True)
+
+
+def select_next(x: np.ndarray, proba: np.ndarray, taken: np.ndarray, k: int, *, diversity: bool = True,
+                candidates_factor: int = 4) -> np.ndarray:
+    """Indices of the next k pool rows: smallest probe margin, spread by farthest-point selection."""
+    free = np.flatnonzero(~taken)
+    if k >= len(free):
+        return free
+    top2 = np.sort(proba[free], axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    cand = free[np.argsort(margin, kind="stable")[:max(k, candidates_factor * k) if diversity else k]]
+    if not diversity:
+        return cand
+    # greedy k-center over the candidates, measured from everything already labelled or chosen
+    anchor = x[taken] if taken.any() else x[cand[:1]]
+    dist = 1.0 - (x[cand] @ anchor.T).max(1)  # cosine distance to the nearest labelled row
+    chosen = []
+    for _ in range(k):
+        j = int(np.argmax(dist))
+        chosen.append(cand[j])
+        dist = np.minimum(dist, 1.0 - x[cand] @ x[cand[j]])
+        dist[j] = -np.inf
+    return np.array(chosen)
+
+
+# ------------------------------------------------------------------------------------------ the rounds
+@dataclass
+class Round:
+    round: int
+    llm_calls: int
+    probe_accuracy: float | None
+    probe_macro_f1: float | None
+    seconds: float
+
+
+@dataclass
+class ActiveResult:
+    strategy: str
+    rounds: list[Round] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "rounds": [asdict(r) for r in self.rounds]}
+
+
+def _macro_f1(y: np.ndarray, p: np.ndarray, n: int) -> float:
+    f1 = []
+    for c in range(n):
+        tp, fp, fn = np.sum((p == c) & (y == c)), np.sum((p == c) & (y != c)), np.sum((p != c) & (y == c))
+        f1.append(2 * tp / max(2 * tp + fp + fn, 1))
+    return float(np.mean(f1))
+
+
+def run_rounds(pool_ids: np.ndarray, x_pool: np.ndarray, labels: list[str], budget: int, cfg: SelectConfig,
+               llm: Callable[[list[Any]], pd.DataFrame], *, strategy: str = "active",
+               x_test: np.ndarray | None = None, y_test: list[str] | None = None, seed: int = 0,
+               log: Callable[[str], None] = print) -> tuple[pd.DataFrame, ActiveResult]:
+    """Spend `budget` LLM calls on pool rows in cfg.rounds rounds; returns (all LLM answers, per-round history).
+
+    `llm(ids)` returns the LLM's answers for those ids (columns id, llm_label, llm_confidence, ...). With
+    strategy "random" every round takes random rows instead (the paper's choice, for comparison).
+    With x_test / y_test (gold), each round records the probe's test accuracy: the learning curve.
+    """
+    rng = np.random.default_rng(seed)
+    budget = min(budget, len(pool_ids))
+    first = cfg.seed_rows or max(budget // cfg.rounds, len(labels))
+    sizes = [min(first, budget)]
+    rest = budget - sizes[0]
+    for r in range(1, cfg.rounds):
+        sizes.append(rest // (cfg.rounds - 1) + (1 if r <= rest % (cfg.rounds - 1) else 0))
+    sizes = [s for s in sizes if s > 0]
+    lab_idx = {lab: i for i, lab in enumerate(labels)}
+    y_test_idx = np.array([lab_idx.get(v, -1) for v in y_test]) if y_test is not None else None
+    taken = np.zeros(len(pool_ids), dtype=bool)
+    answers: list[pd.DataFrame] = []
+    result = ActiveResult(strategy)
+    proba = None
+    for r, k in enumerate(sizes):
+        t0 = time.time()
+        free = np.flatnonzero(~taken)
+        if strategy == "random" or proba is None:
+            pick = rng.choice(free, size=min(k, len(free)), replace=False)
+        else:
+            pick = select_next(x_pool, proba, taken, k, diversity=cfg.diversity)
+        taken[pick] = True
+        answers.append(llm(list(pool_ids[pick])))
+        got = pd.concat(answers, ignore_index=True)
+        ok = got[got["llm_label"].isin(labels)]
+        pos = pd.Series(np.arange(len(pool_ids)), index=pool_ids)
+        acc = f1 = None
+        if ok["llm_label"].nunique() >= 2:
+            weight = ok["llm_confidence"].fillna(1.0).to_numpy() if cfg.confidence_weighted else None
+            probe = Probe.fit(x_pool[pos[ok["id"]].to_numpy()], ok["llm_label"].map(lab_idx).to_numpy(),
+                              len(labels), sample_weight=weight)
+            proba = probe.proba(x_pool)
+            if x_test is not None and y_test_idx is not None:
+                pred = probe.proba(x_test).argmax(1)
+                known = y_test_idx >= 0
+                acc = float((pred[known] == y_test_idx[known]).mean())
+                f1 = _macro_f1(y_test_idx[known], pred[known], len(labels))
+        result.rounds.append(Round(r + 1, int(taken.sum()), acc, f1, time.time() - t0))
+        log(f"  [{strategy}] round {r + 1}/{len(sizes)}: {int(taken.sum())} LLM calls"
+            + (f", probe accuracy on test {acc:.2%} (macro F1 {f1:.2%})" if acc is not None else ""))
+    return pd.concat(answers, ignore_index=True), result
+
+
+def plot_curves(results: list[dict[str, Any]], path: str | Path, title: str = "Accuracy vs LLM calls") -> None:
+    """One line per strategy: the probe's test accuracy after each round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=110)
+    for res in results:
+        pts = [(r["llm_calls"], r["probe_accuracy"]) for r in res["rounds"] if r["probe_accuracy"] is not None]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, [100 * y for y in ys], marker="o", label=res.get("name", res["strategy"]))
+    ax.set_xlabel("LLM calls (rows labelled by the LLM)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
