@@ -88,7 +88,7 @@ class Probe:
 
         X = torch.tensor(np.asarray(x), dtype=torch.float32)
         Y = torch.tensor(np.asarray(y), dtype=torch.long)
-        w = torch.as_tensor(np.ones(len(y)) if sample_weight is None else sample_weight, dtype=torch.float32)
+        w = torch.tensor(np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight), dtype=torch.float32)
         w = w / w.sum()
         W = torch.zeros(X.shape[1], n_classes, requires_grad=True)
         b = torch.zeros(n_classes, requires_grad=True)
