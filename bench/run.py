@@ -30,6 +30,7 @@ import pandas as pd
 from bench.annotate_modes import IMDB
 
 RESULTS = Path("bench/results")
+SHARED = IMDB.parents[1]
 PARAMS = {"smollm2-135m-instruct": 1.06e8, "minilm-l6": 1.1e7}  # non-embedding parameters (hardware.yaml)
 
 
@@ -37,6 +38,14 @@ def imdb_test(rows: int, seed: int = 0) -> pd.DataFrame:
     df = pd.read_parquet(IMDB).query("split == 'test'").sample(rows, random_state=seed)
     return pd.DataFrame({"id": df["source_path"].astype(str), "text": df["text"],
                          "label": df["label"].map({1: "positive", 0: "negative"})}).reset_index(drop=True)
+
+
+def mesh_terms(rows: int, seed: int = 0) -> pd.DataFrame:
+    """MeSH 2017 descriptors (test split) with gold anatomy labels as yes / no."""
+    df = pd.read_parquet(SHARED / "mesh_anatomy" / "mesh2017_anatomy.parquet").query("split == 'test'")
+    df = df.sample(rows, random_state=seed)
+    return pd.DataFrame({"id": df["mesh_ui"].astype(str), "text": df["text"],
+                         "label": df["label"].map({1: "yes", 0: "no"})}).reset_index(drop=True)
 
 
 def ceiling(n: int = 2048, reps: int = 10) -> dict[str, Any]:
@@ -132,8 +141,23 @@ def bench_annotate(rows: int, ceil: float) -> dict[str, Any]:
            "ours_generate_chat_0": annotate_ours(df, task, mode="generate", prompt_style="chat", shots=0),
            "ours_score_default": annotate_ours(df, task),
            "ours_score_no_prefix_cache": annotate_ours(df, task, enable_prefix_caching=False)}
+    # short texts (MeSH terms): the shared few-shot prefix is most of each prompt, so reusing it matters most
+    mesh = load_task("mesh-anatomy")
+    terms = mesh_terms(2 * len(df))
+    res["mesh_ours_score_block32_prefix_cache"] = annotate_ours(terms, mesh)
+    res["mesh_ours_score_block128_vllm_cpu_default"] = annotate_ours(terms, mesh, block_size=128)
     base = res["paper_hf_generate_bs1"]["rows_per_s"]
-    for r in res.values():
+    mesh_base = res["mesh_ours_score_block128_vllm_cpu_default"]
+    for k, r in res.items():
+        if k.startswith("mesh_"):  # another corpus: compared with itself at vLLM's CPU block size
+            r["speedup_vs_block128"] = r["rows_per_s"] / mesh_base["rows_per_s"]
+            r["ceiling_fraction"] = _frac(r["prompt_tokens_per_s"], "smollm2-135m-instruct", ceil)
+            if r.get("steady_state"):
+                st = r["steady_state"]
+                st["speedup_vs_block128"] = st["rows_per_s"] / (mesh_base.get("steady_state") or {}).get(
+                    "rows_per_s", float("nan"))
+                st["ceiling_fraction"] = _frac(st["prompt_tokens_per_s"], "smollm2-135m-instruct", ceil)
+            continue
         r["speedup_vs_paper"] = r["rows_per_s"] / base
         r["ceiling_fraction"] = _frac(r["prompt_tokens_per_s"], "smollm2-135m-instruct", ceil)
         if r.get("steady_state"):
@@ -240,13 +264,16 @@ def summary_md(r: dict[str, Any]) -> str:
                   "| method | rows/s | prompt tok/s | accuracy | dropped | x paper | % of ceiling |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for k, v in r["annotate"].items():
-            lines.append(f"| {k} | {v['rows_per_s']:.2f} | {v['prompt_tokens_per_s']:.0f} | {v['accuracy']:.1%} | "
-                         f"{v['drop_rate']:.1%} | {v['speedup_vs_paper']:.2f} | {v['ceiling_fraction']:.0%} |")
+            ratio = v.get("speedup_vs_paper", v.get("speedup_vs_block128"))
+            tag = "" if "speedup_vs_paper" in v else " (x: vs block 128)"
+            lines.append(f"| {k}{tag} | {v['rows_per_s']:.2f} | {v['prompt_tokens_per_s']:.0f} | "
+                         f"{v['accuracy']:.1%} | {v['drop_rate']:.1%} | {ratio:.2f} | {v['ceiling_fraction']:.0%} |")
             st = v.get("steady_state")
             if st:
+                ratio = st.get("speedup_vs_paper", st.get("speedup_vs_block128", float("nan")))
                 lines.append(f"| {k}, steady state ({st['rows']} rows after the first chunk) | "
                              f"{st['rows_per_s']:.2f} | {st['prompt_tokens_per_s']:.0f} | | | "
-                             f"{st['speedup_vs_paper']:.2f} | {st['ceiling_fraction']:.0%} |")
+                             f"{ratio:.2f} | {st['ceiling_fraction']:.0%} |")
         lines.append("")
     if "label" in r:
         v = r["label"]

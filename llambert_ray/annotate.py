@@ -173,6 +173,9 @@ class VLLMEngine:
         if not on_gpu:
             # CUDA graphs and torch.compile do not apply on CPU; eager avoids a long compile per actor.
             engine_kwargs["enforce_eager"] = True
+        block = cfg.block_size or (32 if not on_gpu and cfg.enable_prefix_caching else None)
+        if block:
+            engine_kwargs["block_size"] = block
         engine_kwargs.update(cfg.engine_kwargs)
         kwargs: dict[str, Any] = {}
         if not on_gpu:

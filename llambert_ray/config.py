@@ -94,6 +94,10 @@ class AnnotateConfig(_Strict):
     dtype: str = Field("auto", description="auto = float32 on CPU, bfloat16 on GPU")
     cpus_per_engine: float = Field(1.0, gt=0, description="CPU per engine actor on CPU clusters")
     enable_prefix_caching: bool = True
+    block_size: int | None = Field(
+        None, gt=0, description="KV cache block (tokens); prefix caching reuses whole blocks only. null = 32 on "
+                                "CPU (vLLM's CPU default of 128 is longer than a typical few-shot prefix, so "
+                                "nothing would be reused), vLLM's default on GPU")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM as is")
 
 

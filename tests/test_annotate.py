@@ -212,3 +212,24 @@ def test_prior_calibration_matches_the_label_shares_without_llm_calls():
     assert (out["llm_label"] == "positive").mean() > 0.75  # mean p(positive) = 0.8; share of argmax > 0.75
     with pytest.raises(AnnotationError, match="label_prior.*fix"):  # a bad prior fails before any LLM call
         make_plan(TASK, AnnotateConfig(mode="score", calibration="prior", label_prior={"pos": 1.0}))
+
+
+def test_engine_config_reuses_the_few_shot_prefix_on_cpu():
+    """vLLM reuses cached prefixes in whole KV blocks; its CPU default block (128 tokens) is longer than the tasks'
+    few-shot prefixes (50-70 tokens), so on CPU the engine gets 32-token blocks; GPU keeps vLLM's default."""
+    from llambert_ray.annotate import VLLMEngine
+    from llambert_ray.config import AnnotateConfig
+    from llambert_ray.models import resolve_model
+
+    plan = _plan("score", ids={"positive": 11, "negative": 22})
+    path = resolve_model("smollm2-135m-instruct")
+    cpu = VLLMEngine(AnnotateConfig(device="cpu"), path).processor_config(plan)
+    assert cpu.engine_kwargs["block_size"] == 32 and cpu.engine_kwargs["enable_prefix_caching"]
+    from transformers import AutoTokenizer
+
+    prefix_tokens = len(AutoTokenizer.from_pretrained(path)(TASK.completion_prefix(2))["input_ids"])
+    assert cpu.engine_kwargs["block_size"] <= prefix_tokens < 128  # one whole block reused; none at 128
+    gpu = VLLMEngine(AnnotateConfig(device="gpu"), path).processor_config(plan)
+    assert "block_size" not in gpu.engine_kwargs and gpu.engine_kwargs["dtype"] == "bfloat16"
+    assert VLLMEngine(AnnotateConfig(device="cpu", block_size=64), path).processor_config(plan).engine_kwargs[
+        "block_size"] == 64
