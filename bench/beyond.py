@@ -161,7 +161,7 @@ def run_domain(name: str, task, pool: pd.DataFrame, test: pd.DataFrame, cf_offse
 
     curves = []
     pool_ids = pool["id"].astype(str).to_numpy()
-    for strategy, name, kw in (("random", "random (the paper)", {}),
+    for strategy, label, kw in (("random", "random (the paper)", {}),
                                ("active", "active: uncertainty + diversity", {}),
                                ("active", "active: uncertainty only", {"diversity": False})):
         runs = []
@@ -174,7 +174,7 @@ def run_domain(name: str, task, pool: pd.DataFrame, test: pd.DataFrame, cf_offse
                  "probe_accuracy": float(np.mean([r[i]["probe_accuracy"] or 0 for r in runs])),
                  "probe_macro_f1": float(np.mean([r[i]["probe_macro_f1"] or 0 for r in runs])),
                  "accuracy_per_seed": [r[i]["probe_accuracy"] for r in runs]} for i in range(len(runs[0]))]
-        curves.append({"name": name, "strategy": strategy, "rounds": mean})
+        curves.append({"name": label, "strategy": strategy, "rounds": mean})
     full = probe_score(x_p[rows], y_llm, conf, x_t, y_te, len(labels))
     res["active"] = {"budget": a.budget, "rounds": a.rounds, "seeds": a.seeds, "curves": curves,
                      "whole_pool": {"llm_calls": len(pool), **full}}
