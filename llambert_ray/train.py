@@ -361,7 +361,7 @@ def train_from_files(cfg, train_path: str | Path, output: str | Path, *, extra_p
 
         ds, _ = read_corpus(CorpusConfig(path=eval_path), task)
         preds = label_dataset(ds, model_dir, cfg.label).to_pandas()
-        metrics = classification_metrics(preds["gold"], preds["label"], task.labels)
+        metrics = classification_metrics(preds["gold"], preds["label"], task.labels, failed=preds.get("error"))
     Path(output, "train_summary.json").write_text(json.dumps({**summary.to_dict(), "eval": metrics}, indent=2,
                                                              default=str))
     return summary, metrics
