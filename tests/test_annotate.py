@@ -190,3 +190,78 @@ def test_killed_annotation_run_resumes_from_its_cache(ray_local, tmp_path):
     assert len(df) == 120 and df["id"].is_unique and df["llm_label"].notna().all()
     summary = json.loads((out / "annotate_summary.json").read_text())
     assert 0 < summary["cached"] < 120 and "reused from the cache" in res.output
+
+
+class FlakyEngine:
+    """A stand-in engine whose first run dies (a real Ray task failure) once some chunks are in the cache, like a
+    run whose engine is lost for good mid-way. `failing` rows come back with a per-row engine error instead."""
+
+    def __init__(self, cache, die_after_parts=1, failing=()):
+        self.cache, self.die_after_parts, self.failing, self.sent = cache, die_after_parts, set(failing), []
+
+    def run(self, ds, plan):
+        ids = ds.to_pandas()["id"].tolist()
+        self.sent.append(ids)
+        die = len(self.sent) == 1 and self.die_after_parts is not None
+        cache, n_parts, failing, last = self.cache, self.die_after_parts, self.failing, ids[-1]
+
+        def answer(b):
+            import time
+            from pathlib import Path
+
+            if die and last in set(b["id"]):  # the last chunk: wait for earlier chunks to be cached, then die
+                deadline = time.time() + 120
+                while time.time() < deadline and len(list(Path(cache).glob("*/*.parquet"))) < n_parts:
+                    time.sleep(0.2)
+                raise RuntimeError("engine lost")
+            bad = b["id"].isin(failing)
+            return b.assign(llm_label=["positive" if not x else None for x in bad], llm_confidence=0.9,
+                            llm_raw="positive", llm_error=["ValueError: prompt too long" if x else None for x in bad],
+                            prompt_tokens=10)
+
+        return ds.map_batches(answer, batch_format="pandas", num_cpus=0.1)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_failed_run_resends_only_the_rows_it_left(ray_local, tmp_path):
+    """The engine run dies after caching some chunks: annotate() runs again on exactly the rows left without an
+    answer; every id comes out once, per-row engine failures included (counted, not dropped)."""
+    import ray
+
+    from llambert_ray.annotate import annotate
+    from llambert_ray.config import AnnotateConfig
+
+    rows = pd.DataFrame({"id": [f"r{i:03d}" for i in range(130)], "text": [f"text {i}" for i in range(130)]})
+    engine = FlakyEngine(tmp_path / "cache", failing={"r005", "r100"})
+    df, s = annotate(ray.data.from_pandas(rows), TASK, AnnotateConfig(mode="generate", batch_size=4), engine=engine,
+                     cache_dir=tmp_path / "cache")
+    first, second = engine.sent
+    assert len(first) == 130 and 0 < len(second) < 130 and s.attempts == 2 and s.resent == len(second)
+    answered_first = set(first) - set(second)
+    assert len(answered_first) >= 32  # at least the chunk cached before the failure was not sent again
+    assert len(df) == 130 and df["id"].is_unique and set(df["id"]) == set(rows["id"])
+    assert s.rows_in == 130 and s.failed == 2 and s.labelled == 128
+    assert sorted(df.loc[df["llm_error"].notna(), "id"]) == ["r005", "r100"]
+    assert any("2 attempts" in line for line in s.lines())
+    # a rerun reuses the 128 answers and retries only the 2 per-row failures
+    again = FlakyEngine(tmp_path / "cache", die_after_parts=None)
+    df2, s2 = annotate(ray.data.from_pandas(rows), TASK, AnnotateConfig(mode="generate", batch_size=4),
+                       engine=again, cache_dir=tmp_path / "cache")
+    assert sorted(again.sent[0]) == ["r005", "r100"] and s2.cached == 128 and s2.failed == 0 and len(df2) == 130
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_run_failing_before_any_answer_is_not_retried(ray_local, tmp_path):
+    import ray
+
+    from llambert_ray.annotate import AnnotationError, annotate
+    from llambert_ray.config import AnnotateConfig
+
+    rows = pd.DataFrame({"id": [f"r{i:03d}" for i in range(10)], "text": [f"text {i}" for i in range(10)]})
+    engine = FlakyEngine(tmp_path / "cache", die_after_parts=0)  # dies at once: nothing answered
+    with pytest.raises(AnnotationError, match="rerunning the same command resumes"):
+        annotate(ray.data.from_pandas(rows), TASK, AnnotateConfig(mode="generate"), engine=engine,
+                 cache_dir=tmp_path / "cache")
+    assert len(engine.sent) == 1
