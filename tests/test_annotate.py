@@ -265,3 +265,71 @@ def test_a_run_failing_before_any_answer_is_not_retried(ray_local, tmp_path):
         annotate(ray.data.from_pandas(rows), TASK, AnnotateConfig(mode="generate"), engine=engine,
                  cache_dir=tmp_path / "cache")
     assert len(engine.sent) == 1
+
+
+@pytest.mark.ray
+@pytest.mark.llm
+@pytest.mark.timeout(1500)
+def test_engine_actor_killed_mid_run_every_id_once(ray_local, tmp_path):
+    """The vLLM engine actor SIGKILLed (with its engine-core process) once its first chunk of answers is cached:
+    Ray Data restarts the actor and retries its batches (or, failing that, annotate() runs again on the rows left
+    unanswered); the run completes and every sampled id comes out exactly once, answered."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+    import ray
+    from conftest import REVIEWS
+
+    from llambert_ray.annotate import annotate
+    from llambert_ray.config import AnnotateConfig
+
+    rows = pd.DataFrame([{"id": f"r{k}-{i:02d}", "text": t, "label": lab}
+                         for k in range(3) for i, (t, lab) in enumerate(REVIEWS)])
+    cache = tmp_path / "cache"
+    killed: dict = {}
+
+    def engine_actor():
+        for proc in psutil.Process().children(recursive=True):  # this session's Ray only
+            try:
+                if " ".join(proc.cmdline()).startswith("ray::") and "vLLMEngineStage" in " ".join(proc.cmdline()):
+                    return proc
+            except psutil.Error:
+                pass
+        return None
+
+    def kill_engine_once_it_answers():
+        deadline = time.time() + 1200
+        while time.time() < deadline and not list(cache.glob("*/*.parquet")):
+            time.sleep(0.5)
+        actor = engine_actor()
+        if actor is None:
+            return
+        victims = [actor, *actor.children(recursive=True)]  # the actor and vLLM's engine-core process
+        for v in victims:
+            try:
+                v.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+        killed.update(at=time.time(), pids=[v.pid for v in victims],
+                      cached=sum(len(pd.read_parquet(f)) for f in cache.glob("*/*.parquet")))
+
+    killer = threading.Thread(target=kill_engine_once_it_answers, daemon=True)
+    killer.start()
+    t0 = time.time()
+    df, s = annotate(ray.data.from_pandas(rows), TASK, AnnotateConfig(mode="score", batch_size=8), cache_dir=cache)
+    done = time.time()
+    killer.join(5)
+    assert killed, "the engine actor was not found or not killed"
+    restarted = engine_actor()
+    print(f"\nkilled engine actor + children {killed['pids']} {killed['at'] - t0:.0f}s into annotate, with "
+          f"{killed['cached']} rows cached; annotate took {done - t0:.0f}s ({done - killed['at']:.0f}s after the "
+          f"kill); runs {s.attempts}, rows sent again by annotate {s.resent}; engine actor now "
+          f"{restarted.pid if restarted else None}; killed pids still alive: "
+          f"{[p for p in killed['pids'] if psutil.pid_exists(p)]}")
+    assert len(df) == 120 and df["id"].is_unique and set(df["id"]) == set(rows["id"])
+    assert s.rows_in == 120 and s.failed == 0 and s.labelled == 120
+    assert killed["cached"] < 120  # the kill came mid-run
+    acc = (df["llm_label"] == df["label"]).mean()
+    assert acc >= 0.75, acc  # answers after the restart are as good as before (40 easy reviews x 3)
