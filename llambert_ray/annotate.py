@@ -231,7 +231,7 @@ class AnnotationSummary:
     accuracy: float | None = None  # against gold labels, over all rows (dropped rows count as wrong)
     calibration: dict[str, float] | None = None  # content-free log-prob offsets subtracted per label
     cached: int = 0  # rows whose answers were reused from the cache of an earlier (interrupted) run
-    attempts: int = 1  # engine runs this call took (> 1: a run failed and the rows it left were sent again; 0: all cached)
+    attempts: int = 1  # engine runs (> 1: a run failed, the rows it left were sent again; 0: all were cached)
     resent: int = 0  # rows sent to the engine again after a failed run
 
     def to_dict(self) -> dict[str, Any]:
@@ -297,7 +297,7 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
             return attempt - 1, resent
         if attempt > 1:
             resent += len(todo)
-            log.warning("annotation run %d/%d: sending the %d rows the failed run left without an answer",
+            log.warning("annotation run %d/%d: sending the %d rows the last run left without an answer",
                         attempt, attempts, len(todo))
         # one block per chunk, so finished chunks reach the cache while later ones are still in the engine
         blocks = [todo.iloc[i:i + chunk] for i in range(0, len(todo), chunk)]
