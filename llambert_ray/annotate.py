@@ -16,6 +16,7 @@ Output columns added to each row: `llm_label` (null when dropped), `llm_confiden
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,9 @@ CONTENT_FREE_TEXTS = ["N/A", "[MASK]", "", "..."]
 _CF_PREFIX = "__llambert_content_free_"
 # Every stage around the engine is light: a fraction of a CPU each, or on 2 cores they starve the engine actor.
 _LIGHT = {"num_cpus": 0.1}
+# Runs of the engine over the rows still without an answer, when a run fails after answering some (see annotate).
+ATTEMPTS = 3
+log = logging.getLogger(__name__)
 
 
 class AnnotationError(RuntimeError):
@@ -232,6 +236,8 @@ class AnnotationSummary:
     accuracy: float | None = None  # against gold labels, over all rows (dropped rows count as wrong)
     calibration: dict[str, float] | None = None  # log-prob offsets subtracted per label (content-free / prior)
     cached: int = 0  # rows whose answers were reused from the cache of an earlier (interrupted) run
+    attempts: int = 1  # engine runs (> 1: a run failed, the rows it left were sent again; 0: all were cached)
+    resent: int = 0  # rows sent to the engine again after a failed run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -241,7 +247,9 @@ class AnnotationSummary:
         return [f"annotated {self.rows_in} rows with {self.model} ({self.mode} mode, {self.style} prompt, "
                 f"{self.shots} shots) in {self.seconds:.1f}s",
                 f"  labelled {self.labelled}, dropped {self.dropped} (unparseable), failed {self.failed}{acc}"
-                + (f"; {self.cached} reused from the cache" if self.cached else ""),
+                + (f"; {self.cached} reused from the cache" if self.cached else "")
+                + (f"; {self.attempts} attempts ({self.resent} rows sent again after a failed run)"
+                   if self.attempts > 1 else ""),
                 f"  {self.rows_per_s:.2f} rows/s, {self.prompt_tokens_per_s:.0f} prompt tokens/s; "
                 f"labels {self.label_counts}"]
 
@@ -254,10 +262,14 @@ def plan_hash(plan: PromptPlan, model: str) -> str:
                        plan.max_new_tokens, plan.temperature, plan.label_token_ids)
 
 
-def read_cache(folder: Path) -> pd.DataFrame:
-    """Every readable part of an annotation cache folder; parts cut short by a crash are deleted."""
+def read_cache(folder: Path, *, errors: bool = False, parts: list[Path] | None = None) -> pd.DataFrame:
+    """Every readable part of an annotation cache folder (or just `parts`); parts cut short by a crash are
+    deleted. Rows with an engine error are left out (they are retried, not reused) unless `errors`: then an id
+    gets its successful answer if it has one, else its latest error."""
     frames = []
-    for part in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
+    if parts is None:
+        parts = sorted(folder.glob("*.parquet"), key=lambda f: f.stat().st_mtime) if folder.is_dir() else []
+    for part in parts:
         try:
             frames.append(pd.read_parquet(part))
         except Exception:  # a part being written when the process died: its rows will be redone
@@ -265,18 +277,71 @@ def read_cache(folder: Path) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=["id", *OUTPUT_COLUMNS])
     df = pd.concat(frames, ignore_index=True)
-    df = df[df["llm_error"].isna()] if "llm_error" in df else df  # engine failures are retried, not reused
+    if "llm_error" in df:
+        ok = df["llm_error"].isna()
+        # engine failures are retried, not reused; kept (errors=True), a success outranks any error
+        df = pd.concat([df[~ok], df[ok]]) if errors else df[ok]
     return df.drop_duplicates("id", keep="last")
 
 
+def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, folder: Path, chunk: int,
+                attempts: int) -> tuple[int, int]:
+    """Send the rows without a cached answer to the engine, streaming answers into `folder`; when a run fails
+    (an engine actor lost for good, a node gone, ...) after answering some rows, run again on the rows it left
+    without an answer, up to `attempts` runs. Returns (runs, rows sent again). Raises AnnotationError, answers
+    so far cached, when a run fails having answered nothing new or the attempts are used up."""
+    import ray
+
+    done = set(read_cache(folder)["id"])  # answered before, successfully (earlier failures are retried)
+    before = set(folder.glob("*.parquet")) if folder.is_dir() else set()
+    answered: set = set()  # ids this call got an answer (or a per-row engine error) for
+    resent = 0
+    for attempt in range(1, attempts + 1):
+        todo = rows[~rows["id"].isin(done | answered)]
+        if not len(todo):
+            return attempt - 1, resent
+        if attempt > 1:
+            resent += len(todo)
+            log.warning("annotation run %d/%d: sending the %d rows the last run left without an answer",
+                        attempt, attempts, len(todo))
+        # one block per chunk, so finished chunks reach the cache while later ones are still in the engine
+        blocks = [todo.iloc[i:i + chunk] for i in range(0, len(todo), chunk)]
+        try:
+            engine.run(ray.data.from_pandas(blocks), plan).write_parquet(str(folder), ray_remote_args=_LIGHT)
+            error = None
+        except Exception as e:  # what Ray raises when the run failed; the finished chunks are on disk
+            error = e
+        new = [f for f in folder.glob("*.parquet") if f not in before] if folder.is_dir() else []
+        got = set(read_cache(folder, errors=True, parts=new)["id"]) if new else set()
+        progress = len(got - answered)
+        answered |= got
+        if error is not None:
+            left = int((~rows["id"].isin(done | answered)).sum())
+            log.warning("annotation run %d/%d failed with %s: %s; %d rows answered in it, %d left",
+                        attempt, attempts, type(error).__name__, str(error)[:300], progress, left)
+            if not progress or attempt == attempts:
+                raise AnnotationError(
+                    f"annotation failed ({type(error).__name__}: {str(error)[:300]}) with {left} of {len(rows)} "
+                    f"rows unanswered after {attempt} run(s); every answer so far is cached in {folder}, so "
+                    f"rerunning the same command resumes from there") from error
+    left = int((~rows["id"].isin(done | answered)).sum())
+    if left:  # every run "succeeded" and rows are still missing: never retry that silently
+        raise AnnotationError(f"{left} of {len(rows)} rows got no answer in {attempts} annotation runs; the "
+                              f"answers so far are cached in {folder}")
+    return attempts, resent
+
+
 def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | None = None,
-             cache_dir: str | Path | None = None):
+             cache_dir: str | Path | None = None, attempts: int = ATTEMPTS):
     """Label every row of `ds` (columns id, text, label?) with the LLM. Returns (pandas frame, summary).
 
     Rows keep their ids; unparseable answers get llm_label null; engine failures are recorded per row in
     llm_error instead of failing the run. With cache_dir, answers are streamed to
     CACHE_DIR/<model + prompt hash>/ as the engine finishes each chunk of rows, and rows already answered there
-    (by an interrupted run with the same model and prompt) are not sent to the engine again.
+    (by an interrupted run with the same model and prompt) are not sent to the engine again. An engine actor
+    that dies is restarted by Ray Data, which retries its batches; if a run fails anyway after answering some
+    rows, the rows it left are sent again (up to `attempts` runs, needs cache_dir). Every input row comes out
+    exactly once.
     """
     model_path = resolve_model(cfg.model)
     plan = make_plan(task, cfg, model_path)
@@ -285,24 +350,15 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
     if calibrate:
         ds = ds.union(_content_free_rows(ds))
     t0 = time.time()
-    cached = 0
+    cached, runs, resent = 0, 1, 0
     if cache_dir is None:
         df = engine.run(ds, plan).to_pandas()
     else:
-        import ray
-
         folder = Path(cache_dir) / plan_hash(plan, cfg.model)
         rows = ds.to_pandas()  # the rows sent to an LLM: a sample, small enough to hold
-        done = read_cache(folder)
-        done_ids = set(done["id"]) & set(rows["id"])
-        cached = len(done_ids)
-        todo = rows[~rows["id"].isin(done_ids)]
-        if len(todo):
-            # one block per chunk, so finished chunks reach the cache while later ones are still in the engine
-            chunk = max(cfg.batch_size * 4, 32)
-            blocks = [todo.iloc[i:i + chunk] for i in range(0, len(todo), chunk)]
-            engine.run(ray.data.from_pandas(blocks), plan).write_parquet(str(folder), ray_remote_args=_LIGHT)
-        df = read_cache(folder)
+        cached = len(set(read_cache(folder)["id"]) & set(rows["id"]))
+        runs, resent = _run_cached(engine, plan, rows, folder, max(cfg.batch_size * 4, 32), attempts)
+        df = read_cache(folder, errors=True)  # this run's per-row failures stay in the output, counted
         df = df[df["id"].isin(set(rows["id"]))]
         meta = rows.set_index("id")
         for col in ("text", "label"):  # keep the input's columns as they are, whatever a part stored
@@ -331,7 +387,7 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
         prompt_tokens_per_s=tokens / seconds if seconds else 0.0, mode=plan.mode, style=plan.style,
         shots=plan.shots, model=cfg.model,
         label_counts={str(k): int(v) for k, v in df["llm_label"].value_counts().items()}, accuracy=acc,
-        calibration=offsets, cached=cached)
+        calibration=offsets, cached=cached, attempts=runs, resent=resent)
     return df.sort_values("id", kind="stable").reset_index(drop=True), summary
 
 

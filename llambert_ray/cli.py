@@ -186,16 +186,17 @@ def evaluate(
 
     df = read_parquet_frame(input)
     if "llm_label" in df:
-        pred, gold = df["llm_label"], df.get("label")
+        pred, gold, failed = df["llm_label"], df.get("label"), None  # failed LLM rows count as dropped
     else:
-        pred, gold = df.get("label"), df.get("gold")
+        pred, gold, failed = df.get("label"), df.get("gold"), df.get("error")  # rows the classifier failed on
     if pred is None or gold is None or gold.isna().all():
         raise CorpusError(f"{input} has no predictions with gold labels to compare; fix: pass annotations of a "
                           f"labelled corpus, or labels.parquet of a corpus with --label-column")
     labels = load_task(task).labels if task else sorted(set(pd.concat([pred, gold]).dropna()))
-    m = classification_metrics(gold, pred, labels)
+    m = classification_metrics(gold, pred, labels, failed=failed)
     typer.echo(f"rows {m['rows']}  accuracy {m['accuracy']:.2%}  macro F1 {m['macro_f1']:.2%}  "
-               f"dropped {m['dropped']:.2%}")
+               f"dropped {m['dropped']:.2%}" + (f"  (left out: {m['failed']} rows the classifier failed on)"
+                                                if m["failed"] else ""))
     for lab, c in m["per_class"].items():
         typer.echo(f"  {lab:>12}: precision {c['precision']:.2%} recall {c['recall']:.2%} f1 {c['f1']:.2%} "
                    f"support {c['support']}")

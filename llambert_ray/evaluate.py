@@ -8,17 +8,30 @@ import numpy as np
 import pandas as pd
 
 
-def classification_metrics(gold: pd.Series | list, pred: pd.Series | list, labels: list[str]) -> dict[str, Any]:
+def failed_mask(failed: pd.Series | list | None, n: int) -> np.ndarray:
+    """Rows marked as failed: a true flag or a non-empty error message (None / NaN / "" = not failed)."""
+    if failed is None:
+        return np.zeros(n, dtype=bool)
+    return np.array([False if v is None or (not isinstance(v, str) and pd.isna(v)) else bool(v) for v in failed],
+                    dtype=bool)
+
+
+def classification_metrics(gold: pd.Series | list, pred: pd.Series | list, labels: list[str],
+                           failed: pd.Series | list | None = None) -> dict[str, Any]:
     """Metrics over rows with a gold label. A missing prediction (None: the LLM's answer was dropped) counts
-    as wrong, and its rate is reported as `dropped`."""
+    as wrong, and its rate is reported as `dropped`. Rows marked in `failed` (the labelling `error` column: the
+    classifier could not process the row) are left out of every metric and counted in `failed`."""
     g = pd.Series(list(gold), dtype=object)
     p = pd.Series(list(pred), dtype=object)
-    keep = g.notna().to_numpy()
+    bad = failed_mask(failed, len(g))
+    has_gold = g.notna().to_numpy()
+    n_failed = int((has_gold & bad).sum())
+    keep = has_gold & ~bad
     g, p = g[keep].reset_index(drop=True), p[keep].reset_index(drop=True)
     n = len(g)
     if n == 0:
         return {"rows": 0, "accuracy": None, "macro_f1": None, "dropped": None, "per_class": {},
-                "confusion": [], "labels": labels}
+                "confusion": [], "labels": labels, "failed": n_failed}
     dropped = p.isna().to_numpy()
     index = {lab: i for i, lab in enumerate(labels)}
     cm = np.zeros((len(labels), len(labels)), dtype=int)  # rows: gold, columns: predicted
@@ -36,24 +49,27 @@ def classification_metrics(gold: pd.Series | list, pred: pd.Series | list, label
         per_class[lab] = {"precision": float(prec), "recall": float(rec), "f1": float(f1), "support": actual}
     acc = float((g == p).sum() / n)
     return {"rows": n, "accuracy": acc, "macro_f1": float(np.mean([c["f1"] for c in per_class.values()])),
-            "dropped": float(dropped.mean()), "per_class": per_class, "confusion": cm.tolist(), "labels": labels}
+            "dropped": float(dropped.mean()), "per_class": per_class, "confusion": cm.tolist(), "labels": labels,
+            "failed": n_failed}
 
 
 def label_issues(annotations: pd.DataFrame, predictions: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
     """LLM labels the classifier contradicts with confidence, most doubtful first (confident learning).
 
     annotations: id, llm_label (and text, llm_confidence, label = gold when present); predictions: id,
-    prob_<class> from the trained classifier. A row is flagged when, among the classes whose predicted
-    probability reaches that class's threshold (the mean probability the classifier gives the class on rows the
-    LLM gave it), the most probable one is not the LLM's label. Flagged rows are ranked by the probability of
-    the LLM's label (lowest first). The classifier has seen these rows in training, so this finds the grossest
-    issues, not all of them (out-of-sample probabilities would find more).
+    prob_<class> from the trained classifier (rows it failed to label, NaN probabilities, are left out). A row
+    is flagged when, among the classes whose predicted probability reaches that class's threshold (the mean
+    probability the classifier gives the class on rows the LLM gave it), the most probable one is not the LLM's
+    label. Flagged rows are ranked by the probability of the LLM's label (lowest first). The classifier has seen
+    these rows in training, so this finds the grossest issues, not all of them (out-of-sample probabilities
+    would find more).
     """
     cols = [f"prob_{c}" for c in labels]
     missing = [c for c in ["id", *cols] if c not in predictions]
     if missing or "llm_label" not in annotations:
         raise ValueError(f"label_issues needs annotations.llm_label and predictions {missing}")
     keep = [c for c in ["id", "text", "llm_label", "llm_confidence", "label"] if c in annotations]
+    predictions = predictions[predictions[cols].notna().all(axis=1)]
     df = annotations[keep].merge(predictions[["id", *cols]], on="id", how="inner")
     df = df[df["llm_label"].isin(labels)].reset_index(drop=True)
     if df.empty:

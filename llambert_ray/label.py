@@ -1,7 +1,10 @@
 """Labelling the whole corpus with the trained encoder: Ray Data `map_batches` over an actor pool.
 
 Each actor loads the model once; each batch is split into length-sorted sub-batches so short texts are not
-padded to the longest one. Output rows: `id, label, prob_<class>...` (+ the gold `label` as `gold` if present).
+padded to the longest one. Output rows: `id, label, prob_<class>..., error` (+ the gold `label` as `gold` if
+present). A row the model cannot process does not fail the run: a sub-batch that raises is retried row by row,
+and a row that still fails comes out with label None, NaN probabilities and the reason in `error` (None for
+every row that was labelled), so every input id comes out exactly once.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ def model_labels(model_dir: str | Path) -> list[str]:
 class Classifier:
     """A trained sequence classifier, loaded once per Ray actor (or per Serve replica)."""
 
+    # Rows failing one after another with none labelled in between mean the model itself is broken (not some
+    # rows): past this many the batch raises, so the run fails instead of writing a corpus of failed rows.
+    max_consecutive_failures = 256
+
     def __init__(self, model_dir: str, max_length: int = 256, sub_batch: int = 32, threads: int | None = None,
                  dtype: str = "auto"):
         import torch
@@ -56,31 +63,68 @@ class Classifier:
         self.labels = model_labels(model_dir)
         self.max_length = max_length
         self.sub_batch = sub_batch
+        self._failing = 0  # rows failed since the last labelled one
 
-    def predict_proba(self, texts: list[str]) -> np.ndarray:
-        """Class probabilities, shape (len(texts), n_labels), in input order."""
+    def _forward(self, texts: list[str]) -> np.ndarray:
+        """Class probabilities of one sub-batch (one padded forward pass)."""
         import torch
 
+        enc = self.tok(texts, truncation=True, max_length=self.max_length, padding=True,
+                       return_tensors="pt").to(self.device)
+        return torch.softmax(self.model(**enc).logits.float(), dim=-1).cpu().numpy()
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        """Class probabilities, shape (len(texts), n_labels), in input order. Raises if any row fails."""
+        return self.predict_rows(texts, retry_rows=False)[0]
+
+    def predict_rows(self, texts: list[str], *, retry_rows: bool = True) -> tuple[np.ndarray, list[str | None]]:
+        """Class probabilities and a per-row error (None where the row was labelled), in input order.
+
+        With retry_rows, a sub-batch whose forward pass raises is redone one row at a time; a row that fails on
+        its own gets NaN probabilities and `"<ExceptionType>: <message>"` as its error. Without it the first
+        failure is raised.
+        """
+        import torch
+
+        errors: list[str | None] = [None] * len(texts)
         if not texts:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
+            return np.zeros((0, len(self.labels)), dtype=np.float32), errors
         order = np.argsort([len(t) for t in texts], kind="stable")
-        out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+        out = np.full((len(texts), len(self.labels)), np.nan, dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, len(texts), self.sub_batch):
                 idx = order[start:start + self.sub_batch]
-                enc = self.tok([texts[i] for i in idx], truncation=True, max_length=self.max_length,
-                               padding=True, return_tensors="pt").to(self.device)
-                out[idx] = torch.softmax(self.model(**enc).logits.float(), dim=-1).cpu().numpy()
-        return out
+                try:
+                    out[idx] = self._forward([texts[i] for i in idx])
+                    self._failing = 0
+                    continue
+                except Exception:
+                    if not retry_rows:
+                        raise
+                for i in idx:  # one bad row must not take the rows padded with it down
+                    try:
+                        out[i] = self._forward([texts[i]])[0]
+                        self._failing = 0
+                    except Exception as e:
+                        errors[i] = f"{type(e).__name__}: {str(e)[:500]}"
+                        self._failing += 1
+                        if self._failing > self.max_consecutive_failures:
+                            raise RuntimeError(f"{self._failing} rows in a row failed and none was labelled; "
+                                               f"the model, not the rows, is failing. Last: {errors[i]}") from e
+        return out, errors
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        probs = self.predict_proba(batch["text"].astype(str).tolist())
-        out = pd.DataFrame({"id": batch["id"].to_numpy(),
-                            "label": np.array(self.labels, dtype=object)[probs.argmax(1)]})
+        probs, errors = self.predict_rows(batch["text"].astype(str).tolist())
+        failed = np.array([e is not None for e in errors], dtype=bool)
+        names = np.array(self.labels, dtype=object)[np.nan_to_num(probs, nan=-1.0).argmax(1)]
+        names[failed] = None
+        out = pd.DataFrame({"id": batch["id"].to_numpy(), "label": pd.Series(names, dtype="string")})
         for j, name in enumerate(self.labels):
             out[f"prob_{name}"] = probs[:, j]
         if "label" in batch:
             out["gold"] = batch["label"].to_numpy()
+        # string dtype (not object): a batch where every row is fine still has a string column, not a null one
+        out["error"] = pd.Series(errors, dtype="string")
         return out
 
 
@@ -90,15 +134,24 @@ class LabelSummary:
     seconds: float
     rows_per_s: float
     label_counts: dict[str, int]
-    accuracy: float | None = None
+    accuracy: float | None = None  # against gold, over the rows that were labelled (failed rows left out)
+    failed: int = 0  # rows the model could not label (label None, reason in the `error` column)
+    errors: dict[str, int] | None = None  # the most frequent failure reasons, with their row counts
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def lines(self) -> list[str]:
         acc = f", accuracy vs gold {self.accuracy:.2%}" if self.accuracy is not None else ""
-        return [f"labelled {self.rows} rows in {self.seconds:.1f}s ({self.rows_per_s:.1f} rows/s){acc}",
-                f"  labels {self.label_counts}"]
+        if self.failed:
+            acc += " (over the labelled rows)" if acc else ""
+        out = [f"labelled {self.rows - self.failed} of {self.rows} rows in {self.seconds:.1f}s "
+               f"({self.rows_per_s:.1f} rows/s){acc}",
+               f"  labels {self.label_counts}"]
+        if self.failed:
+            out.append(f"  failed {self.failed} rows (label empty, reason in the `error` column): "
+                       f"{self.errors or {}}")
+        return out
 
 
 def label_dataset(ds, model_dir: str | Path, cfg: LabelConfig):
@@ -123,15 +176,19 @@ def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path) -> La
     preds = label_dataset(ds, model_dir, cfg).materialize()
     write_parquet(preds, output)
     seconds = time.time() - t0
-    cols = ["label"] + (["gold"] if "gold" in preds.columns() else [])
+    cols = ["label", "error"] + (["gold"] if "gold" in preds.columns() else [])
     df = preds.select_columns(cols).to_pandas()
+    failed = df["error"].notna()
+    ok = df[~failed]
     acc = None
-    if "gold" in df and df["gold"].notna().any():
-        g = df[df["gold"].notna()]
+    if "gold" in ok and ok["gold"].notna().any():
+        g = ok[ok["gold"].notna()]
         acc = float((g["label"] == g["gold"]).mean())
+    reasons = df.loc[failed, "error"].astype(str).str.slice(0, 200).value_counts().head(5)
     return LabelSummary(rows=len(df), seconds=seconds, rows_per_s=len(df) / max(seconds, 1e-9),
-                        label_counts={str(k): int(v) for k, v in df["label"].value_counts().items()},
-                        accuracy=acc)
+                        label_counts={str(k): int(v) for k, v in ok["label"].value_counts().items()},
+                        accuracy=acc, failed=int(failed.sum()),
+                        errors={str(k): int(v) for k, v in reasons.items()} or None)
 
 
 def label_corpus(cfg, model_dir: str | Path, output: str | Path) -> LabelSummary:

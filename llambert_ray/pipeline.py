@@ -221,7 +221,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
         for line in s.lines():
             log("  " + line)
         per_actor = cfg.label.gpus_per_actor if cfg.label.gpus_per_actor else cfg.label.cpus_per_actor
-        return {"rows": s.rows, "seconds": s.seconds, "device": "gpu" if cfg.label.gpus_per_actor else "cpu",
+        return {"rows": s.rows, "failed": s.failed, "seconds": s.seconds,
+                "device": "gpu" if cfg.label.gpus_per_actor else "cpu",
                 "device_seconds": s.seconds * per_actor * cfg.label.concurrency, "summary": s.to_dict()}
 
     _stage(manifest, "label", label_hash, [labels_path], do_label, log)
@@ -253,7 +254,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
         preds = read_parquet_frame(eval_path)
         for variant in cfg.train.variants:
             p = preds[preds["variant"] == variant]
-            metrics["variants"][variant] = classification_metrics(p["gold"], p["label"], task.labels)
+            metrics["variants"][variant] = classification_metrics(p["gold"], p["label"], task.labels,
+                                                                  failed=p.get("error"))
     metrics["labels_summary"] = manifest.data["stages"]["label"].get("summary")
     # ---- label issues: LLM labels the trained classifier contradicts with confidence
     issues = None

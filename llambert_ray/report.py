@@ -27,7 +27,8 @@ def headline_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                      "rows": llm["rows"], "accuracy": llm["accuracy"], "macro_f1": llm["macro_f1"]})
     for variant, m in metrics.get("variants", {}).items():
         rows.append({"labeller": f"{metrics.get('encoder', 'encoder')} [{variant}]", "data": "test split",
-                     "rows": m["rows"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
+                     "rows": m["rows"] if not m.get("failed") else f"{m['rows']} (+{m['failed']} failed, left out)",
+                     "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
     return rows
 
 
@@ -183,8 +184,10 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], manifest: dict[st
     md += per_class + ["", "## Cost", "", cost_table(manifest), ""]
     if metrics.get("labels_summary"):
         s = metrics["labels_summary"]
+        failed = (f" {s['failed']} rows failed (label empty, reason in the `error` column)."
+                  if s.get("failed") else "")
         md += [f"Whole-corpus labelling: {s['rows']} rows at {s['rows_per_s']:.1f} rows/s "
-               f"-> `labels.parquet`.", ""]
+               f"-> `labels.parquet`.{failed}", ""]
     if active:
         md += ["## Active selection", "",
                "Rows for the LLM were chosen in rounds by a probe (softmax regression on the encoder's embeddings) "

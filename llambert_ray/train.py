@@ -179,9 +179,12 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
             loss_sum += float(loss.detach())
             seen += len(batch)
             micro += 1
+        # start_epoch: where this attempt began (> 0: restored from the checkpoint of epoch start_epoch - 1,
+        # after a worker failure or a rerun), so the history shows whether and where training resumed.
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(micro, 1),
                                    "samples_per_s": seen * world / max(time.time() - t0, 1e-9),
-                                   "accelerator": get_accelerator().device_name(), "bf16": use_bf16}
+                                   "accelerator": get_accelerator().device_name(), "bf16": use_bf16,
+                                   "start_epoch": start_epoch}
         if eval_shard is not None:
             metrics["eval_accuracy"] = _evaluate(engine, eval_shard, encode, label2id, device)
         history.append(metrics)
@@ -362,7 +365,7 @@ def train_from_files(cfg, train_path: str | Path, output: str | Path, *, extra_p
 
         ds, _ = read_corpus(CorpusConfig(path=eval_path), task)
         preds = label_dataset(ds, model_dir, cfg.label).to_pandas()
-        metrics = classification_metrics(preds["gold"], preds["label"], task.labels)
+        metrics = classification_metrics(preds["gold"], preds["label"], task.labels, failed=preds.get("error"))
     Path(output, "train_summary.json").write_text(json.dumps({**summary.to_dict(), "eval": metrics}, indent=2,
                                                              default=str))
     return summary, metrics

@@ -233,3 +233,146 @@ def test_engine_config_reuses_the_few_shot_prefix_on_cpu():
     assert "block_size" not in gpu.engine_kwargs and gpu.engine_kwargs["dtype"] == "bfloat16"
     assert VLLMEngine(AnnotateConfig(device="cpu", block_size=64), path).processor_config(plan).engine_kwargs[
         "block_size"] == 64
+
+
+class FlakyEngine:
+    """A stand-in engine whose first run dies (a real Ray task failure) once some chunks are in the cache, like a
+    run whose engine is lost for good mid-way. `failing` rows come back with a per-row engine error instead."""
+
+    def __init__(self, cache, die_after_parts=1, failing=()):
+        self.cache, self.die_after_parts, self.failing, self.sent = cache, die_after_parts, set(failing), []
+
+    def run(self, ds, plan):
+        ids = ds.to_pandas()["id"].tolist()
+        self.sent.append(ids)
+        die = len(self.sent) == 1 and self.die_after_parts is not None
+        cache, n_parts, failing, last = self.cache, self.die_after_parts, self.failing, ids[-1]
+
+        def answer(b):
+            import time
+            from pathlib import Path
+
+            if die and last in set(b["id"]):  # the last chunk: wait for earlier chunks to be cached, then die
+                deadline = time.time() + 120
+                while time.time() < deadline and len(list(Path(cache).glob("*/*.parquet"))) < n_parts:
+                    time.sleep(0.2)
+                raise RuntimeError("engine lost")
+            bad = b["id"].isin(failing)
+            return b.assign(llm_label=["positive" if not x else None for x in bad], llm_confidence=0.9,
+                            llm_raw="positive", llm_error=["ValueError: prompt too long" if x else None for x in bad],
+                            prompt_tokens=10)
+
+        return ds.map_batches(answer, batch_format="pandas", num_cpus=0.1)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_failed_run_resends_only_the_rows_it_left(ray_local, tmp_path):
+    """The engine run dies after caching some chunks: annotate() runs again on exactly the rows left without an
+    answer; every id comes out once, per-row engine failures included (counted, not dropped)."""
+    import ray
+
+    from llambert_ray.annotate import annotate
+    from llambert_ray.config import AnnotateConfig
+
+    rows = pd.DataFrame({"id": [f"r{i:03d}" for i in range(130)], "text": [f"text {i}" for i in range(130)]})
+    engine = FlakyEngine(tmp_path / "cache", failing={"r005", "r100"})
+    df, s = annotate(ray.data.from_pandas(rows), TASK, AnnotateConfig(mode="generate", batch_size=4), engine=engine,
+                     cache_dir=tmp_path / "cache")
+    first, second = engine.sent
+    assert len(first) == 130 and 0 < len(second) < 130 and s.attempts == 2 and s.resent == len(second)
+    answered_first = set(first) - set(second)
+    assert len(answered_first) >= 32  # at least the chunk cached before the failure was not sent again
+    assert len(df) == 130 and df["id"].is_unique and set(df["id"]) == set(rows["id"])
+    assert s.rows_in == 130 and s.failed == 2 and s.labelled == 128
+    assert sorted(df.loc[df["llm_error"].notna(), "id"]) == ["r005", "r100"]
+    assert any("2 attempts" in line for line in s.lines())
+    # a rerun reuses the 128 answers and retries only the 2 per-row failures
+    again = FlakyEngine(tmp_path / "cache", die_after_parts=None)
+    df2, s2 = annotate(ray.data.from_pandas(rows), TASK, AnnotateConfig(mode="generate", batch_size=4),
+                       engine=again, cache_dir=tmp_path / "cache")
+    assert sorted(again.sent[0]) == ["r005", "r100"] and s2.cached == 128 and s2.failed == 0 and len(df2) == 130
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_run_failing_before_any_answer_is_not_retried(ray_local, tmp_path):
+    import ray
+
+    from llambert_ray.annotate import AnnotationError, annotate
+    from llambert_ray.config import AnnotateConfig
+
+    rows = pd.DataFrame({"id": [f"r{i:03d}" for i in range(10)], "text": [f"text {i}" for i in range(10)]})
+    engine = FlakyEngine(tmp_path / "cache", die_after_parts=0)  # dies at once: nothing answered
+    with pytest.raises(AnnotationError, match="rerunning the same command resumes"):
+        annotate(ray.data.from_pandas(rows), TASK, AnnotateConfig(mode="generate"), engine=engine,
+                 cache_dir=tmp_path / "cache")
+    assert len(engine.sent) == 1
+
+
+@pytest.mark.ray
+@pytest.mark.llm
+@pytest.mark.timeout(1500)
+def test_engine_actor_killed_mid_run_every_id_once(ray_local, tmp_path):
+    """The vLLM engine actor SIGKILLed (with its engine-core process) once its first chunk of answers is cached:
+    Ray Data restarts the actor and retries its batches (or, failing that, annotate() runs again on the rows left
+    unanswered); the run completes and every sampled id comes out exactly once, answered."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+    import ray
+    from conftest import REVIEWS
+
+    from llambert_ray.annotate import annotate
+    from llambert_ray.config import AnnotateConfig
+
+    rows = pd.DataFrame([{"id": f"r{k}-{i:02d}", "text": t, "label": lab}
+                         for k in range(3) for i, (t, lab) in enumerate(REVIEWS)])
+    cache = tmp_path / "cache"
+    killed: dict = {}
+
+    def engine_actor():
+        for proc in psutil.Process().children(recursive=True):  # this session's Ray only
+            try:
+                if " ".join(proc.cmdline()).startswith("ray::") and "vLLMEngineStage" in " ".join(proc.cmdline()):
+                    return proc
+            except psutil.Error:
+                pass
+        return None
+
+    def kill_engine_once_it_answers():
+        deadline = time.time() + 1200
+        while time.time() < deadline and not list(cache.glob("*/*.parquet")):
+            time.sleep(0.5)
+        actor = engine_actor()
+        if actor is None:
+            return
+        victims = [actor, *actor.children(recursive=True)]  # the actor and vLLM's engine-core process
+        for v in victims:
+            try:
+                v.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+        killed.update(at=time.time(), pids=[v.pid for v in victims],
+                      cached=sum(len(pd.read_parquet(f)) for f in cache.glob("*/*.parquet")))
+
+    killer = threading.Thread(target=kill_engine_once_it_answers, daemon=True)
+    killer.start()
+    t0 = time.time()
+    df, s = annotate(ray.data.from_pandas(rows), TASK, AnnotateConfig(mode="score", batch_size=8), cache_dir=cache)
+    done = time.time()
+    killer.join(5)
+    assert killed, "the engine actor was not found or not killed"
+    restarted = engine_actor()
+    print(f"\nkilled engine actor + children {killed['pids']} {killed['at'] - t0:.0f}s into annotate, with "
+          f"{killed['cached']} rows cached; annotate took {done - t0:.0f}s ({done - killed['at']:.0f}s after the "
+          f"kill); runs {s.attempts}, rows sent again by annotate {s.resent}; engine actor now "
+          f"{restarted.pid if restarted else None}; killed pids still alive: "
+          f"{[p for p in killed['pids'] if psutil.pid_exists(p)]}")
+    assert len(df) == 120 and df["id"].is_unique and set(df["id"]) == set(rows["id"])
+    assert s.rows_in == 120 and s.failed == 0 and s.labelled == 120
+    assert killed["cached"] < 120  # the kill came mid-run
+    acc = (df["llm_label"] == df["label"]).mean()
+    assert acc >= 0.75, acc  # answers after the restart are as good as before (40 easy reviews x 3)

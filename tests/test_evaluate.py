@@ -36,3 +36,12 @@ def test_label_issues_flag_contradicted_llm_labels_first():
     s = label_issue_summary(issues, ann)
     assert s["annotated"] == 5 and s["flagged"] == 2 and s["flag_precision"] == 1.0
     assert s["llm_error_rate"] == pytest.approx(2 / 5)
+
+
+def test_failed_rows_are_left_out_and_counted():
+    gold = ["a", "a", "b", "b", None]
+    pred = ["a", None, "b", "a", None]
+    err = [None, "RuntimeError: too long", "", None, "RuntimeError: too long"]  # "" / None: labelled
+    m = classification_metrics(gold, pred, ["a", "b"], failed=err)
+    assert m["rows"] == 3 and m["failed"] == 1 and m["accuracy"] == pytest.approx(2 / 3) and m["dropped"] == 0
+    assert classification_metrics(gold, pred, ["a", "b"])["failed"] == 0  # no error column: nothing left out

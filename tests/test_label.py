@@ -48,3 +48,70 @@ def test_every_id_exactly_once(ray_local, tweets_frame, untrained_model, tmp_pat
 def test_not_a_model_folder(tmp_path):
     with pytest.raises(LabelError, match="config.json"):
         model_labels(tmp_path)
+
+
+def _with_overlong_rows(tweets_frame, n_short: int, n_long: int):
+    """n_short real tweets plus n_long rows of 40 tweets joined (over 512 tokens each), spread through the frame."""
+    import pandas as pd
+
+    short = tweets_frame.iloc[:n_short][["id", "text", "label"]]
+    pool = tweets_frame.iloc[n_short:]
+    long = pd.DataFrame({"id": [f"long-{k}" for k in range(n_long)],
+                         "text": [" ".join(pool["text"].iloc[40 * k:40 * (k + 1)]) for k in range(n_long)],
+                         "label": pool["label"].iloc[:n_long].tolist()})
+    parts = [short.iloc[i * n_short // n_long:(i + 1) * n_short // n_long] for i in range(n_long)]
+    return pd.concat([x for i in range(n_long) for x in (parts[i], long.iloc[[i]])], ignore_index=True)
+
+
+def test_rows_the_model_rejects_are_recorded_not_fatal(ray_local, tweets_frame, untrained_model, tmp_path):
+    """max_length 600 on a 512-position encoder: every row over 512 tokens makes its forward pass raise (a real
+    failure, no injection). The run completes; the sub-batches those rows were padded with are redone row by row,
+    so only the over-long rows fail, each with its reason; every id comes out exactly once."""
+    import math
+
+    import pandas as pd
+
+    from llambert_ray.data import read_corpus
+    from llambert_ray.evaluate import classification_metrics, label_issues
+    from llambert_ray.label import label
+
+    frame = _with_overlong_rows(tweets_frame, 240, 6)
+    src = tmp_path / "corpus.parquet"
+    frame.to_parquet(src)
+    ds, _ = read_corpus(CorpusConfig(path=str(src)))
+    cfg = LabelConfig(batch_size=41, sub_batch_size=8, concurrency=1, cpus_per_actor=0.5, max_length=600)
+    s = label(ds.repartition(3), untrained_model, cfg, tmp_path / "labels.parquet")
+    out = pd.read_parquet(tmp_path / "labels.parquet")
+    assert len(out) == len(frame) == 246 and out["id"].is_unique and set(out["id"]) == set(frame["id"])
+    bad = out[out["error"].notna()]
+    assert sorted(bad["id"]) == [f"long-{k}" for k in range(6)]  # nothing else failed with them
+    assert bad["error"].str.contains("RuntimeError").all() and bad["error"].str.contains("512").all()
+    assert bad["label"].isna().all() and bad[["prob_positive", "prob_negative"]].isna().all().all()
+    good = out[out["error"].isna()]
+    assert good["label"].isin(["positive", "negative"]).all()
+    assert np.allclose(good[["prob_positive", "prob_negative"]].sum(axis=1), 1.0, atol=1e-4)
+    assert (good["gold"] == frame.set_index("id").loc[good["id"], "label"].to_numpy()).all()
+    assert s.rows == 246 and s.failed == 6 and sum(s.label_counts.values()) == 240
+    assert sum(s.errors.values()) == 6 and any("failed 6 rows" in line for line in s.lines())
+    assert math.isclose(s.accuracy, float((good["label"] == good["gold"]).mean()))
+    # downstream: evaluation leaves the failed rows out and counts them; label issues skip their NaN probs
+    m = classification_metrics(out["gold"], out["label"], ["positive", "negative"], failed=out["error"])
+    assert m["rows"] == 240 and m["failed"] == 6 and m["dropped"] == 0 and m["accuracy"] == s.accuracy
+    ann = frame.assign(llm_label=frame["label"])
+    assert not set(label_issues(ann, out, ["positive", "negative"])["id"]) & set(bad["id"])
+
+
+def test_a_model_failing_on_every_row_still_fails_the_batch(tweets_frame, untrained_model):
+    """Row-level recovery is for bad rows: when nothing gets labelled the batch raises (and so does the serve
+    path, which never retries)."""
+    from llambert_ray.label import Classifier
+
+    long = [" ".join(tweets_frame["text"].iloc[40 * k:40 * (k + 1)]) for k in range(4)]
+    clf = Classifier(str(untrained_model), max_length=600, sub_batch=2, threads=1)
+    clf.max_consecutive_failures = 3
+    with pytest.raises(RuntimeError, match="the model, not the rows"):
+        clf.predict_rows(long)
+    with pytest.raises(RuntimeError, match="512"):
+        clf.predict_proba(long[:1])
+    probs, errors = clf.predict_rows(["fine", long[0], "also fine"])
+    assert errors[0] is None and errors[2] is None and "512" in errors[1] and np.isnan(probs[1]).all()

@@ -57,3 +57,70 @@ def test_zero2_two_workers_learns_real_text(ray_local, tweets_frame, tmp_path):
     m = classification_metrics(preds["gold"], preds["label"], ["positive", "negative"])
     assert m["accuracy"] >= 0.70, m  # balanced: chance is 0.5
     assert abs(m["accuracy"] - hist[-1]["eval_accuracy"]) < 0.02  # the saved model is the trained one
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(1500)
+def test_killed_worker_resumes_from_last_checkpoint(ray_local, tweets_frame, tmp_path):
+    """A Ray Train worker SIGKILLed during epoch 1 of 3, once the epoch-0 checkpoint is registered: Ray Train
+    (FailureConfig.max_failures) restarts the worker group, the loop restores the DeepSpeed checkpoint, and
+    training continues at epoch 1 - each epoch once in the history, held-out accuracy as without the kill."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+    import ray
+
+    from llambert_ray.config import LabelConfig
+    from llambert_ray.evaluate import classification_metrics
+    from llambert_ray.label import label_dataset
+    from llambert_ray.train import fit
+
+    train = balanced(tweets_frame[tweets_frame["split"] == "train"], 160)
+    test = balanced(tweets_frame[tweets_frame["split"] == "test"], 100, seed=1)
+    cfg = TrainConfig(workers=2, cpus_per_worker=0.5, zero_stage=2, epochs=3, batch_size=16, max_length=48,
+                      learning_rate=1e-4, max_failures=2)
+    snapshot = tmp_path / "ray_train" / "killed" / "checkpoint_manager_snapshot.json"
+    killed: dict = {}
+
+    def train_workers() -> list[int]:
+        """PIDs of this session's Ray Train workers (Ray names worker processes ray::<ActorClass>...)."""
+        pids = []
+        for proc in psutil.Process().children(recursive=True):  # our local Ray's raylet and its workers only
+            try:
+                if " ".join(proc.cmdline()).startswith("ray::RayTrainWorker"):
+                    pids.append(proc.pid)
+            except psutil.Error:
+                pass
+        return pids
+
+    def kill_a_worker_after_first_checkpoint():
+        deadline = time.time() + 1200
+        while time.time() < deadline and not (snapshot.exists() and "train_loss" in snapshot.read_text()):
+            time.sleep(0.5)  # the controller writes the snapshot when it registers a reported checkpoint
+        time.sleep(3)  # into epoch 1
+        workers = train_workers()
+        if workers:
+            victim = max(workers)
+            killed.update(pid=victim, at=time.time(), alive=len(workers))
+            os.kill(victim, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    t0 = time.time()
+    r = fit(train[["text", "label"]], ["positive", "negative"], cfg, tmp_path, eval_df=test, name="killed")
+    killer.join(5)
+    assert killed.get("alive") == 2, "no training worker was killed"
+    hist = r.metrics["history"]
+    print(f"\nkilled worker pid {killed['pid']} {killed['at'] - t0:.0f}s into fit; fit took {r.seconds:.0f}s; "
+          f"history {[(h['epoch'], h['start_epoch'], round(h['eval_accuracy'], 3)) for h in hist]}")
+    assert [h["epoch"] for h in hist] == [0, 1, 2]  # each epoch once: the restored attempt continued at epoch 1
+    assert [h["start_epoch"] for h in hist] == [0, 1, 1]  # epoch 0 from the first attempt, 1-2 after the restore
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    preds = label_dataset(ray.data.from_pandas(test[["id", "text", "label"]]), r.model_dir,
+                          LabelConfig(cpus_per_actor=0.5)).to_pandas()
+    m = classification_metrics(preds["gold"], preds["label"], ["positive", "negative"])
+    assert m["accuracy"] >= 0.70, m  # as the unkilled 2-epoch run above must reach (chance is 0.5)
+    assert abs(m["accuracy"] - hist[-1]["eval_accuracy"]) < 0.02
