@@ -162,7 +162,7 @@ def run_domain(name: str, task, pool: pd.DataFrame, test: pd.DataFrame, cf_offse
     curves = []
     pool_ids = pool["id"].astype(str).to_numpy()
     for strategy, label, kw in (("random", "random (the paper)", {}),
-                               ("active", "active: uncertainty + diversity", {}),
+                               ("active", "active: uncertainty + diversity", {"diversity": True}),
                                ("active", "active: uncertainty only", {"diversity": False})):
         runs = []
         for seed in range(a.seeds):

@@ -4,8 +4,9 @@ Active selection spends the same LLM budget in rounds. The candidate pool is emb
 (mean-pooled, L2-normalised last hidden states, in Ray Data actors); a random first batch goes to the LLM; then each
 round fits a *probe* (softmax regression on the frozen embeddings, weighted by the LLM's confidence) to the LLM
 labels so far and sends the LLM the next batch: the pool rows the probe is least sure about (smallest margin between
-its two most likely labels), spread out over embedding space by farthest-point selection among the 4x most
-uncertain, so one round does not spend its budget on near-duplicates. The probe costs seconds per round where
+its two most likely labels), optionally (`diversity`) spread out over embedding space by farthest-point selection
+among the 4x most uncertain. Measured on IMDb (bench/results/beyond.md), plain uncertainty beat both random and
+uncertainty + diversity, so diversity is off by default. The probe costs seconds per round where
 fine-tuning the encoder would cost minutes; the encoder is fine-tuned once, on the rows selected.
 
 Each round is one `annotate()` call (with the run's annotation cache), so on a cluster each round pays the LLM
@@ -228,7 +229,9 @@ def plot_curves(results: list[dict[str, Any]], path: str | Path, title: str = "A
             ax.plot(xs, [100 * y for y in ys], marker="o", label=res.get("name", res["strategy"]))
     ax.set_xlabel("LLM calls (rows labelled by the LLM)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=10)
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

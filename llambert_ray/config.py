@@ -149,7 +149,8 @@ class SelectConfig(_Strict):
     rounds: int = Field(4, ge=1, description="active: LLM rounds (each pays the engine's start-up)")
     seed_rows: int | None = Field(None, gt=0, description="active: rows of the random first round; "
                                                            "null = budget / rounds")
-    diversity: bool = Field(True, description="spread each round over embedding space (farthest-point)")
+    diversity: bool = Field(False, description="spread each round over embedding space (farthest-point among the 4x "
+                                               "most uncertain); on IMDb plain uncertainty did better")
     confidence_weighted: bool = Field(True, description="weight the probe's rows by the LLM's confidence")
     pool_rows: int | None = Field(None, gt=0, description="candidate pool: a seeded sample of the corpus of "
                                                           "this many rows; null = the whole corpus")

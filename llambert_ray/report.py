@@ -191,7 +191,7 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], manifest: dict[st
     if active:
         md += ["## Active selection", "",
                "Rows for the LLM were chosen in rounds by a probe (softmax regression on the encoder's embeddings) "
-               "among the pool rows it was least sure of, spread over embedding space:", "",
+               "among the pool rows it was least sure of:", "",
                "| round | LLM calls | probe accuracy on test | probe macro F1 |", "|---:|---:|---:|---:|"]
         md += [f"| {r['round']} | {r['llm_calls']} | {_pct(r.get('probe_accuracy'))} | "
                f"{_pct(r.get('probe_macro_f1'))} |" for r in active["rounds"]] + [""]
