@@ -27,6 +27,23 @@ from llambert_ray.report import headline_table
 IMDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"
 
 
+def _seed_annotation_cache(src: Path, dst: Path) -> None:
+    """Put an earlier run's LLM answers into this run's annotation cache (keyed by model + prompt hash), so the
+    annotate stages read them instead of asking the LLM again even when the config hash changed."""
+    from llambert_ray.annotate import make_plan, plan_hash
+    from llambert_ray.config import AnnotateConfig
+    from llambert_ray.models import resolve_model
+    from llambert_ray.tasks import load_task
+
+    cfg = AnnotateConfig()
+    folder = dst / "cache" / "annotate" / plan_hash(make_plan(load_task("imdb-sentiment"), cfg,
+                                                              resolve_model(cfg.model)), cfg.model)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in ("annotations.parquet", "annotations_extra.parquet"):
+        if (src / f).exists():
+            pd.read_parquet(src / f).to_parquet(folder / f"reused-{f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--variants", default="llm,gold,llm+extra,combined")
@@ -42,6 +59,8 @@ def main() -> None:
     corpus = out / "imdb_train1000.parquet"
     train[["source_path", "text", "label"]].rename(columns={"source_path": "id"}).to_parquet(corpus)
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    if a.reuse_annotations:
+        _seed_annotation_cache(Path(a.reuse_annotations), out / a.name)
     if a.reuse_annotations:
         src, dst = Path(a.reuse_annotations), out / a.name
         dst.mkdir(parents=True, exist_ok=True)
