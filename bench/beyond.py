@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from llambert_ray.active import Probe, _macro_f1, embed, plot_curves, run_rounds
-from llambert_ray.annotate import _label_logsoftmax, annotate, apply_prior_calibration
+from llambert_ray.annotate import _label_logsoftmax, _relabel, annotate, apply_prior_calibration
 from llambert_ray.config import AnnotateConfig, CorpusConfig, SelectConfig
 from llambert_ray.data import read_corpus, sample_corpus
 from llambert_ray.models import resolve_model
@@ -80,22 +80,10 @@ def _ds(df: pd.DataFrame):
 
 
 def relabel(pool: pd.DataFrame, labels: list[str], offsets: dict[str, float] | None) -> pd.DataFrame:
-    out = pool.copy()
-    if offsets:
-        off = np.array([offsets[lab] for lab in labels])
-        lab, conf = [], []
-        for r in out["llm_raw"]:
-            v = _label_logsoftmax(r, labels)
-            if v is None:
-                lab.append(None)
-                conf.append(None)
-                continue
-            p = np.exp(v - off - (v - off).max())
-            p /= p.sum()
-            lab.append(labels[int(p.argmax())])
-            conf.append(float(p.max()))
-        out["llm_label"], out["llm_confidence"] = lab, conf
-    return out
+    """The pool's labels with per-label log-prob offsets subtracted (the product's own relabelling)."""
+    if not offsets:
+        return pool.copy()
+    return _relabel(pool.copy(), labels, np.array([offsets[lab] for lab in labels]))
 
 
 def label_quality(df: pd.DataFrame, labels: list[str]) -> dict[str, float]:

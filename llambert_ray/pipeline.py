@@ -71,7 +71,7 @@ def _stage(manifest: Manifest, name: str, stage_hash: str, outputs: list[Path], 
 
 
 def _annotate_active(cfg: RunConfig, task, corpus_ds, run_dir: Path, ann_path: Path, device: str,
-                     log: Callable[[str], None]) -> dict[str, Any]:
+                     ann_devices: float, log: Callable[[str], None]) -> dict[str, Any]:
     """The annotate stage with select.strategy active: corpus.sample LLM calls spent in select.rounds rounds, each
     round's rows chosen by a probe on encoder embeddings (llambert_ray.active). Writes annotations.parquet and
     active_rounds.json (the probe's test accuracy after each round, when the run has a gold test split)."""
@@ -113,10 +113,8 @@ def _annotate_active(cfg: RunConfig, task, corpus_ds, run_dir: Path, ann_path: P
     write_parquet(answers.sort_values("id", kind="stable").reset_index(drop=True), ann_path)
     (run_dir / "active_rounds.json").write_text(json.dumps(result.to_dict(), indent=2))
     secs = sum(s.seconds for s in summaries)
-    per_dev = (cfg.annotate.tensor_parallel_size * cfg.annotate.concurrency if device == "gpu"
-               else cfg.annotate.cpus_per_engine * cfg.annotate.concurrency)
     return {"rows": len(answers), "tokens": sum(s.prompt_tokens for s in summaries), "device": device,
-            "device_seconds": secs * per_dev, "seconds": secs, "rounds": result.to_dict()["rounds"],
+            "device_seconds": secs * ann_devices, "seconds": secs, "rounds": result.to_dict()["rounds"],
             "summary": {"rows_in": len(answers), "labelled": sum(s.labelled for s in summaries),
                         "failed": sum(s.failed for s in summaries), "strategy": "active"}}
 
@@ -144,7 +142,9 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
     manifest = Manifest(run_dir, cfg)
     init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
     device = "gpu" if has_gpu() else "cpu"
-    ann_cpu = cfg.annotate.cpus_per_engine * cfg.annotate.concurrency
+    # devices an annotation engine holds while it runs: GPUs (TP x replicas) or CPUs (per engine x replicas)
+    ann_devices = (cfg.annotate.tensor_parallel_size if device == "gpu" else cfg.annotate.cpus_per_engine) \
+        * cfg.annotate.concurrency
     task_hash = config_hash(task)
 
     # ---- annotate the seeded sample (and the extra rows) with the LLM
@@ -159,14 +159,13 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
         for line in s.lines():
             log("  " + line)
         return {"rows": s.rows_in, "tokens": s.prompt_tokens, "device": device,
-                "device_seconds": s.seconds * (cfg.annotate.tensor_parallel_size * cfg.annotate.concurrency
-                                               if device == "gpu" else ann_cpu),
+                "device_seconds": s.seconds * ann_devices,
                 "seconds": s.seconds, "summary": s.to_dict()}
 
     if cfg.select.strategy == "active":
         ann_hash = config_hash(cfg.corpus, cfg.annotate, task_hash, cfg.select, cfg.select.model or cfg.train.model)
         _stage(manifest, "annotate", ann_hash, [ann_path],
-               lambda: _annotate_active(cfg, task, corpus_ds, run_dir, ann_path, device, log), log)
+               lambda: _annotate_active(cfg, task, corpus_ds, run_dir, ann_path, device, ann_devices, log), log)
     else:
         _stage(manifest, "annotate", ann_hash, [ann_path],
                lambda: do_annotate(sample_corpus(corpus_ds, cfg.corpus), ann_path), log)
