@@ -59,13 +59,15 @@ class PromptPlan:
     max_new_tokens: int
     temperature: float
     label_token_ids: dict[str, int] = field(default_factory=dict)  # score mode: first answer token per label
+    truncate: str = "head"
 
     def request(self, text: str) -> dict[str, Any]:
         """The prompt (or chat messages) and sampling params for one row."""
         if self.style == "chat":
-            req: dict[str, Any] = {"messages": self.task.chat_messages(text, self.shots, self.max_text_chars)}
+            req: dict[str, Any] = {"messages": self.task.chat_messages(text, self.shots, self.max_text_chars,
+                                                                             self.truncate)}
         else:
-            req = {"prompt": self.task.completion_prompt(text, self.shots, self.max_text_chars)}
+            req = {"prompt": self.task.completion_prompt(text, self.shots, self.max_text_chars, self.truncate)}
         if self.mode == "score":
             sp = {"max_tokens": 1, "temperature": 0.0, "logprob_token_ids": list(self.label_token_ids.values())}
         elif self.mode == "choice":
@@ -127,7 +129,7 @@ def make_plan(task: Task, cfg: AnnotateConfig, model_path: str | None = None) ->
         _prior_vector(task.labels, cfg.label_prior)  # a bad prior fails here, before any LLM call
     return PromptPlan(task=task, mode=cfg.mode, style=style, shots=shots, max_text_chars=cfg.max_text_chars,
                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      label_token_ids=token_ids)
+                      label_token_ids=token_ids, truncate=cfg.truncate)
 
 
 def label_token_ids(task: Task, style: str, model_path: str) -> dict[str, int]:
@@ -258,8 +260,10 @@ def plan_hash(plan: PromptPlan, model: str) -> str:
     """What an answer depends on: the model and everything that shapes the prompt and its decoding."""
     from llambert_ray.config import config_hash
 
+    # "head" (the default) is left out of the hash so caches written before `truncate` existed stay valid.
+    cut = () if plan.truncate == "head" else (plan.truncate,)
     return config_hash(plan.task, model, plan.mode, plan.style, plan.shots, plan.max_text_chars,
-                       plan.max_new_tokens, plan.temperature, plan.label_token_ids)
+                       plan.max_new_tokens, plan.temperature, plan.label_token_ids, *cut)
 
 
 def read_cache(folder: Path, *, errors: bool = False, parts: list[Path] | None = None) -> pd.DataFrame:

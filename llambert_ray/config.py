@@ -84,7 +84,11 @@ class AnnotateConfig(_Strict):
                             "extra LLM calls)")
     label_prior: dict[str, float] | None = Field(
         None, description="calibration: prior: expected share of each label in the corpus; null = equal shares")
-    max_text_chars: int = Field(6000, gt=0, description="texts are cut to this many characters")
+    max_text_chars: int = Field(6000, gt=0, description="texts are cut to this many characters (fewer prompt "
+                                                       "tokens: faster and cheaper annotation)")
+    truncate: Literal["head", "head_tail"] = Field(
+        "head", description="how a text longer than max_text_chars is cut: head = keep its start; head_tail = "
+                            "keep its start and its end, joined by ' ... ' (reviews often end on their verdict)")
     max_model_len: int = Field(2048, gt=0, description="tokens per sequence in the engine")
     batch_size: int = Field(16, gt=0, description="rows per engine call")
     concurrency: int = Field(1, gt=0, description="engine replicas (actors)")

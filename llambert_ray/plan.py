@@ -194,9 +194,9 @@ def plan_run(cfg: RunConfig, task: Task, *, hardware: dict[str, Any], gpu: str =
     style, shots = a.prompt_style or defaults["prompt_style"], a.shots if a.shots is not None else defaults["shots"]
     llm_tok = TokenCounter(a.model)
     if style == "chat":
-        prompt_tokens = [llm_tok.count_chat(task.chat_messages(t, shots, a.max_text_chars)) for t in texts]
+        prompt_tokens = [llm_tok.count_chat(task.chat_messages(t, shots, a.max_text_chars, a.truncate)) for t in texts]
     else:
-        prompt_tokens = [llm_tok.count(task.completion_prompt(t, shots, a.max_text_chars)) for t in texts]
+        prompt_tokens = [llm_tok.count(task.completion_prompt(t, shots, a.max_text_chars, a.truncate)) for t in texts]
     per_prompt = min(_mean(prompt_tokens, 0), a.max_model_len)
     out_tokens = 1 if a.mode == "score" else a.max_new_tokens
     llm_gpu = a.device == "gpu"

@@ -94,17 +94,18 @@ class Task(BaseModel):
             i += 1
         return out
 
-    def _render(self, template: str, text: str, max_chars: int) -> str:
-        return template.replace("{text}", text[:max_chars])
+    def _render(self, template: str, text: str, max_chars: int, truncate: str = "head") -> str:
+        return template.replace("{text}", cut_text(text, max_chars, truncate))
 
-    def chat_messages(self, text: str, shots: int = 0, max_chars: int = 6000) -> list[dict[str, str]]:
+    def chat_messages(self, text: str, shots: int = 0, max_chars: int = 6000,
+                      truncate: str = "head") -> list[dict[str, str]]:
         """System + (few-shot turns) + user message, the paper's chat prompt."""
         msgs = [{"role": "system", "content": self.system_prompt}]
         for ex in self.pick_examples(shots):
             msgs.append({"role": "user", "content": self._render(self.user_template, ex.text,
                                                                  self.example_max_chars)})
             msgs.append({"role": "assistant", "content": self.verbalizers[ex.label][0]})
-        msgs.append({"role": "user", "content": self._render(self.user_template, text, max_chars)})
+        msgs.append({"role": "user", "content": self._render(self.user_template, text, max_chars, truncate)})
         return msgs
 
     def completion_prefix(self, shots: int) -> str:
@@ -115,8 +116,8 @@ class Task(BaseModel):
             parts.append(f"{shot} {self.verbalizers[ex.label][0]}")
         return "\n\n".join(parts) + ("\n\n" if parts else "")
 
-    def completion_prompt(self, text: str, shots: int = 0, max_chars: int = 6000) -> str:
-        return self.completion_prefix(shots) + self._render(self.completion_template, text, max_chars)
+    def completion_prompt(self, text: str, shots: int = 0, max_chars: int = 6000, truncate: str = "head") -> str:
+        return self.completion_prefix(shots) + self._render(self.completion_template, text, max_chars, truncate)
 
     def answer_words(self, style: str) -> dict[str, str]:
         """The canonical answer string per label as it follows the prompt (completion: after a space)."""
@@ -153,6 +154,23 @@ class Task(BaseModel):
                 return lab
         raise TaskError(f"gold label {raw!r} is not a label of task {self.name!r} ({self.labels}); fix: add "
                         f"it to gold_label_map in the task YAML or set corpus.label_column: null")
+
+
+TRUNCATION_GAP = " ... "
+
+
+def cut_text(text: str, max_chars: int, truncate: str = "head") -> str:
+    """A text cut to at most `max_chars` characters: its start (`head`), or its start and its end joined by
+    " ... " (`head_tail`: a review's closing verdict stays in the prompt). Texts that fit are left as they are."""
+    if len(text) <= max_chars:
+        return text
+    if truncate == "head":
+        return text[:max_chars]
+    if truncate != "head_tail":
+        raise TaskError(f"unknown truncation {truncate!r}; fix: use 'head' or 'head_tail'")
+    keep = max(max_chars - len(TRUNCATION_GAP), 2)
+    head = (keep + 1) // 2
+    return text[:head].rstrip() + TRUNCATION_GAP + text[len(text) - (keep - head):].lstrip()
 
 
 def preset_names() -> list[str]:

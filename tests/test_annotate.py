@@ -28,6 +28,25 @@ def test_requests_per_mode_and_style():
     assert g["sampling_params"] == {"max_tokens": 10, "temperature": 0.0}
 
 
+def test_head_tail_requests_and_their_own_cache_key():
+    from dataclasses import replace
+
+    from llambert_ray.annotate import plan_hash
+
+    review = "Loved the start. " + "Then it drags. " * 30 + "In the end: terrible."
+    plan = _plan("score", ids={"positive": 11, "negative": 22})
+    both = replace(plan, truncate="head_tail")
+    assert "terrible" not in plan.request(review)["prompt"]
+    assert both.request(review)["prompt"].endswith("In the end: terrible.\nSentiment:")
+    # another prompt, another cache key; the default keeps the key that caches written before had
+    assert plan_hash(both, "m") != plan_hash(plan, "m")
+    from llambert_ray.config import config_hash
+
+    before = config_hash(plan.task, "m", plan.mode, plan.style, plan.shots, plan.max_text_chars,
+                         plan.max_new_tokens, plan.temperature, plan.label_token_ids)
+    assert plan_hash(plan, "m") == before
+
+
 def test_results_score_generate_error():
     plan = _plan("score", ids={"positive": 11, "negative": 22})
     lp = [{11: {"logprob": -0.2, "rank": 1}, 22: {"logprob": -2.0, "rank": 5}}]

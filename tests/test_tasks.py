@@ -1,6 +1,6 @@
 import pytest
 
-from llambert_ray.tasks import OTHER, TaskError, load_task, preset_names
+from llambert_ray.tasks import OTHER, TaskError, cut_text, load_task, preset_names
 
 
 def test_presets_load():
@@ -32,6 +32,22 @@ def test_completion_prompt_and_prefix():
     assert t.answer_words("completion") == {"positive": " positive", "negative": " negative"}
     with pytest.raises(TaskError, match="shots"):
         t.completion_prompt("x", shots=99)
+
+
+def test_head_tail_truncation_keeps_the_verdict():
+    review = "I went in with high hopes. " + "The plot meanders. " * 40 + "Verdict: a dull waste of time, 2/10."
+    assert cut_text("short", 10, "head_tail") == "short" == cut_text("short", 10)
+    head = cut_text(review, 120)
+    both = cut_text(review, 120, "head_tail")
+    assert head == review[:120] and "2/10" not in head
+    assert len(both) <= 120 and both.startswith("I went in") and both.endswith("waste of time, 2/10.")
+    assert " ... " in both
+    t = load_task("imdb-sentiment")
+    p = t.completion_prompt(review, shots=2, max_chars=120, truncate="head_tail")
+    assert p.endswith(f"Review: {both}\nSentiment:")
+    assert t.chat_messages(review, 0, 120, "head_tail")[-1]["content"].count(both) == 1
+    with pytest.raises(TaskError, match="head_tail"):
+        cut_text(review, 120, "middle")
 
 
 @pytest.mark.parametrize("answer,label", [
