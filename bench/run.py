@@ -2,9 +2,10 @@
 
 1. ceiling   fp32 matmul GFLOP/s with torch on all cores (the machine's ceiling for the stages below)
 2. annotate  the paper's method (transformers `generate`, batch 1, sampling T=1 / top_k 50, 10 new tokens, the
-             paper's chat prompt) vs ours (vLLM in Ray Data: the same prompt in `generate` mode, and the default
-             `score` mode) on the same IMDb test reviews: rows/s, prompt tokens/s, accuracy, drop rate, ratios,
-             and tokens/s as a fraction of the ceiling (2 x non-embedding parameters FLOPs per token)
+             paper's chat prompt) vs ours (vLLM in Ray Data: the same prompt in `generate` mode, the default
+             `score` mode, and score mode on reviews cut to 1000 / 500 / 250 characters) on the same IMDb test
+             reviews: rows/s, prompt tokens/s, accuracy, drop rate, ratios, and tokens/s as a fraction of the
+             ceiling (2 x non-embedding parameters FLOPs per token)
 3. label     ours (Ray Data actor, length-sorted batches) vs a plain transformers `pipeline` loop, same reviews
 4. train     samples/s for 1 vs 2 Ray Train workers and ZeRO 0 / 2 / 3
 5. serve     requests/s and p50/p99 with dynamic batching vs batch size 1, same load
@@ -141,6 +142,10 @@ def bench_annotate(rows: int, ceil: float) -> dict[str, Any]:
            "ours_generate_chat_0": annotate_ours(df, task, mode="generate", prompt_style="chat", shots=0),
            "ours_score_default": annotate_ours(df, task),
            "ours_score_no_prefix_cache": annotate_ours(df, task, enable_prefix_caching=False)}
+    # fewer tokens per prompt: each review cut to its start and end (`annotate.truncate: head_tail`) or its start
+    for chars in (1000, 500, 250):
+        res[f"ours_score_head_tail_{chars}"] = annotate_ours(df, task, max_text_chars=chars, truncate="head_tail")
+    res["ours_score_head_500"] = annotate_ours(df, task, max_text_chars=500)
     # short texts (MeSH terms): the shared few-shot prefix is most of each prompt, so reusing it matters most
     mesh = load_task("mesh-anatomy")
     terms = mesh_terms(2 * len(df))
