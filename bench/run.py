@@ -102,27 +102,28 @@ def annotate_ours(df: pd.DataFrame, task, **kw) -> dict[str, Any]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as cache:
         out, s = annotate(ray.data.from_pandas(df), task, AnnotateConfig(**kw), cache_dir=cache)
-        steady = _steady_state(Path(cache))
     out = out.set_index("id").loc[df["id"]].reset_index()
     r = _annotation_result(df, out["llm_label"], s.seconds, s.prompt_tokens)
     r["seconds_incl_engine_start"] = time.perf_counter() - t0
-    r["steady_state"] = steady
     return r
 
 
-def _steady_state(cache: Path) -> dict[str, Any] | None:
-    """Rates once the engine runs: the answers reach the cache one chunk (part file) at a time, so the rows and
-    prompt tokens of every part after the first, over the time from the first part to the last, leave out the
-    engine's start-up and its first chunk."""
-    parts = sorted(cache.rglob("*.parquet"), key=lambda p: p.stat().st_mtime)
-    if len(parts) < 3:
+def engine_start(task, rows: pd.DataFrame) -> dict[str, Any]:
+    """What an annotate call costs before its first useful row: the same call on 2 short rows (engine actor
+    start, model load, warm-up, Ray Data set-up). Every `annotate()` call pays it once, whatever its size."""
+    short = rows.assign(n=rows["text"].str.len()).nsmallest(2, "n").drop(columns="n")
+    r = annotate_ours(short, task)
+    return {"seconds": r["seconds"], "rows": len(short)}
+
+
+def _excl_start(r: dict[str, Any], start_s: float) -> dict[str, Any] | None:
+    """The run's rates with the engine's start-up taken out: the throughput a long run approaches. (An earlier
+    version timed the cache's part files after the first one; the engine works on many rows at once, so they
+    finish together at the end and that over-counted several-fold.)"""
+    secs = r["seconds"] - start_s
+    if secs <= 0.1 * r["seconds"]:
         return None
-    later = pd.concat([pd.read_parquet(p) for p in parts[1:]], ignore_index=True)
-    dt = parts[-1].stat().st_mtime - parts[0].stat().st_mtime
-    if dt <= 0:
-        return None
-    return {"parts": len(parts), "rows": len(later), "seconds": dt, "rows_per_s": len(later) / dt,
-            "prompt_tokens_per_s": float(later["prompt_tokens"].fillna(0).sum()) / dt}
+    return {"seconds": secs, "rows_per_s": r["rows"] / secs, "prompt_tokens_per_s": r["prompt_tokens"] / secs}
 
 
 def _annotation_result(df, preds: pd.Series, secs: float, prompt_tokens: int) -> dict[str, Any]:
@@ -151,24 +152,31 @@ def bench_annotate(rows: int, ceil: float) -> dict[str, Any]:
     terms = mesh_terms(2 * len(df))
     res["mesh_ours_score_block32_prefix_cache"] = annotate_ours(terms, mesh)
     res["mesh_ours_score_block128_vllm_cpu_default"] = annotate_ours(terms, mesh, block_size=128)
+    # last, so it runs with the same warm caches as the calls it is subtracted from
+    start = engine_start(task, df)
+    res["engine_start"] = start
     base = res["paper_hf_generate_bs1"]["rows_per_s"]
     mesh_base = res["mesh_ours_score_block128_vllm_cpu_default"]
+    mesh_base_ex = _excl_start(mesh_base, start["seconds"])
     for k, r in res.items():
+        if k in ("engine_start", "paper_hf_generate_bs1"):
+            if k == "paper_hf_generate_bs1":
+                r["speedup_vs_paper"] = 1.0
+                r["ceiling_fraction"] = _frac(r["prompt_tokens_per_s"], "smollm2-135m-instruct", ceil)
+            continue
+        ex = _excl_start(r, start["seconds"])
+        r["excl_engine_start"] = ex
+        r["ceiling_fraction"] = _frac(r["prompt_tokens_per_s"], "smollm2-135m-instruct", ceil)
+        if ex:
+            ex["ceiling_fraction"] = _frac(ex["prompt_tokens_per_s"], "smollm2-135m-instruct", ceil)
         if k.startswith("mesh_"):  # another corpus: compared with itself at vLLM's CPU block size
             r["speedup_vs_block128"] = r["rows_per_s"] / mesh_base["rows_per_s"]
-            r["ceiling_fraction"] = _frac(r["prompt_tokens_per_s"], "smollm2-135m-instruct", ceil)
-            if r.get("steady_state"):
-                st = r["steady_state"]
-                st["speedup_vs_block128"] = st["rows_per_s"] / (mesh_base.get("steady_state") or {}).get(
-                    "rows_per_s", float("nan"))
-                st["ceiling_fraction"] = _frac(st["prompt_tokens_per_s"], "smollm2-135m-instruct", ceil)
+            if ex and mesh_base_ex:
+                ex["speedup_vs_block128"] = ex["rows_per_s"] / mesh_base_ex["rows_per_s"]
             continue
         r["speedup_vs_paper"] = r["rows_per_s"] / base
-        r["ceiling_fraction"] = _frac(r["prompt_tokens_per_s"], "smollm2-135m-instruct", ceil)
-        if r.get("steady_state"):
-            st = r["steady_state"]
-            st["speedup_vs_paper"] = st["rows_per_s"] / base
-            st["ceiling_fraction"] = _frac(st["prompt_tokens_per_s"], "smollm2-135m-instruct", ceil)
+        if ex:
+            ex["speedup_vs_paper"] = ex["rows_per_s"] / base
     return res
 
 
@@ -269,16 +277,20 @@ def summary_md(r: dict[str, Any]) -> str:
                   "| method | rows/s | prompt tok/s | accuracy | dropped | x paper | % of ceiling |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for k, v in r["annotate"].items():
+            if k == "engine_start":
+                continue
             ratio = v.get("speedup_vs_paper", v.get("speedup_vs_block128"))
             tag = "" if "speedup_vs_paper" in v else " (x: vs block 128)"
             lines.append(f"| {k}{tag} | {v['rows_per_s']:.2f} | {v['prompt_tokens_per_s']:.0f} | "
                          f"{v['accuracy']:.1%} | {v['drop_rate']:.1%} | {ratio:.2f} | {v['ceiling_fraction']:.0%} |")
-            st = v.get("steady_state")
-            if st:
-                ratio = st.get("speedup_vs_paper", st.get("speedup_vs_block128", float("nan")))
-                lines.append(f"| {k}, steady state ({st['rows']} rows after the first chunk) | "
-                             f"{st['rows_per_s']:.2f} | {st['prompt_tokens_per_s']:.0f} | | | "
-                             f"{ratio:.2f} | {st['ceiling_fraction']:.0%} |")
+            ex = v.get("excl_engine_start")
+            if ex:
+                ratio = ex.get("speedup_vs_paper", ex.get("speedup_vs_block128", float("nan")))
+                lines.append(f"| {k}, engine start taken out | {ex['rows_per_s']:.2f} | "
+                             f"{ex['prompt_tokens_per_s']:.0f} | | | {ratio:.2f} | {ex['ceiling_fraction']:.0%} |")
+        if "engine_start" in r["annotate"]:
+            lines.append(f"\nEngine start (an annotate call on 2 short rows): "
+                         f"{r['annotate']['engine_start']['seconds']:.0f} s, paid once per call.")
         lines.append("")
     if "label" in r:
         v = r["label"]
