@@ -164,11 +164,11 @@ def cut_text(text: str, max_chars: int, truncate: str = "head") -> str:
     " ... " (`head_tail`: a review's closing verdict stays in the prompt). Texts that fit are left as they are."""
     if len(text) <= max_chars:
         return text
-    if truncate == "head":
-        return text[:max_chars]
-    if truncate != "head_tail":
+    if truncate not in ("head", "head_tail"):
         raise TaskError(f"unknown truncation {truncate!r}; fix: use 'head' or 'head_tail'")
-    keep = max(max_chars - len(TRUNCATION_GAP), 2)
+    keep = max_chars - len(TRUNCATION_GAP)
+    if truncate == "head" or keep < 2:  # too short to hold both ends and the gap
+        return text[:max_chars]
     head = (keep + 1) // 2
     return text[:head].rstrip() + TRUNCATION_GAP + text[len(text) - (keep - head):].lstrip()
 

@@ -46,6 +46,7 @@ def test_head_tail_truncation_keeps_the_verdict():
     p = t.completion_prompt(review, shots=2, max_chars=120, truncate="head_tail")
     assert p.endswith(f"Review: {both}\nSentiment:")
     assert t.chat_messages(review, 0, 120, "head_tail")[-1]["content"].count(both) == 1
+    assert all(0 < len(cut_text(review, n, "head_tail")) <= n for n in (1, 6, 7, 8, 9))  # never longer
     with pytest.raises(TaskError, match="head_tail"):
         cut_text(review, 120, "middle")
 
