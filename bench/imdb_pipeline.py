@@ -60,9 +60,8 @@ def main() -> None:
     train[["source_path", "text", "label"]].rename(columns={"source_path": "id"}).to_parquet(corpus)
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     if a.reuse_annotations:
-        _seed_annotation_cache(Path(a.reuse_annotations), out / a.name)
-    if a.reuse_annotations:
         src, dst = Path(a.reuse_annotations), out / a.name
+        _seed_annotation_cache(src, dst)
         dst.mkdir(parents=True, exist_ok=True)
         stages = json.loads((src / "manifest.json").read_text())["stages"]
         keep = {k: v for k, v in stages.items() if k.startswith("annotate")}

@@ -20,12 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from llambert_ray.tasks import load_task
+
 IMDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"
-LABELS = ["positive", "negative"]
-
-
-def _norm(v) -> str:
-    return {1: "positive", 0: "negative"}.get(v, v) if not isinstance(v, str) else v
+TASK = load_task("imdb-sentiment")  # its labels, and its map from IMDb's 1 / 0 to them
+LABELS = TASK.labels
 
 
 def run_once(train_texts: list[str], train_y: list[str], test_texts: list[str], test_y: list[str], *, seed: int,
@@ -80,13 +79,13 @@ def main() -> None:
     imdb = pd.read_parquet(IMDB / "imdb_labeled.parquet").set_index("source_path")
     test = imdb.loc[test_ids]
     result = {"run": str(run), "train_rows": len(ann), "test_rows": len(test),
-              "llm_label_accuracy": float((ann.llm_label.map(_norm) == ann.label.map(_norm)).mean()), "runs": []}
+              "llm_label_accuracy": float((ann.llm_label == ann.label.map(TASK.gold_label)).mean()), "runs": []}
     for labels in a.labels.split(","):
         col = "label" if labels == "gold" else "llm_label"
         rows = ann[ann[col].notna()]
         for seed in [int(s) for s in a.seeds.split(",")]:
-            r = run_once(rows.text.tolist(), rows[col].map(_norm).tolist(), test.text.tolist(),
-                         test.label.map(_norm).tolist(), seed=seed)
+            r = run_once(rows.text.tolist(), rows[col].map(TASK.gold_label).tolist(), test.text.tolist(),
+                         test.label.map(TASK.gold_label).tolist(), seed=seed)
             r["labels"] = labels
             result["runs"].append(r)
             print(json.dumps(r), flush=True)

@@ -155,14 +155,14 @@ def bench_annotate(rows: int, ceil: float) -> dict[str, Any]:
     # last, so it runs with the same warm caches as the calls it is subtracted from
     start = engine_start(task, df)
     res["engine_start"] = start
-    base = res["paper_hf_generate_bs1"]["rows_per_s"]
+    paper = res["paper_hf_generate_bs1"]
+    base = paper["rows_per_s"]
     mesh_base = res["mesh_ours_score_block128_vllm_cpu_default"]
     mesh_base_ex = _excl_start(mesh_base, start["seconds"])
+    paper["speedup_vs_paper"] = 1.0
+    paper["ceiling_fraction"] = _frac(paper["prompt_tokens_per_s"], "smollm2-135m-instruct", ceil)
     for k, r in res.items():
         if k in ("engine_start", "paper_hf_generate_bs1"):
-            if k == "paper_hf_generate_bs1":
-                r["speedup_vs_paper"] = 1.0
-                r["ceiling_fraction"] = _frac(r["prompt_tokens_per_s"], "smollm2-135m-instruct", ceil)
             continue
         ex = _excl_start(r, start["seconds"])
         r["excl_engine_start"] = ex
@@ -290,7 +290,8 @@ def summary_md(r: dict[str, Any]) -> str:
                              f"{ex['prompt_tokens_per_s']:.0f} | | | {ratio:.2f} | {ex['ceiling_fraction']:.0%} |")
         if "engine_start" in r["annotate"]:
             lines.append(f"\nEngine start (an annotate call on 2 short rows): "
-                         f"{r['annotate']['engine_start']['seconds']:.0f} s, paid once per call.")
+                         f"{r['annotate']['engine_start']['seconds']:.0f} s, paid once per call. Prompt tokens "
+                         f"include prefix-cache hits, so a run that reuses its prefix can pass 100 % of the ceiling.")
         lines.append("")
     if "label" in r:
         v = r["label"]
