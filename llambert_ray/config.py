@@ -94,7 +94,11 @@ class AnnotateConfig(_Strict):
     concurrency: int = Field(1, gt=0, description="engine replicas (actors)")
     tensor_parallel_size: int = Field(1, gt=0)
     pipeline_parallel_size: int = Field(1, gt=0)
-    device: Literal["auto", "cpu", "gpu"] = "auto"
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="auto = gpu when the cluster has GPU nodes up (or another stage asks for GPUs); on an "
+                            "autoscaling cluster whose GPU groups start at 0, say gpu")
+    accelerator_type: str | None = Field(None, description="GPU engines only: Ray accelerator type the engine's "
+                                                           "nodes must have, e.g. A100-80G, H100")
     dtype: str = Field("auto", description="auto = float32 on CPU, bfloat16 on GPU")
     cpus_per_engine: float = Field(1.0, gt=0, description="CPU per engine actor on CPU clusters")
     enable_prefix_caching: bool = True

@@ -30,14 +30,24 @@ def has_gpu() -> bool:
         return False
 
 
+def resolve_device(requested: str, *, gpu_elsewhere: bool = False) -> str:
+    """"cpu" / "gpu" for a stage's `device` setting. "auto" is gpu when GPUs are up in the cluster, or when another
+    stage of the run asks for GPUs (an autoscaling cluster whose GPU groups start at 0 has none up yet)."""
+    if requested in ("cpu", "gpu"):
+        return requested
+    return "gpu" if gpu_elsewhere or has_gpu() else "cpu"
+
+
 def worker_env() -> dict[str, str]:
     """Env vars to pass to Ray workers: this process's engine settings plus the CPU defaults, less what the Ray
     job this driver runs in sets already."""
     env = dict(CPU_ENGINE_ENV)
     ncpu = os.cpu_count() or 1
     env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{ncpu - 1}" if ncpu > 1 else "0"
+    # HF_TOKEN: gated models (Llama-2) are loaded by workers on every node - engines, Ray Data LLM's
+    # tokenizer stages, training and labelling workers - not only by this driver.
     for key in list(CPU_ENGINE_ENV) + ["LLAMBERT_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "HF_HOME",
-                                       "DS_ACCELERATOR"]:
+                                       "HF_TOKEN", "DS_ACCELERATOR"]:
         if key in os.environ:
             env[key] = os.environ[key]
     # Inside a Ray job the job's runtime_env already reaches every worker, and Ray refuses a driver runtime_env

@@ -254,6 +254,29 @@ def test_engine_config_reuses_the_few_shot_prefix_on_cpu():
         "block_size"] == 64
 
 
+def test_tensor_parallel_engine_is_packed_onto_one_node():
+    """Ray's default for a GPU engine is a soft PACK of its TP bundles, which can spread a TP=4 engine over 1-GPU
+    pods; each replica's bundles must be STRICT_PACKed (one node), on GPU and on CPU, with the accelerator type
+    passed through; with pipeline parallelism a replica may span nodes."""
+    from llambert_ray.annotate import VLLMEngine
+    from llambert_ray.config import AnnotateConfig
+
+    plan = _plan("generate")
+    gpu = VLLMEngine(AnnotateConfig(device="gpu", tensor_parallel_size=4, accelerator_type="A100-80G"),
+                     "meta-llama/Llama-2-70b-chat-hf").processor_config(plan)
+    assert gpu.placement_group_config["strategy"] == "STRICT_PACK"
+    assert [(b["GPU"], b["CPU"]) for b in gpu.placement_group_config["bundles"]] == [(1, 1)] * 4
+    assert gpu.accelerator_type == "A100-80G" and gpu.engine_kwargs["tensor_parallel_size"] == 4
+    cpu = VLLMEngine(AnnotateConfig(device="cpu", tensor_parallel_size=2, cpus_per_engine=0.5),
+                     "x/y").processor_config(plan)
+    assert cpu.placement_group_config["strategy"] == "STRICT_PACK"
+    assert [b["CPU"] for b in cpu.placement_group_config["bundles"]] == [0.5, 0.5]
+    assert not any(b.get("GPU") for b in cpu.placement_group_config["bundles"])
+    pp = VLLMEngine(AnnotateConfig(device="gpu", tensor_parallel_size=2, pipeline_parallel_size=2),
+                    "x/y").processor_config(plan)
+    assert pp.placement_group_config["strategy"] == "PACK" and len(pp.placement_group_config["bundles"]) == 4
+
+
 class FlakyEngine:
     """A stand-in engine whose first run dies (a real Ray task failure) once some chunks are in the cache, like a
     run whose engine is lost for good mid-way. `failing` rows come back with a per-row engine error instead."""
