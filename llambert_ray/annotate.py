@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from llambert_ray.config import AnnotateConfig, RunConfig
-from llambert_ray.models import resolve_model
+from llambert_ray.models import local_model_dir, resolve_model
 from llambert_ray.ray_env import resolve_device, worker_env
 from llambert_ray.tasks import OTHER, Task, TaskError
 
@@ -124,7 +124,8 @@ def make_plan(task: Task, cfg: AnnotateConfig, model_path: str | None = None) ->
         raise AnnotationError(str(e)) from None
     token_ids: dict[str, int] = {}
     if cfg.mode == "score":
-        token_ids = label_token_ids(task, style, model_path or resolve_model(cfg.model))
+        # the tokenizer only: an s3:// / gs:// LLM is not copied whole onto the driver
+        token_ids = label_token_ids(task, style, local_model_dir(model_path or cfg.model, tokenizer_only=True))
     if cfg.calibration == "prior":
         _prior_vector(task.labels, cfg.label_prior)  # a bad prior fails here, before any LLM call
     return PromptPlan(task=task, mode=cfg.mode, style=style, shots=shots, max_text_chars=cfg.max_text_chars,

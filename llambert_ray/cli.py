@@ -27,10 +27,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from llambert_ray.data import CorpusError
     from llambert_ray.label import LabelError
     from llambert_ray.models import ModelNotFoundError
+    from llambert_ray.preflight import PreflightError
     from llambert_ray.tasks import TaskError
     from llambert_ray.train import TrainError
 
-    return ConfigError, CorpusError, TaskError, ModelNotFoundError, AnnotationError, TrainError, LabelError
+    return (ConfigError, CorpusError, TaskError, ModelNotFoundError, AnnotationError, TrainError, LabelError,
+            PreflightError)
 
 
 def friendly_errors(fn):
@@ -213,17 +215,47 @@ def run(
     name: str | None = typer.Option(None, help="run name (folder under output_dir)"),
     output_dir: str | None = typer.Option(None, "--output-dir", help="parent folder of run folders"),
     address: str | None = typer.Option(None, help="Ray address (default: start a local Ray)"),
+    skip_preflight: bool = typer.Option(False, "--skip-preflight", help="do not run `llambert preflight`'s checks "
+                                        "before the first stage"),
 ) -> None:
     """The whole pipeline: annotate -> train each variant -> label the corpus -> evaluate -> report.
-    Stages whose outputs exist for the same config are skipped, so a rerun resumes."""
+    `llambert preflight`'s checks run first (a failed check stops the run before any stage). Stages whose outputs
+    exist for the same config are skipped, so a rerun resumes."""
     cfg = _config(config, {"name": name, "output_dir": output_dir, "cluster.address": address})
     from llambert_ray.pipeline import run_pipeline
     from llambert_ray.report import headline_table
 
-    metrics = run_pipeline(cfg, log=typer.echo)
+    metrics = run_pipeline(cfg, log=typer.echo, preflight=not skip_preflight)
     typer.echo("")
     typer.echo(headline_table(metrics))
     typer.echo(f"\nreport: {metrics['report']} (and report.html); labels: {cfg.run_dir / 'labels.parquet'}")
+
+
+@app.command()
+@friendly_errors
+def preflight(
+    config: Path = typer.Option(..., "--config", "-c", help="pipeline YAML to check"),
+    address: str | None = typer.Option(None, help="Ray address of the cluster it will run on (default: the "
+                                                  "config's cluster.address; none = a local Ray)"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the checks as JSON here"),
+) -> None:
+    """Check a config against the cluster it will run on, in seconds, before any GPU is used: every model resolves
+    and loads on the nodes (HF_TOKEN where a gated model loads), the corpus is readable from the workers,
+    output_dir is shared by all nodes, each engine's TP x PP bundles fit one node shape and the replicas fit the
+    cluster (live nodes and autoscaler node types), TP divides the model's heads. One table; exit 2 on a failure."""
+    cfg = _config(config, {"cluster.address": address})
+    from llambert_ray.preflight import PreflightError, checks_to_dicts, run_preflight, table
+    from llambert_ray.ray_env import init_ray
+
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    checks = run_preflight(cfg)
+    typer.echo(table(checks))
+    if json_out:
+        import json as _json
+
+        json_out.write_text(_json.dumps(checks_to_dicts(checks), indent=2))
+    if any(c.status == "fail" for c in checks):
+        raise PreflightError("preflight failed (see the table above)")
 
 
 @app.command()

@@ -276,3 +276,22 @@ def push(ref: str, to: str) -> int:
             raise ModelNotFoundError(f"{ref!r} is not a local folder and not in the HF cache; fix: "
                                      f"`llambert models pull {ref}` first") from None
     return copy_tree(path, to)
+
+
+def read_model_config(ref: str) -> dict:
+    """A model's config.json as a dict, read where the model lives (package, local folder, s3:// / gs:// folder,
+    or the hub through the HF cache, with HF_TOKEN for gated models) without loading any weights."""
+    import json
+
+    path = resolve_model(ref)
+    if is_remote(path):
+        import pyarrow.fs as pafs
+
+        fs, p = pafs.FileSystem.from_uri(path)
+        with fs.open_input_stream(f"{p}/config.json") as f:
+            return json.loads(f.read())
+    if Path(path).is_dir():
+        return json.loads((Path(path) / "config.json").read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(path, "config.json")).read_text())

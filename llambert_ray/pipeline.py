@@ -119,20 +119,26 @@ def _annotate_active(cfg: RunConfig, task, corpus_ds, run_dir: Path, ann_path: P
                         "failed": sum(s.failed for s in summaries), "strategy": "active"}}
 
 
-def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the whole pipeline for cfg; returns the metrics (also in run_dir/metrics.json)."""
+def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, preflight: bool = True) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline for cfg; returns the metrics (also in run_dir/metrics.json).
+    With preflight (the default), `llambert preflight`'s checks run first and a failure stops the run before any
+    stage (PreflightError)."""
     from llambert_ray.annotate import annotate, make_plan
     from llambert_ray.data import read_corpus, read_parquet_frame, sample_corpus, write_parquet
     from llambert_ray.evaluate import classification_metrics, label_issue_summary, label_issues
     from llambert_ray.label import label, label_dataset
     from llambert_ray.models import resolve_model
-    from llambert_ray.ray_env import has_gpu, init_ray
+    from llambert_ray.ray_env import init_ray, resolve_device
     from llambert_ray.report import write_report
     from llambert_ray.tasks import load_task
     from llambert_ray.train import fit_variant
 
     task = load_task(cfg.task)
     make_plan(task, cfg.annotate, resolve_model(cfg.annotate.model))  # bad task/mode/model: fail before Ray
+    # Every stage's model, resolved before the first stage: a bad encoder name must not stop the run after the
+    # LLM annotation has been paid for. (`llambert preflight` also checks they load on the nodes that load them.)
+    for ref in {cfg.train.model, cfg.select.model or cfg.train.model}:
+        resolve_model(ref)
     if ("llm+extra" in cfg.train.variants) and cfg.extra is None:
         from llambert_ray.train import TrainError
 
@@ -141,7 +147,14 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir, cfg)
     init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
-    device = "gpu" if has_gpu() else "cpu"
+    if preflight:
+        from llambert_ray.preflight import preflight_or_raise
+
+        preflight_or_raise(cfg, log=log)
+    # device: auto on an autoscaling cluster whose GPU groups are at 0: the run's other stages say whether it is a
+    # GPU run. The engine gets the resolved device; the stage hashes keep the config as written.
+    device = resolve_device(cfg.annotate.device, gpu_elsewhere=cfg.train.use_gpu or cfg.label.gpus_per_actor > 0)
+    run_cfg, cfg = cfg, cfg.model_copy(update={"annotate": cfg.annotate.model_copy(update={"device": device})})
     # devices an annotation engine holds while it runs: GPUs (TP x replicas) or CPUs (per engine x replicas)
     ann_devices = (cfg.annotate.tensor_parallel_size if device == "gpu" else cfg.annotate.cpus_per_engine) \
         * cfg.annotate.concurrency
@@ -150,7 +163,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
     # ---- annotate the seeded sample (and the extra rows) with the LLM
     corpus_ds, corpus_info = read_corpus(cfg.corpus, task)
     ann_path = run_dir / "annotations.parquet"
-    ann_hash = config_hash(cfg.corpus, cfg.annotate, task_hash)
+    ann_hash = config_hash(cfg.corpus, run_cfg.annotate, task_hash)
 
     def do_annotate(ds, path: Path) -> dict[str, Any]:
         # answers stream into the cache as they come, so an interrupted run resumes without redoing them
@@ -163,7 +176,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
                 "seconds": s.seconds, "summary": s.to_dict()}
 
     if cfg.select.strategy == "active":
-        ann_hash = config_hash(cfg.corpus, cfg.annotate, task_hash, cfg.select, cfg.select.model or cfg.train.model)
+        ann_hash = config_hash(cfg.corpus, run_cfg.annotate, task_hash, cfg.select,
+                               cfg.select.model or cfg.train.model)
         _stage(manifest, "annotate", ann_hash, [ann_path],
                lambda: _annotate_active(cfg, task, corpus_ds, run_dir, ann_path, device, ann_devices, log), log)
     else:
@@ -178,7 +192,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
             ds, _ = read_corpus(cfg.extra, task)
             return sample_corpus(ds, cfg.extra, exclude=set(annotations["id"]))
 
-        _stage(manifest, "annotate_extra", config_hash(cfg.extra, cfg.annotate, task_hash), [extra_path],
+        _stage(manifest, "annotate_extra", config_hash(cfg.extra, run_cfg.annotate, task_hash), [extra_path],
                lambda: do_annotate(extra_rows(), extra_path), log)
         extra_df = read_parquet_frame(extra_path)
 
@@ -246,8 +260,10 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
                 preds["variant"] = variant
                 frames.append(preds)
             write_parquet(pd.concat(frames, ignore_index=True), eval_path)
-            return {"rows": len(test_df) * len(model_dirs), "seconds": time.time() - t0, "device": "cpu",
-                    "device_seconds": (time.time() - t0) * cfg.label.cpus_per_actor * cfg.label.concurrency}
+            per_actor = cfg.label.gpus_per_actor or cfg.label.cpus_per_actor
+            return {"rows": len(test_df) * len(model_dirs), "seconds": time.time() - t0,
+                    "device": "gpu" if cfg.label.gpus_per_actor else "cpu",
+                    "device_seconds": (time.time() - t0) * per_actor * cfg.label.concurrency}
 
         _stage(manifest, "evaluate", eval_hash, [eval_path], do_eval, log)
         preds = read_parquet_frame(eval_path)

@@ -14,12 +14,20 @@ CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "a
 
 
 def has_gpu() -> bool:
-    """True if this Ray cluster (or, before Ray starts, this machine) has a GPU."""
+    """True if this Ray cluster has a GPU or its autoscaler can add GPU nodes (or, before Ray starts, this machine
+    has a GPU)."""
     try:
         import ray
 
         if ray.is_initialized():
-            return ray.cluster_resources().get("GPU", 0) > 0
+            if ray.cluster_resources().get("GPU", 0) > 0:
+                return True
+            # an autoscaling cluster whose GPU groups are at 0 replicas: the node types its autoscaler may add
+            import ray._private.state as state
+
+            cc = state.state.get_cluster_config()
+            return bool(cc and any(g.resources.get("GPU", 0) > 0 and g.max_count != 0
+                                   for g in cc.node_group_configs))
     except Exception:
         pass
     try:

@@ -12,6 +12,7 @@ The paper's variants are built here from the annotation output:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from llambert_ray.config import TrainConfig
-from llambert_ray.models import resolve_model
+from llambert_ray.models import local_model_dir, resolve_model
 from llambert_ray.ray_env import worker_env
 
 VARIANTS = ("gold", "llm", "llm+extra", "combined")
@@ -108,6 +109,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     import deepspeed
     import ray.train
+    import ray.train.torch
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -126,11 +128,14 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     torch.manual_seed(cfg.seed)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device(f"cuda:{ctx.get_local_rank()}") if use_gpu else torch.device("cpu")
+    # Ray Train's device for this worker: with CUDA_VISIBLE_DEVICES set per worker, the local rank is not the
+    # index of the worker's GPU.
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
-    tok = AutoTokenizer.from_pretrained(config["model_path"])
+    model_path = local_model_dir(config["model_path"])  # an s3:// / gs:// encoder: copied once per node
+    tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(
-        config["model_path"], num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id,
+        model_path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id,
         ignore_mismatched_sizes=True)
     steps_per_epoch = max(1, config["rows"] // world // (cfg.batch_size * cfg.grad_accum))
     total_steps = steps_per_epoch * cfg.epochs
@@ -192,19 +197,18 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
             engine.save_checkpoint(d, tag="ds", client_state={"epoch": epoch, "history": history})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     # The final HF model: gather ZeRO-3 partitions, then rank 0 saves and reports it as the last checkpoint.
-    params = list(engine.module.parameters())
-    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.zero_stage == 3 else None
+    # Every rank enters the gather (it is a collective); the context manager releases the gathered copies even
+    # when saving fails.
+    gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+              if cfg.zero_stage == 3 else contextlib.nullcontext())
     with tempfile.TemporaryDirectory() as d:
-        if gather is not None:
-            gather.__enter__()
-        if rank == 0:
-            state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
-            engine.module.save_pretrained(d, state_dict=state)
-            tok.save_pretrained(d)
-            Path(d, FINAL_MARKER).write_text(json.dumps({"labels": labels, "max_length": cfg.max_length,
-                                                         "history": history, "world_size": world}))
-        if gather is not None:
-            gather.__exit__(None, None, None)
+        with gather:
+            if rank == 0:
+                state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
+                engine.module.save_pretrained(d, state_dict=state)
+                tok.save_pretrained(d)
+                Path(d, FINAL_MARKER).write_text(json.dumps({"labels": labels, "max_length": cfg.max_length,
+                                                             "history": history, "world_size": world}))
         if world > 1:
             dist.barrier()
         ray.train.report({"final": True}, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
