@@ -140,7 +140,9 @@ class LabelConfig(_Strict):
 
     batch_size: int = Field(64, gt=0)
     max_length: int = Field(256, gt=0)
-    concurrency: int = Field(1, gt=0)
+    concurrency: int = Field(1, gt=0, description="classifier actors (the pool's minimum with max_concurrency)")
+    max_concurrency: int | None = Field(None, gt=0, description="autoscale the actor pool from concurrency up to "
+                                                                "this many actors while rows wait; null = fixed")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     sub_batch_size: int = Field(32, gt=0, description="rows per forward pass, length-sorted within a batch "

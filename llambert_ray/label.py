@@ -164,7 +164,10 @@ def label_dataset(ds, model_dir: str | Path, cfg: LabelConfig):
         Classifier, batch_format="pandas", batch_size=cfg.batch_size,
         fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "max_length": cfg.max_length,
                                "threads": threads, "sub_batch": cfg.sub_batch_size, "dtype": cfg.dtype},
-        compute=ActorPoolStrategy(size=cfg.concurrency),
+        # a fixed pool, or an autoscaling one: Ray Data adds actors (up to max_concurrency) while rows wait, on
+        # nodes that join the cluster mid-stage too
+        compute=(ActorPoolStrategy(size=cfg.concurrency) if not cfg.max_concurrency else
+                 ActorPoolStrategy(min_size=cfg.concurrency, max_size=max(cfg.max_concurrency, cfg.concurrency))),
         num_cpus=cfg.cpus_per_actor, **({"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor else {}))
 
 
