@@ -494,13 +494,14 @@ def _relabel(df: pd.DataFrame, labels: list[str], offset: np.ndarray) -> pd.Data
 def annotate_corpus(cfg: RunConfig, output_dir: str | Path) -> AnnotationSummary:
     """Read cfg.corpus, take its seeded sample, annotate it; write OUTPUT/annotations.parquet + summary."""
     from llambert_ray.data import read_corpus, sample_corpus, write_parquet
-    from llambert_ray.ray_env import init_ray
+    from llambert_ray.ray_env import init_ray, require_shared_path
     from llambert_ray.tasks import load_task
 
     task = load_task(cfg.task)
     model_path = resolve_model(cfg.annotate.model)
     make_plan(task, cfg.annotate, model_path)  # fail on a bad task/mode before Ray starts
     init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    require_shared_path(output_dir, "--output")
     ds, _ = read_corpus(cfg.corpus, task)
     subset = sample_corpus(ds, cfg.corpus)
     out = Path(output_dir)

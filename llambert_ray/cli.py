@@ -28,11 +28,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from llambert_ray.label import LabelError
     from llambert_ray.models import ModelNotFoundError
     from llambert_ray.preflight import PreflightError
+    from llambert_ray.ray_env import UnsharedPathError
     from llambert_ray.tasks import TaskError
     from llambert_ray.train import TrainError
 
     return (ConfigError, CorpusError, TaskError, ModelNotFoundError, AnnotationError, TrainError, LabelError,
-            PreflightError)
+            PreflightError, UnsharedPathError)
 
 
 def friendly_errors(fn):

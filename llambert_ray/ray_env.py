@@ -100,3 +100,22 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwarg
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.print_on_execution_start = False
+
+
+class UnsharedPathError(ValueError):
+    """A relative path where several nodes would each resolve it in their own working dir."""
+
+
+def require_shared_path(path: str | os.PathLike, what: str) -> None:
+    """Refuse a relative output path on a multi-node cluster: Ray Data workers write their parts on their own node
+    (into their own working dir), while the driver reads its own folder. Call after init_ray."""
+    import ray
+
+    p = str(path)
+    if "://" in p or os.path.isabs(p) or not ray.is_initialized():
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise UnsharedPathError(f"{what} {p!r} is relative on a {len(nodes)}-node cluster: each node would write "
+                                f"into its own working dir; fix: an absolute path on storage every node mounts "
+                                f"(e.g. /mnt/shared/runs/...)")

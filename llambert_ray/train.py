@@ -349,11 +349,12 @@ def train_from_files(cfg, train_path: str | Path, output: str | Path, *, extra_p
     """The `llambert train` command: train cfg.train.variants[0] from files, optionally evaluate on gold."""
     from llambert_ray.config import CorpusConfig
     from llambert_ray.data import read_corpus
-    from llambert_ray.ray_env import init_ray
+    from llambert_ray.ray_env import init_ray, require_shared_path
     from llambert_ray.tasks import load_task
 
     task = load_task(cfg.task)
     init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    require_shared_path(output, "--output")  # workers on every node write checkpoints there
     annotations = read_training_frame(train_path, task)
     extra = read_training_frame(extra_path, task) if extra_path else None
     variant = cfg.train.variants[0]
