@@ -2,6 +2,7 @@
 with each other and with the config they run (GPUs per engine = tensor parallel size, shared run folder, ...)."""
 
 import copy
+import fnmatch
 import json
 import re
 import shlex
@@ -33,6 +34,9 @@ def _groups(spec):
 
 def _limits(group):
     return group["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+RUNTIME_ENV = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
 
 
 @pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
@@ -67,8 +71,22 @@ def test_rayjob_runs_the_cluster_of_raycluster_yaml_and_a_real_entrypoint():
     from ray.runtime_env import RuntimeEnv
 
     RuntimeEnv(**yaml.safe_load(job["spec"]["runtimeEnvYAML"]))
-    for f in ["runtime_env.yaml", "runtime_env-cpu.yaml"]:
+    for f in ["runtime_env.yaml", "runtime_env-cpu.yaml", "runtime_env-stock-ray.yaml"]:
         RuntimeEnv(**yaml.safe_load((REPO / "jobs" / f).read_text()))
+
+
+def test_default_runtime_env_installs_nothing_and_the_stock_image_one_pins_the_projects_versions():
+    # the project's image has every package; pip per job would reinstall vLLM + DeepSpeed on every node
+    assert set(RUNTIME_ENV) == {"env_vars"}, RUNTIME_ENV
+    env = RUNTIME_ENV["env_vars"]
+    assert env["HF_HOME"].startswith("/mnt/shared/") and env["LLAMBERT_CACHE"].startswith("/mnt/shared/")
+    assert "HF_TOKEN" not in env  # a runtime_env is shown in the dashboard; the token comes from the pods' env
+    stock = yaml.safe_load((REPO / "jobs" / "runtime_env-stock-ray.yaml").read_text())
+    assert stock["env_vars"] == env
+    docker = (REPO / "cluster" / "Dockerfile").read_text()
+    for pin in [p for p in stock["pip"] if "==" in p]:
+        assert pin in docker, f"{pin} in runtime_env-stock-ray.yaml but not in cluster/Dockerfile"
+    assert {p.split("==")[0] for p in stock["pip"]} >= {"vllm", "deepspeed", "transformers"}
 
 
 def test_groups_are_sized_for_the_70b_config():
@@ -102,6 +120,20 @@ def test_cluster_launcher_yaml_passes_rays_own_validation():
     bad["available_node_types"]["llm_4gpu"]["min_worker"] = 0
     with pytest.raises(Exception, match="min_worker"):
         validate_config(prepare_config(bad))
+
+
+def test_dockerignore_keeps_local_state_out_of_the_image():
+    patterns = [ln.strip().strip("/") for ln in (REPO / ".dockerignore").read_text().splitlines()
+                if ln.strip() and not ln.startswith("#")]
+
+    def ignored(path):
+        return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, p.removeprefix("**/")) for p in patterns)
+
+    for path in [".venv", "runs", "data", ".git", "llambert_ray/__pycache__"]:
+        assert ignored(path), path
+    # what cluster/Dockerfile's `pip install -e` and the RayJob entrypoint need stays in
+    for path in ["pyproject.toml", "llambert_ray", "jobs", "configs", "README.md"]:
+        assert not ignored(path), path
 
 
 def test_dockerfile_pins_match_the_project():
