@@ -64,7 +64,7 @@ def _on_a_mount(path, pod):
 RUNTIME_ENV = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml", "rayservice.yaml"])
 def test_kuberay_manifests_pass_the_crd_schema(name):
     assert _errors(_load(name)) == []
 
@@ -164,7 +164,7 @@ def test_model_mirror_command_exists_in_the_cli():
     assert res.exit_code == 0, res.output
 
 
-@pytest.mark.parametrize("name", ["raycluster.yaml"])
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayservice.yaml"])
 def test_each_group_carries_a_ray_node_label_naming_it(name):
     from ray._private.label_utils import validate_node_label_syntax
 
@@ -227,6 +227,48 @@ def test_cluster_launcher_nodes_get_the_token_caches_labels_and_an_instance_prof
         if name != raw["head_node_type"]:
             assert "instance-profile/" in t["node_config"]["IamInstanceProfile"]["Arn"], name
     assert len({t["labels"]["llambert.io/group"] for t in types.values()}) == len(types)
+
+
+def _serve_app(doc):
+    from ray.serve.schema import ServeDeploySchema
+
+    from llambert_ray.config import ServeConfig
+
+    schema = ServeDeploySchema.model_validate(doc)
+    (app,) = schema.applications
+    assert app.import_path == "llambert_ray.serve:build_app"
+    args = dict(app.args)
+    cfg = ServeConfig(**{k: v for k, v in args.items() if k != "model_dir"})
+    return schema, args, cfg
+
+
+def test_serve_yaml_is_a_cluster_serve_config_for_the_70b_runs_model():
+    schema, args, cfg = _serve_app(yaml.safe_load((REPO / "configs" / "serve.yaml").read_text()))
+    assert schema.http_options.host == "0.0.0.0"  # `serve deploy` on a cluster: reachable beyond the node
+    assert PurePosixPath(args["model_dir"]).is_absolute(), "model_dir is read on the cluster's nodes"
+    variant = CFG_70B.train.variants[0].replace("+", "_")
+    assert args["model_dir"] == f"{CFG_70B.output_dir}/{CFG_70B.name}/models/{variant}/model"
+    assert cfg.max_length == CFG_70B.train.max_length  # serve texts as the model was trained
+    assert cfg.gpus_per_replica == 0
+
+
+def test_rayservice_serves_the_shared_model_on_gpu_replicas_that_fit_its_groups():
+    svc = _load("rayservice.yaml")
+    schema, args, cfg = _serve_app(yaml.safe_load(svc["spec"]["serveConfigV2"]))
+    assert schema.http_options.host == "0.0.0.0"
+    serve_yaml = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
+    assert args["model_dir"] == serve_yaml["applications"][0]["args"]["model_dir"]
+    spec = svc["spec"]["rayClusterConfig"]
+    for name, pod in _pods(spec):
+        # the app is built (model_dir checked) in a 0-CPU task that may land on any pod, the head included
+        assert _on_a_mount(args["model_dir"], pod), f"{name} does not mount {args['model_dir']}"
+    assert cfg.gpus_per_replica > 0 and cfg.max_replicas > cfg.min_replicas  # GPU replicas, Serve autoscaling
+    assert spec["enableInTreeAutoscaling"] is True
+    (group,) = spec["workerGroupSpecs"]
+    gpus, cpus = int(_limits(group)["nvidia.com/gpu"]), float(_limits(group)["cpu"])
+    per_pod = min(int(gpus // cfg.gpus_per_replica), int(cpus // cfg.cpus_per_replica))
+    assert per_pod >= 1 and group["maxReplicas"] * per_pod >= cfg.max_replicas
+    assert group["minReplicas"] * per_pod >= cfg.min_replicas
 
 
 def test_dockerignore_keeps_local_state_out_of_the_image():
