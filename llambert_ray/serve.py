@@ -53,6 +53,22 @@ def model_version(model_dir: str | Path) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
+# Above ClassifierService: the replica sees the module globals as they were when its decorators ran.
+def replica_device(gpus_per_replica: float) -> str:
+    """The torch device of a replica given `gpus_per_replica` GPUs: "cuda" with a GPU share, else "cpu"."""
+    if not gpus_per_replica:
+        # cpu even where this node has GPUs: Ray gave the replica none, so another actor may be using them.
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"serve gpus_per_replica is {gpus_per_replica} but this replica sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__}); "
+            f"fix: run it on a Ray node with a GPU and a CUDA build of torch, or set gpus_per_replica: 0")
+    return "cuda"
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(api)
 class ClassifierService:
@@ -102,21 +118,6 @@ class ClassifierService:
                 "max_batch_size": self.cfg.max_batch_size, "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s,
                 "max_texts_per_request": self.cfg.max_texts_per_request,
                 "max_chars_per_text": self.cfg.max_chars_per_text}
-
-
-def replica_device(gpus_per_replica: float) -> str:
-    """The torch device of a replica given `gpus_per_replica` GPUs: "cuda" with a GPU share, else "cpu"."""
-    if not gpus_per_replica:
-        # cpu even where this node has GPUs: Ray gave the replica none, so another actor may be using them.
-        return "cpu"
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            f"serve gpus_per_replica is {gpus_per_replica} but this replica sees no CUDA device "
-            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__}); "
-            f"fix: run it on a Ray node with a GPU and a CUDA build of torch, or set gpus_per_replica: 0")
-    return "cuda"
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:

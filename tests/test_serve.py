@@ -166,3 +166,33 @@ def test_gpus_per_replica_reaches_the_replica_options_without_a_gpu(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="gpus_per_replica is 1.*fix: .*gpus_per_replica: 0"):
             replica_device(1)
+
+
+def test_replica_methods_see_every_global_name_they_use():
+    """Serve's decorators snapshot the class's module globals when they run: a helper defined below the class
+    is missing in the replica (NameError at start-up), though every import and unit test passes."""
+    import builtins
+    import dis
+    import inspect
+
+    from llambert_ray.serve import ClassifierService
+
+    def global_names(code):
+        names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+        for const in code.co_consts:
+            if inspect.iscode(const):
+                names |= global_names(const)
+        return names
+
+    checked = 0
+    for klass in ClassifierService.func_or_class.__mro__:
+        if klass.__module__ != "llambert_ray.serve":
+            continue
+        for attr in vars(klass).values():
+            fn = inspect.unwrap(attr) if callable(attr) else None
+            if fn is None or not hasattr(fn, "__code__"):
+                continue
+            missing = {n for n in global_names(fn.__code__) if n not in fn.__globals__ and not hasattr(builtins, n)}
+            assert not missing, f"{fn.__qualname__} uses {missing}: define them above ClassifierService"
+            checked += 1
+    assert checked >= 5
