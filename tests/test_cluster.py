@@ -80,7 +80,7 @@ def test_kuberay_manifests_pass_the_crd_schema(name):
      .update({"optional": "true"}), "is not of type 'boolean'"),
     (lambda s: s["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"][0].update({"valueFrom": {
         "secretKeyRef": {"name": "hf-token"}}}), "'key' is a required property"),
-    (lambda s: s["workerGroupSpecs"][0].update({"labels": {"llambert.io/group": 1}}), "is not of type 'string'"),
+    (lambda s: s["workerGroupSpecs"][0].update({"labels": {"llambert/group": 1}}), "is not of type 'string'"),
 ])
 def test_the_schema_catches_typical_mistakes(mutate, expected):
     doc = copy.deepcopy(_load("raycluster.yaml"))
@@ -170,9 +170,9 @@ def test_each_group_carries_a_ray_node_label_naming_it(name):
 
     doc = _load(name)
     spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
-    assert spec["headGroupSpec"]["labels"] == {"llambert.io/group": "head"}
+    assert spec["headGroupSpec"]["labels"] == {"llambert/group": "head"}
     for g in spec["workerGroupSpecs"]:
-        assert g["labels"]["llambert.io/group"] == g["groupName"]
+        assert g["labels"]["llambert/group"] == g["groupName"]
         validate_node_label_syntax(g["labels"])  # Ray's own check, as `ray start --labels` applies it
 
 
@@ -223,10 +223,10 @@ def test_cluster_launcher_nodes_get_the_token_caches_labels_and_an_instance_prof
     types = raw["available_node_types"]
     for name, t in types.items():
         validate_node_label_syntax(t["labels"])
-        assert t["labels"]["llambert.io/group"] in kuberay_groups, name  # one vocabulary on both launchers
+        assert t["labels"]["llambert/group"] in kuberay_groups, name  # one vocabulary on both launchers
         if name != raw["head_node_type"]:
             assert "instance-profile/" in t["node_config"]["IamInstanceProfile"]["Arn"], name
-    assert len({t["labels"]["llambert.io/group"] for t in types.values()}) == len(types)
+    assert len({t["labels"]["llambert/group"] for t in types.values()}) == len(types)
 
 
 def _serve_app(doc):
