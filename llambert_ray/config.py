@@ -183,6 +183,7 @@ class ServeConfig(_Strict):
     max_length: int = Field(256, gt=0, description="tokens per text")
     cpus_per_replica: float = Field(1.0, gt=0)
     threads_per_replica: int | None = Field(None, gt=0, description="torch threads; null = torch's default")
+    gpus_per_replica: float = Field(0, ge=0, description="GPUs per replica (a fraction shares one); 0 = CPU")
 
 
 class ClusterConfig(_Strict):

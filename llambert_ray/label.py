@@ -47,13 +47,15 @@ class Classifier:
     max_consecutive_failures = 256
 
     def __init__(self, model_dir: str, max_length: int = 256, sub_batch: int = 32, threads: int | None = None,
-                 dtype: str = "auto"):
+                 dtype: str = "auto", device: str | None = None):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if threads:
             torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # device None = any GPU this process sees. Callers that know their Ray GPU share pass it: Ray 2.60 leaves
+        # CUDA_VISIBLE_DEVICES alone for actors with num_gpus=0, so they would otherwise use a GPU not given them.
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # bf16 on GPUs (tensor cores; ~2x fp32 there), fp32 on CPUs (bf16 matmuls are ~5x slower on AVX2).
         if dtype == "auto":
             dtype = "bfloat16" if self.device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
