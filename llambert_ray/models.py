@@ -257,10 +257,24 @@ def pull(ref: str, to: str | None = None) -> str:
     from huggingface_hub import snapshot_download
 
     try:  # HF_TOKEN from the environment for gated models
-        return snapshot_download(path, local_dir=to)
+        return snapshot_download(path, local_dir=to, ignore_patterns=_duplicate_weights(path))
     except Exception as e:
         raise ModelNotFoundError(f"could not download {path!r} from the hub ({type(e).__name__}: {str(e)[:200]}); "
                                  f"fix: check the id, the network, and HF_TOKEN for a gated model") from None
+
+
+def _duplicate_weights(repo_id: str) -> list[str]:
+    """Weight formats to skip: many hub repos (Llama-2-70b-chat-hf) ship .bin and .safetensors copies of the same
+    weights (and an original/ checkpoint); with safetensors present only those are needed (~130 GB, not ~276)."""
+    try:
+        from huggingface_hub import list_repo_files
+
+        files = list_repo_files(repo_id)
+    except Exception:
+        return []
+    if any(f.endswith(".safetensors") for f in files):
+        return ["*.bin", "*.pt", "*.pth", "original/*", "*.msgpack", "*.h5"]
+    return []
 
 
 def push(ref: str, to: str) -> int:
