@@ -124,7 +124,8 @@ def resolve_model(ref: str, *, check_hub: bool = False) -> str:
     if ref.count("/") != 1:
         raise ModelNotFoundError(f"unknown model {ref!r}: not a packaged name ({', '.join(PACKAGED)}), "
                                  f"not an existing path, not a hub id of the form org/name; fix: use a packaged name "
-                                 f"(`llambert models list`), a local model folder or an org/name hub id")
+                                 f"(`llambert models list`), a local model folder or an org/name hub id (the hub's "
+                                 f"old single names have an org now: roberta-large is FacebookAI/roberta-large)")
     if check_hub:
         _check_hub(ref)
     return ref

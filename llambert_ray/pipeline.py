@@ -133,6 +133,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
 
     task = load_task(cfg.task)
     make_plan(task, cfg.annotate, resolve_model(cfg.annotate.model))  # bad task/mode/model: fail before Ray
+    resolve_model(cfg.train.model)  # a bad encoder reference must fail now, not after the LLM's hours
     if ("llm+extra" in cfg.train.variants) and cfg.extra is None:
         from llambert_ray.train import TrainError
 

