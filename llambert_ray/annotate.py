@@ -28,7 +28,7 @@ import pandas as pd
 
 from llambert_ray.config import AnnotateConfig, RunConfig
 from llambert_ray.models import local_model_dir, resolve_model
-from llambert_ray.ray_env import resolve_device, worker_env
+from llambert_ray.ray_env import cpu_bind_ranges, resolve_device, worker_env
 from llambert_ray.tasks import OTHER, Task, TaskError
 
 OUTPUT_COLUMNS = ["llm_label", "llm_confidence", "llm_raw", "llm_error", "prompt_tokens"]
@@ -189,9 +189,17 @@ class VLLMEngine:
             "tensor_parallel_size": cfg.tensor_parallel_size,
             "pipeline_parallel_size": cfg.pipeline_parallel_size,
         }
+        env = worker_env()
         if not on_gpu:
             # CUDA graphs and torch.compile do not apply on CPU; eager avoids a long compile per actor.
             engine_kwargs["enforce_eager"] = True
+            ranks = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+            if ranks > 1:
+                # vLLM's Ray executor needs a device key the CPU platform lacks: on CPU the engine forks its TP
+                # workers itself (one actor holding all the bundles' CPUs, so one node), each rank bound to its cores.
+                engine_kwargs["distributed_executor_backend"] = "mp"
+                if "VLLM_CPU_OMP_THREADS_BIND" in env:
+                    env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_ranges(ranks)
         block = cfg.block_size or (32 if not on_gpu and cfg.enable_prefix_caching else None)
         if block:
             engine_kwargs["block_size"] = block
@@ -202,7 +210,7 @@ class VLLMEngine:
         return vLLMEngineProcessorConfig(
             model_source=self.model_path,
             engine_kwargs=engine_kwargs,
-            runtime_env={"env_vars": worker_env()},
+            runtime_env={"env_vars": env},
             batch_size=cfg.batch_size,
             concurrency=cfg.concurrency,
             chat_template_stage={"enabled": plan.style == "chat", **_LIGHT},

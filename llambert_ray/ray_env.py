@@ -46,6 +46,18 @@ def resolve_device(requested: str, *, gpu_elsewhere: bool = False) -> str:
     return "gpu" if gpu_elsewhere or has_gpu() else "cpu"
 
 
+def cpu_bind_ranges(ranks: int, cores: list[int] | None = None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for the `ranks` (TP x PP) workers of one CPU engine: one core list per rank joined
+    by '|' (vLLM asserts one list per local rank). With fewer cores than ranks, ranks share cores ('0|0')."""
+    cores = cores if cores is not None else sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // ranks)
+    parts = []
+    for r in range(ranks):
+        mine = cores[r * per:(r + 1) * per] if len(cores) >= ranks else [cores[r % len(cores)]]
+        parts.append(",".join(str(c) for c in mine))
+    return "|".join(parts)
+
+
 def worker_env() -> dict[str, str]:
     """Env vars to pass to Ray workers: this process's engine settings plus the CPU defaults, less what the Ray
     job this driver runs in sets already."""

@@ -62,6 +62,42 @@ def make_tiny_llama(out_dir: str | Path, *, hidden: int = 128, heads: int = 4, k
     return out
 
 
+def make_tp_ready_smollm2(out_dir: str | Path, *, heads: int = 12, kv_heads: int = 4) -> Path:
+    """The packaged SmolLM2-135M-Instruct with its attention widened from 9 heads / 3 KV heads to 12 / 4, so that
+    tensor parallelism over 2 ranks is allowed, and with the SAME outputs: the added query, key and value heads have
+    zero weights and their o_proj columns are zero, so they add nothing (GQA groups stay 3 query heads per KV head:
+    heads 0-8 keep their KV heads). A TP engine then gives real answers the annotation can parse. Idempotent."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from llambert_ray.models import resolve_model
+
+    out = Path(out_dir)
+    if (out / ".complete").exists():
+        return out
+    src = Path(resolve_model("smollm2-135m-instruct"))
+    cfg = json.loads((src / "config.json").read_text())
+    h0, kv0, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    assert heads // kv_heads == h0 // kv0 and heads >= h0 and kv_heads >= kv0
+    sd = load_file(str(src / "model.safetensors"))
+    for k, w in list(sd.items()):
+        if k.endswith("self_attn.q_proj.weight"):
+            sd[k] = torch.cat([w, torch.zeros((heads - h0) * d, w.shape[1], dtype=w.dtype)])
+        elif k.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            sd[k] = torch.cat([w, torch.zeros((kv_heads - kv0) * d, w.shape[1], dtype=w.dtype)])
+        elif k.endswith("self_attn.o_proj.weight"):
+            sd[k] = torch.cat([w, torch.zeros(w.shape[0], (heads - h0) * d, dtype=w.dtype)], dim=1)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg.update(num_attention_heads=heads, num_key_value_heads=kv_heads)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith(".") and f.name not in ("config.json", "model.safetensors"):
+            shutil.copy2(f, out / f.name)
+    (out / ".complete").write_text("SmolLM2-135M widened to 12 heads / 4 KV heads (same outputs)\n")
+    return out
+
+
 def roberta_tokenizer_from_smollm2():
     """A RobertaTokenizer (byte-level BPE, RoBERTa's specials and post-processor, no token_type_ids) whose vocabulary
     and merges are SmolLM2's: the only byte-level BPE that ships offline. SmolLM2's own special tokens are dropped;
@@ -148,18 +184,6 @@ def offline_hub_env(hf_home: str | Path) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ TP on CPU
-def cpu_bind_ranges(tp: int, cores: list[int] | None = None) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for `tp` ranks of one engine: one core list per rank joined by '|' (vLLM asserts
-    one list per local rank). With fewer cores than ranks, ranks share cores ('0|0' on one core)."""
-    cores = cores if cores is not None else sorted(os.sched_getaffinity(0))
-    per = max(1, len(cores) // tp)
-    parts = []
-    for r in range(tp):
-        mine = cores[r * per:(r + 1) * per] if len(cores) >= tp else [cores[r % len(cores)]]
-        parts.append(",".join(str(c) for c in mine))
-    return "|".join(parts)
-
-
 def tp_engine_config(model_source: str, *, tp: int = 2, cpus_per_worker: float = 0.5, batch_size: int = 8,
                      max_model_len: int = 512, env: dict[str, str] | None = None,
                      strategy: str = "STRICT_PACK", **overrides: Any) -> dict[str, Any]:
@@ -168,7 +192,7 @@ def tp_engine_config(model_source: str, *, tp: int = 2, cpus_per_worker: float =
     vLLM's Ray executor needs a device key the CPU platform does not have, so TP on CPU uses the multiprocessing
     executor: one Ray actor per engine asks for the sum of the bundles' CPUs, and vLLM forks its `tp` workers
     inside it (on the actor's node). The placement_group_config's `strategy` is then not used by Ray Data."""
-    from llambert_ray.ray_env import CPU_ENGINE_ENV
+    from llambert_ray.ray_env import CPU_ENGINE_ENV, cpu_bind_ranges
 
     env_vars = {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": cpu_bind_ranges(tp), **(env or {})}
     cfg: dict[str, Any] = dict(
@@ -216,33 +240,44 @@ class RehearsalCluster:
     """
 
     def __init__(self, root: str | Path, node_cpus: list[float], *, env: dict[str, str] | None = None,
-                 object_store_bytes: int = 400_000_000):
+                 object_store_bytes: int = 400_000_000, groups: list[str] | None = None):
         self.root = Path(root)
         self.temp_dir = self.root / "tmp"
         self.temp_dir.mkdir(parents=True, exist_ok=True)
-        self.node_cpus = node_cpus
+        self.node_cpus = list(node_cpus)
+        self.object_store_bytes = object_store_bytes
         self.procs: list[subprocess.Popen] = []
-        self.workdirs = [self.root / f"node{i}" for i in range(len(node_cpus))]
+        self.workdirs: list[Path] = []
         gcs, dash, client = free_ports(3)
         self.gcs, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
+        self.head_extra = ["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                           f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+                           f"--temp-dir={self.temp_dir}"]
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         self.env.update({"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
                          "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})
-        self.cmds = []
-        for i, cpus in enumerate(node_cpus):
-            nm, om, agent, agent_grpc, metrics, renv, wmin = free_ports(7)
-            common = ["--node-ip-address=127.0.0.1", f"--node-manager-port={nm}", f"--object-manager-port={om}",
-                      f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                      f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={renv}",
-                      f"--min-worker-port={wmin}", f"--max-worker-port={wmin + 60}", f"--num-cpus={cpus}",
-                      f"--object-store-memory={object_store_bytes}", "--disable-usage-stats", "--block",
-                      f"--resources={json.dumps({f'node{i}': 1})}"]
-            if i == 0:
-                self.cmds.append([RAY, "start", "--head", f"--port={gcs}", "--include-dashboard=true",
-                                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                                  f"--ray-client-server-port={client}", f"--temp-dir={self.temp_dir}", *common])
-            else:
-                self.cmds.append([RAY, "start", f"--address={self.gcs}", *common])
+        groups = groups or ["head"] + ["cpu"] * (len(node_cpus) - 1)
+        self.cmds = [self._cmd(i, cpus, groups[i]) for i, cpus in enumerate(node_cpus)]
+
+    def _cmd(self, i: int, cpus: float, group: str) -> list[str]:
+        """`ray start` for node i: its own ports; the node label llambert/group, as the manifests' groups have."""
+        self.workdirs.append(self.root / f"node{i}")
+        nm, om, agent, agent_grpc, metrics, renv, wmin = free_ports(7)
+        common = ["--node-ip-address=127.0.0.1", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+                  f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                  f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={renv}",
+                  f"--min-worker-port={wmin}", f"--max-worker-port={wmin + 60}", f"--num-cpus={cpus}",
+                  f"--object-store-memory={self.object_store_bytes}", "--disable-usage-stats", "--block",
+                  f"--resources={json.dumps({f'node{i}': 1})}", f"--labels=llambert/group={group}"]
+        return [RAY, "start", *(self.head_extra if i == 0 else [f"--address={self.gcs}"]), *common]
+
+    def add_node(self, cpus: float, group: str = "cpu", timeout_s: float = 240) -> int:
+        """Start one more worker node (as an autoscaler would) and wait until it is alive; returns its index."""
+        i = len(self.cmds)
+        self.node_cpus.append(cpus)
+        self.cmds.append(self._cmd(i, cpus, group))
+        self._start_node(i, self.cmds[i], timeout_s)
+        return i
 
     def start(self, timeout_s: float = 240) -> RehearsalCluster:
         for i, cmd in enumerate(self.cmds):

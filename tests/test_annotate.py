@@ -272,6 +272,9 @@ def test_tensor_parallel_engine_is_packed_onto_one_node():
     assert cpu.placement_group_config["strategy"] == "STRICT_PACK"
     assert [b["CPU"] for b in cpu.placement_group_config["bundles"]] == [0.5, 0.5]
     assert not any(b.get("GPU") for b in cpu.placement_group_config["bundles"])
+    # vLLM's Ray executor needs a GPU-like device key: on CPU the engine forks its TP ranks itself, one core list each
+    assert cpu.engine_kwargs["distributed_executor_backend"] == "mp"
+    assert cpu.runtime_env["env_vars"]["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
     pp = VLLMEngine(AnnotateConfig(device="gpu", tensor_parallel_size=2, pipeline_parallel_size=2),
                     "x/y").processor_config(plan)
     assert pp.placement_group_config["strategy"] == "PACK" and len(pp.placement_group_config["bundles"]) == 4
