@@ -133,6 +133,8 @@ class TrainConfig(_Strict):
     seed: int = 0
     min_confidence: float = Field(0.0, ge=0, le=1, description="drop LLM labels below this confidence")
     max_failures: int = Field(2, ge=-1, description="worker failures to recover from (from the last checkpoint)")
+    keep_checkpoints: bool = Field(False, description="keep Ray Train's per-epoch checkpoints once the model folder "
+                                                      "is written (they are deleted by default: ~5x the model's size)")
 
 
 class LabelConfig(_Strict):

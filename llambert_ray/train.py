@@ -253,7 +253,8 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
     """Fine-tune `cfg.model` (or `init_model`, a folder from an earlier stage) on rows (text, label).
 
     Writes the HF folder to OUTPUT_DIR/model; Ray Train's checkpoints go to OUTPUT_DIR/ray_train, so calling
-    fit again with the same output folder resumes from the latest epoch checkpoint.
+    fit again with the same output folder resumes from the latest epoch checkpoint (fit keeps them; fit_variant
+    deletes them once the variant's model is written).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -311,7 +312,11 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
 def fit_variant(variant: str, annotations: pd.DataFrame, labels: list[str], cfg: TrainConfig,
                 output_dir: str | Path, *, extra: pd.DataFrame | None = None,
                 log=print) -> tuple[Path, list[TrainResult]]:
-    """Train one of the paper's variants (all its stages) into OUTPUT_DIR/model; returns it and per-stage results."""
+    """Train one of the paper's variants (all its stages) into OUTPUT_DIR/model; returns it and per-stage results.
+
+    Each stage trains in OUTPUT_DIR/stage<N>/ (its Ray Train checkpoints in stage<N>/ray_train/, so a run killed
+    before the variant's model is written resumes from them). Once OUTPUT_DIR/model is written the stage folders
+    are deleted (checkpoints are ~5x the model's size), unless cfg.keep_checkpoints."""
     output_dir = Path(output_dir)
     stages = variant_stages(variant, annotations, extra, cfg.min_confidence)
     init, results = None, []
@@ -324,6 +329,9 @@ def fit_variant(variant: str, annotations: pd.DataFrame, labels: list[str], cfg:
     final = output_dir / "model"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(init, final)
+    if not cfg.keep_checkpoints:
+        for i in range(len(stages)):
+            shutil.rmtree(output_dir / f"stage{i + 1}", ignore_errors=True)
     return final, results
 
 
