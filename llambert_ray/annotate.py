@@ -219,16 +219,28 @@ class VLLMEngine:
         def pre(row: dict[str, Any]) -> dict[str, Any]:
             return plan.request(row["text"])
 
-        def post(row: dict[str, Any]) -> dict[str, Any]:
+        def finish(row: dict[str, Any]) -> dict[str, Any]:
+            # A step of its own after the processor, not its `postprocess`: Ray Data LLM passes a row the engine
+            # failed on (`__inference_error__` set, e.g. a prompt longer than max_model_len) around postprocess, with
+            # its request fields and without our columns. Here every row becomes the same documented columns.
             out = {k: row[k] for k in ("id", "text", "label") if k in row}
-            res = plan.result(row.get("generated_text"), row.get("logprobs"), row.get("__inference_error__"))
-            out.update(res)
+            out.update(plan.result(row.get("generated_text"), row.get("logprobs"),
+                                   row.get("__inference_error__") or None))
             out["prompt_tokens"] = int(row.get("num_input_tokens") or 0)
             return out
 
-        processor = build_processor(self.processor_config(plan), preprocess=pre, postprocess=post,
-                                    preprocess_map_kwargs=_LIGHT, postprocess_map_kwargs=_LIGHT)
-        return processor(ds)
+        config = self.processor_config(plan)
+        # When an actor exits, Ray kills its child processes at once, before the actor's Python teardown runs:
+        # vLLM's EngineCore and workers, and multiprocessing's resource tracker. The engine's shutdown and the
+        # shared-memory finalizers then find the tracker gone, start a new one that never registered their segments,
+        # and it prints `KeyError: '/psm_...'` tracebacks (and, when the engine core dies under a running client,
+        # EngineDeadError). vLLM stops its own processes on shutdown (SIGKILL after 5 s), so Ray need not.
+        env = dict((config.runtime_env or {}).get("env_vars") or {})
+        env["RAY_kill_child_processes_on_worker_exit"] = "false"
+        config.runtime_env = {**(config.runtime_env or {}), "env_vars": env}
+        processor = build_processor(config, preprocess=pre, preprocess_map_kwargs=_LIGHT,
+                                    postprocess_map_kwargs=_LIGHT)
+        return processor(ds).map(finish, **_LIGHT)
 
 
 # -------------------------------------------------------------------------------------------- stage
