@@ -41,6 +41,7 @@ _LIGHT = {"num_cpus": 0.1}
 # Runs of the engine over the rows still without an answer, when a run fails after answering some (see annotate).
 ATTEMPTS = 3
 log = logging.getLogger(__name__)
+_warned: set[tuple[str, str, str, int]] = set()  # prompt warnings already given in this process
 
 
 class AnnotationError(RuntimeError):
@@ -122,6 +123,10 @@ def make_plan(task: Task, cfg: AnnotateConfig, model_path: str | None = None) ->
         task.pick_examples(shots)
     except TaskError as e:
         raise AnnotationError(str(e)) from None
+    warning = task.prompt_warning(cfg.model, style, shots)
+    if warning and (cfg.model, task.name, style, shots) not in _warned:
+        _warned.add((cfg.model, task.name, style, shots))  # make_plan runs before Ray and again in the stage
+        log.warning(warning)
     token_ids: dict[str, int] = {}
     if cfg.mode == "score":
         # the tokenizer only: an s3:// / gs:// LLM is not copied whole onto the driver
