@@ -28,6 +28,7 @@ import pandas as pd
 
 from llambert_ray.config import AnnotateConfig, RunConfig
 from llambert_ray.models import local_model_dir, resolve_model
+from llambert_ray.progress import Progress
 from llambert_ray.ray_env import resolve_device, worker_env
 from llambert_ray.tasks import OTHER, Task, TaskError
 
@@ -318,7 +319,7 @@ def read_cache(folder: Path, *, errors: bool = False, parts: list[Path] | None =
 
 
 def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, folder: Path, chunk: int,
-                attempts: int) -> tuple[int, int]:
+                attempts: int, bar: Progress | None = None) -> tuple[int, int]:
     """Send the rows without a cached answer to the engine, streaming answers into `folder`; when a run fails
     (an engine actor lost for good, a node gone, ...) after answering some rows, run again on the rows it left
     without an answer, up to `attempts` runs. Returns (runs, rows sent again). Raises AnnotationError, answers
@@ -333,6 +334,8 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
         todo = rows[~rows["id"].isin(done | answered)]
         if not len(todo):
             return attempt - 1, resent
+        if bar is not None:
+            bar.rebase(len(rows) - len(todo))  # answers counted in a failed run are not counted twice
         if attempt > 1:
             resent += len(todo)
             log.warning("annotation run %d/%d: sending the %d rows the last run left without an answer",
@@ -340,7 +343,10 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
         # one block per chunk, so finished chunks reach the cache while later ones are still in the engine
         blocks = [todo.iloc[i:i + chunk] for i in range(0, len(todo), chunk)]
         try:
-            engine.run(ray.data.from_pandas(blocks), plan).write_parquet(str(folder), ray_remote_args=_LIGHT)
+            answers = engine.run(ray.data.from_pandas(blocks), plan)
+            if bar is not None:
+                answers = bar.count(answers, num_cpus=_LIGHT["num_cpus"])
+            answers.write_parquet(str(folder), ray_remote_args=_LIGHT)
             error = None
         except Exception as e:  # what Ray raises when the run failed; the finished chunks are on disk
             error = e
@@ -385,12 +391,16 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
     t0 = time.time()
     cached, runs, resent = 0, 1, 0
     if cache_dir is None:
-        df = engine.run(ds, plan).to_pandas()
+        with Progress("annotate", None) as bar:
+            df = bar.count(engine.run(ds, plan), num_cpus=_LIGHT["num_cpus"]).to_pandas()
+            bar.update(len(df))
     else:
         folder = Path(cache_dir) / plan_hash(plan, cfg.model)
         rows = ds.to_pandas()  # the rows sent to an LLM: a sample, small enough to hold
         cached = len(set(read_cache(folder)["id"]) & set(rows["id"]))
-        runs, resent = _run_cached(engine, plan, rows, folder, max(cfg.batch_size * 4, 32), attempts)
+        with Progress("annotate", len(rows), done=cached) as bar:
+            runs, resent = _run_cached(engine, plan, rows, folder, max(cfg.batch_size * 4, 32), attempts, bar)
+            bar.update(len(rows))
         df = read_cache(folder, errors=True)  # this run's per-row failures stay in the output, counted
         df = df[df["id"].isin(set(rows["id"]))]
         meta = rows.set_index("id")

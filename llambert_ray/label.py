@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from llambert_ray.config import LabelConfig
+from llambert_ray.progress import Progress
 
 
 class LabelError(ValueError):
@@ -178,7 +179,9 @@ def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path) -> La
     from llambert_ray.data import write_parquet
 
     t0 = time.time()
-    preds = label_dataset(ds, model_dir, cfg).materialize()
+    with Progress("label", ds.count()) as bar:
+        preds = bar.count(label_dataset(ds, model_dir, cfg)).materialize()
+        bar.update(preds.count())
     write_parquet(preds, output)
     seconds = time.time() - t0
     cols = ["label", "error"] + (["gold"] if "gold" in preds.columns() else [])

@@ -146,7 +146,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, prefligh
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir, cfg)
-    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=run_dir / "logs")
     if preflight:
         from llambert_ray.preflight import preflight_or_raise
 

@@ -27,6 +27,7 @@ import pandas as pd
 
 from llambert_ray.config import TrainConfig
 from llambert_ray.models import local_model_dir, resolve_model
+from llambert_ray.progress import Progress
 from llambert_ray.ray_env import worker_env
 
 VARIANTS = ("gold", "llm", "llm+extra", "combined")
@@ -272,7 +273,9 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
     output_dir = Path(output_dir).resolve()
     model_path = init_model or resolve_model(cfg.model)
     env = train_worker_env(cfg.use_gpu)
-    datasets = {"train": ray.data.from_pandas(train[["text", "label"]].reset_index(drop=True))}
+    # rows as the workers take them, every epoch (a resumed run starts below 0 % of this total)
+    bar = Progress(f"train {name}", len(train) * cfg.epochs)
+    datasets = {"train": bar.count(ray.data.from_pandas(train[["text", "label"]].reset_index(drop=True)))}
     if eval_df is not None and len(eval_df):
         datasets["eval"] = ray.data.from_pandas(eval_df[["text", "label"]].reset_index(drop=True))
     trainer = TorchTrainer(
@@ -289,7 +292,8 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
                              worker_runtime_env={"env_vars": env}),
     )
     t0 = time.time()
-    result = trainer.fit()
+    with bar:
+        result = trainer.fit()
     seconds = time.time() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"training {name!r} finished without a model checkpoint: {result.error}")
