@@ -519,19 +519,22 @@ def _relabel(df: pd.DataFrame, labels: list[str], offset: np.ndarray) -> pd.Data
 
 
 def annotate_corpus(cfg: RunConfig, output_dir: str | Path) -> AnnotationSummary:
-    """Read cfg.corpus, take its seeded sample, annotate it; write OUTPUT/annotations.parquet + summary."""
-    from llambert_ray.data import read_corpus, sample_corpus, write_parquet
-    from llambert_ray.ray_env import init_ray, require_shared_path
+    """Read cfg.corpus, take its seeded sample, annotate it; write OUTPUT/annotations.parquet,
+    OUTPUT/annotate_summary.json and OUTPUT/logs/ (answers stream into OUTPUT/.annotate_cache/)."""
+    from llambert_ray.data import check_corpus_path, read_corpus, sample_corpus, write_parquet
+    from llambert_ray.ray_env import init_ray, is_local, require_shared_path
     from llambert_ray.tasks import load_task
 
+    # a wrong path, task, model or mode fails here, in seconds, before Ray starts
     task = load_task(cfg.task)
-    model_path = resolve_model(cfg.annotate.model)
-    make_plan(task, cfg.annotate, model_path)  # fail on a bad task/mode before Ray starts
-    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    check_corpus_path(cfg.corpus)
+    model_path = resolve_model(cfg.annotate.model, check_hub=is_local(cfg.cluster.address))
+    make_plan(task, cfg.annotate, model_path)
+    out = Path(output_dir)
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=out / "logs")
     require_shared_path(output_dir, "--output")
     ds, _ = read_corpus(cfg.corpus, task)
     subset = sample_corpus(ds, cfg.corpus)
-    out = Path(output_dir)
     df, summary = annotate(subset, task, cfg.annotate, cache_dir=out / ".annotate_cache")
     write_parquet(df, out / "annotations.parquet")
     (out / "annotate_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))

@@ -201,13 +201,14 @@ def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path) -> La
 
 def label_corpus(cfg, model_dir: str | Path, output: str | Path) -> LabelSummary:
     """The `llambert label` command: read cfg.corpus (all rows) and label it with the model folder."""
-    from llambert_ray.data import read_corpus
+    from llambert_ray.data import check_corpus_path, read_corpus
     from llambert_ray.ray_env import init_ray, require_shared_path
     from llambert_ray.tasks import load_task
 
-    model_labels(model_dir)
+    model_labels(model_dir)  # a wrong model folder, path or task fails here, before Ray starts
+    check_corpus_path(cfg.corpus)
     task = load_task(cfg.task) if cfg.task else None
-    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=Path(output).parent / "logs")
     require_shared_path(output, "--output")
     ds, _ = read_corpus(cfg.corpus, task)
     summary = label(ds, model_dir, cfg.label, output)

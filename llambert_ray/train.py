@@ -360,12 +360,17 @@ def train_from_files(cfg, train_path: str | Path, output: str | Path, *, extra_p
                      eval_path: str | None = None) -> tuple[TrainResult, dict[str, Any] | None]:
     """The `llambert train` command: train cfg.train.variants[0] from files, optionally evaluate on gold."""
     from llambert_ray.config import CorpusConfig
-    from llambert_ray.data import read_corpus
-    from llambert_ray.ray_env import init_ray, require_shared_path
+    from llambert_ray.data import check_corpus_path, read_corpus
+    from llambert_ray.ray_env import init_ray, is_local, require_shared_path
     from llambert_ray.tasks import load_task
 
+    # a wrong path, task or model fails here, in seconds, before Ray starts
     task = load_task(cfg.task)
-    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    for flag, path in (("--train", train_path), ("--extra", extra_path), ("--eval", eval_path)):
+        if path is not None:
+            check_corpus_path(CorpusConfig(path=str(path)), flag)  # type: ignore[arg-type]
+    resolve_model(cfg.train.model, check_hub=is_local(cfg.cluster.address))
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=Path(output) / "logs")
     require_shared_path(output, "--output")  # workers on every node write checkpoints there
     annotations = read_training_frame(train_path, task)
     extra = read_training_frame(extra_path, task) if extra_path else None
