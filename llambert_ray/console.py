@@ -6,7 +6,6 @@ Everything Ray, vLLM and DeepSpeed print goes to the run's `logs/` folder instea
 - `workers.log`: the stdout / stderr of every Ray worker of this run (vLLM engine, DeepSpeed, Ray Train), gathered
   from Ray's session folder when the process exits (local Ray, or a driver on the head node);
 - `ray-session`: a link to Ray's own session log folder (raylet, GCS, per-worker core logs), live during the run.
-
 """
 
 from __future__ import annotations
@@ -151,8 +150,16 @@ def configure_logs(log_dir: str | Path | None) -> None:
         return
     _close_run_log(keep=True)
     _run_log = _RunLog(log_dir)
-    for name in _FILE_LOGGERS:
-        logging.getLogger(name).addHandler(_run_log)
+    _attach_run_log()
+
+
+def _attach_run_log() -> None:
+    """(Again:) importing Ray Data replaces the handlers of the "ray.data" logger."""
+    if _run_log is not None:
+        for name in _FILE_LOGGERS:
+            lg = logging.getLogger(name)
+            if _run_log not in lg.handlers:
+                lg.addHandler(_run_log)
 
 
 def ray_started() -> None:
@@ -160,6 +167,7 @@ def ray_started() -> None:
     session folder for the log links and workers.log."""
     global _exit_hook
     _route_ray_loggers()
+    _attach_run_log()
     _note_session()
     if not _exit_hook:
         # atexit runs the last registered first: Ray registered its shutdown in ray.init, before this, so the
@@ -210,6 +218,7 @@ def open_logs() -> Path | None:
     """Create the log folder now (a stage starts); returns it (None when no command set one)."""
     if _run_log is None:
         return None
+    _attach_run_log()
     _run_log.open()
     return _run_log.dir
 

@@ -55,19 +55,20 @@ def _counter():
             def drop(self, key: str) -> None:
                 self.counts.pop(key, None)
 
-        _counter_handle = RowCounter.options(name=None).remote()
+        _counter_handle = RowCounter.remote()
         _counter_session = session
     return _counter_handle
 
 
 class _Tally:
-    """The Ray Data step that counts rows as they pass (a batch at a time) and leaves them as they are."""
+    """Counts rows as they pass, a batch at a time, and leaves them as they are: a Ray Data step (`count`), or
+    called by a training loop (`tally`)."""
 
     def __init__(self, counter, key: str):
         self.counter, self.key = counter, key
 
     def __call__(self, batch):
-        self.counter.add.remote(self.key, batch.num_rows)
+        self.counter.add.remote(self.key, len(batch))
         return batch
 
 
@@ -106,8 +107,15 @@ class Progress:
         counter = self._ensure_counter()
         if counter is None:
             return ds
-        return ds.map_batches(_Tally(counter, self.key), batch_format="pyarrow", batch_size=None, num_cpus=num_cpus,
+        # batch_format None: each block as it is (no conversion); batch_size None: a whole block per call
+        return ds.map_batches(_Tally(counter, self.key), batch_format=None, batch_size=None, num_cpus=num_cpus,
                               zero_copy_batch=True)
+
+    def tally(self):
+        """A picklable callable that adds len(batch) to this line, for code outside Ray Data (a Ray Train loop);
+        None when Ray is not running."""
+        counter = self._ensure_counter()
+        return _Tally(counter, self.key) if counter is not None else None
 
     def _ensure_counter(self):
         if self._counter is None:
@@ -140,7 +148,9 @@ class Progress:
         now = time.time()
         elapsed = now - self.t0
         total = f"/{self.total}" if self.total is not None else ""
-        parts = [f"{self.name}", f"{self.done}{total} {self.unit}"]
+        # a redone attempt (a training worker restarted) can count rows twice: never show more than the total
+        shown = min(self.done, self.total) if self.total is not None else self.done
+        parts = [f"{self.name}", f"{shown}{total} {self.unit}"]
         if self.total:
             parts.append(f"{min(self.done / self.total, 1.0):4.0%}")
         if final:

@@ -167,6 +167,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
         return {k: v.to(device) for k, v in enc.items()}
 
     train_shard = ray.train.get_dataset_shard("train")
+    tally = config.get("progress")
     eval_shard = ray.train.get_dataset_shard("eval") if config["has_eval"] else None
     micro_per_epoch = steps_per_epoch * cfg.grad_accum
     for epoch in range(start_epoch, cfg.epochs):
@@ -185,6 +186,8 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
             loss_sum += float(loss.detach())
             seen += len(batch)
             micro += 1
+            if tally is not None:
+                tally(batch)  # the driver's progress line (an async call to its counter actor)
         # start_epoch: where this attempt began (> 0: restored from the checkpoint of epoch start_epoch - 1,
         # after a worker failure or a rerun), so the history shows whether and where training resumed.
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(micro, 1),
@@ -273,15 +276,15 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
     output_dir = Path(output_dir).resolve()
     model_path = init_model or resolve_model(cfg.model)
     env = train_worker_env(cfg.use_gpu)
-    # rows as the workers take them, every epoch (a resumed run starts below 0 % of this total)
+    # rows trained, summed over workers and epochs (a run resumed from a checkpoint ends below 100 %)
     bar = Progress(f"train {name}", len(train) * cfg.epochs)
-    datasets = {"train": bar.count(ray.data.from_pandas(train[["text", "label"]].reset_index(drop=True)))}
+    datasets = {"train": ray.data.from_pandas(train[["text", "label"]].reset_index(drop=True))}
     if eval_df is not None and len(eval_df):
         datasets["eval"] = ray.data.from_pandas(eval_df[["text", "label"]].reset_index(drop=True))
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"train": cfg.model_dump(), "labels": labels, "model_path": model_path,
-                           "rows": len(train), "has_eval": "eval" in datasets},
+                           "rows": len(train), "has_eval": "eval" in datasets, "progress": bar.tally()},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
