@@ -135,14 +135,14 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, prefligh
 
     # a wrong path, task, model or mode fails here, in seconds, before Ray starts
     task = load_task(cfg.task)
-    for section in ("corpus", "test", "extra"):
-        check_corpus_path(getattr(cfg, section), f"{section}.path")
     # Every stage's model, resolved before the first stage: a bad encoder name must not stop the run after the
     # LLM annotation has been paid for. (`llambert preflight` also checks they load on the nodes that load them.)
     local = is_local(cfg.cluster.address)
     llm = resolve_model(cfg.annotate.model, check_hub=local)
     for ref in dict.fromkeys([cfg.train.model, cfg.select.model or cfg.train.model]):
         resolve_model(ref, check_hub=local)
+    for section in ("corpus", "test", "extra"):
+        check_corpus_path(getattr(cfg, section), f"{section}.path")
     make_plan(task, cfg.annotate, llm)  # bad task/mode; loads the LLM's tokenizer (score mode): last
     if ("llm+extra" in cfg.train.variants) and cfg.extra is None:
         from llambert_ray.train import TrainError
