@@ -181,6 +181,8 @@ class Progress:
         elapsed = now - self.t0
         every = self.interval if self.interval is not None else min(30.0, max(5.0, elapsed / 10))
         moved = self.done != self._last_printed_done
+        if self.total is not None and self.done >= self.total:
+            return  # all rows are in: the final line (close) says so, with the stage's rate
         if (moved and now - self._last_print >= every) or now - self._last_print >= 60:
             self.stream.write(self._text() + "\n")
             self.stream.flush()

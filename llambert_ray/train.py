@@ -276,8 +276,11 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
     output_dir = Path(output_dir).resolve()
     model_path = init_model or resolve_model(cfg.model)
     env = train_worker_env(cfg.use_gpu)
-    # rows trained, summed over workers and epochs (a run resumed from a checkpoint ends below 100 %)
-    bar = Progress(f"train {name}", len(train) * cfg.epochs)
+    # rows trained, summed over workers and epochs: every worker takes the same whole steps (as _train_loop), the
+    # rest of an epoch's rows is dropped. A run resumed from a checkpoint ends below 100 %.
+    step_rows = cfg.batch_size * cfg.grad_accum
+    bar = Progress(f"train {name}", max(1, len(train) // cfg.workers // step_rows) * step_rows * cfg.workers
+                   * cfg.epochs)
     datasets = {"train": ray.data.from_pandas(train[["text", "label"]].reset_index(drop=True))}
     if eval_df is not None and len(eval_df):
         datasets["eval"] = ray.data.from_pandas(eval_df[["text", "label"]].reset_index(drop=True))
