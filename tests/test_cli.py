@@ -142,3 +142,13 @@ def test_wrong_paths_models_and_tasks_fail_before_ray_starts(tmp_path, monkeypat
     assert needle in res.output and "error:" in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "out").exists()
     assert seconds < 20, f"{name}: {seconds:.1f}s"
+
+
+def test_verbose_flag_on_the_app_and_on_a_command(tmp_path, monkeypatch):
+    from llambert_ray import console
+
+    monkeypatch.setenv(console.VERBOSE_ENV, "0")
+    assert runner.invoke(app, ["-v", "models", "list"]).exit_code == 0 and console.verbose()
+    monkeypatch.setenv(console.VERBOSE_ENV, "0")
+    res = runner.invoke(app, ["annotate", "-i", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o"), "-v"])
+    assert res.exit_code == 2 and console.verbose()
