@@ -141,13 +141,13 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, prefligh
     llm = resolve_model(cfg.annotate.model, check_hub=local)
     for ref in dict.fromkeys([cfg.train.model, cfg.select.model or cfg.train.model]):
         resolve_model(ref, check_hub=local)
-    for section in ("corpus", "test", "extra"):
-        check_corpus_path(getattr(cfg, section), f"{section}.path")
-    make_plan(task, cfg.annotate, llm)  # bad task/mode; loads the LLM's tokenizer (score mode): last
     if ("llm+extra" in cfg.train.variants) and cfg.extra is None:
         from llambert_ray.train import TrainError
 
         raise TrainError("variant 'llm+extra' needs an `extra:` corpus section; fix: add it or drop the variant")
+    for section in ("corpus", "test", "extra"):
+        check_corpus_path(getattr(cfg, section), f"{section}.path")
+    make_plan(task, cfg.annotate, llm)  # bad task/mode; loads the LLM's tokenizer (score mode): last
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir, cfg)
