@@ -133,6 +133,8 @@ class TrainConfig(_Strict):
     seed: int = 0
     min_confidence: float = Field(0.0, ge=0, le=1, description="drop LLM labels below this confidence")
     max_failures: int = Field(2, ge=-1, description="worker failures to recover from (from the last checkpoint)")
+    keep_checkpoints: bool = Field(False, description="keep Ray Train's per-epoch checkpoints once the model folder "
+                                                      "is written (they are deleted by default: ~5x the model's size)")
 
 
 class LabelConfig(_Strict):
@@ -257,9 +259,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         p = Path(path)
         source = str(p)
-        if not p.is_file():
+        if not p.exists():
             raise ConfigError(f"config file {p} does not exist; fix: pass the path of a YAML file, "
                               f"e.g. configs/demo.yaml")
+        if not p.is_file():
+            kind = "a folder" if p.is_dir() else "not a regular file (a device, pipe or socket)"
+            raise ConfigError(f"config {p} is {kind}; fix: pass the path of a YAML file, e.g. configs/demo.yaml")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
@@ -267,7 +272,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file {p} is not UTF-8 text; fix: save it as UTF-8") from e
         if loaded is None:
-            loaded = {}
+            raise ConfigError(f"config file {p} is empty; fix: give it sections (corpus:, annotate:, ...) as in "
+                              f"configs/demo.yaml, or leave --config out and pass flags")
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections (corpus:, annotate:, ...), "
                               f"not a {type(loaded).__name__}; fix: start it with top-level keys like `corpus:`")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from llambert_ray.config import LabelConfig
+from llambert_ray.progress import Progress
 
 
 class LabelError(ValueError):
@@ -47,7 +49,8 @@ class Classifier:
     max_consecutive_failures = 256
 
     def __init__(self, model_dir: str, max_length: int = 256, sub_batch: int = 32, threads: int | None = None,
-                 dtype: str = "auto", device: str | None = None):
+                 dtype: str = "auto", device: str | None = None,
+                 progress: Callable[[pd.DataFrame], Any] | None = None):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -66,6 +69,7 @@ class Classifier:
         self.max_length = max_length
         self.sub_batch = sub_batch
         self._failing = 0  # rows failed since the last labelled one
+        self.progress = progress  # called with each finished batch (the driver's progress line)
 
     def _forward(self, texts: list[str]) -> np.ndarray:
         """Class probabilities of one sub-batch (one padded forward pass)."""
@@ -127,6 +131,8 @@ class Classifier:
             out["gold"] = batch["label"].to_numpy()
         # string dtype (not object): a batch where every row is fine still has a string column, not a null one
         out["error"] = pd.Series(errors, dtype="string")
+        if self.progress is not None:
+            self.progress(out)
         return out
 
 
@@ -156,8 +162,9 @@ class LabelSummary:
         return out
 
 
-def label_dataset(ds, model_dir: str | Path, cfg: LabelConfig):
-    """Lazy Dataset of predictions for every row of `ds` (columns id, text[, label])."""
+def label_dataset(ds, model_dir: str | Path, cfg: LabelConfig, progress: Callable[[Any], Any] | None = None):
+    """Lazy Dataset of predictions for every row of `ds` (columns id, text[, label]). `progress` (from
+    `Progress.tally()`) is called with each finished batch."""
     from ray.data import ActorPoolStrategy
 
     model_labels(model_dir)  # fail before any actor starts
@@ -165,7 +172,8 @@ def label_dataset(ds, model_dir: str | Path, cfg: LabelConfig):
     return ds.map_batches(
         Classifier, batch_format="pandas", batch_size=cfg.batch_size,
         fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "max_length": cfg.max_length,
-                               "threads": threads, "sub_batch": cfg.sub_batch_size, "dtype": cfg.dtype},
+                               "threads": threads, "sub_batch": cfg.sub_batch_size, "dtype": cfg.dtype,
+                               "progress": progress},
         # a fixed pool, or an autoscaling one: Ray Data adds actors (up to max_concurrency) while rows wait, on
         # nodes that join the cluster mid-stage too
         compute=(ActorPoolStrategy(size=cfg.concurrency) if not cfg.max_concurrency else
@@ -178,7 +186,10 @@ def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path) -> La
     from llambert_ray.data import write_parquet
 
     t0 = time.time()
-    preds = label_dataset(ds, model_dir, cfg).materialize()
+    with Progress("label", ds.count()) as bar:
+        # counted batch by batch inside the classifier: the corpus may be one block, which leaves an operator whole
+        preds = label_dataset(ds, model_dir, cfg, progress=bar.tally()).materialize()
+        bar.update(preds.count())
     write_parquet(preds, output)
     seconds = time.time() - t0
     cols = ["label", "error"] + (["gold"] if "gold" in preds.columns() else [])
@@ -198,13 +209,14 @@ def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path) -> La
 
 def label_corpus(cfg, model_dir: str | Path, output: str | Path) -> LabelSummary:
     """The `llambert label` command: read cfg.corpus (all rows) and label it with the model folder."""
-    from llambert_ray.data import read_corpus
+    from llambert_ray.data import check_corpus_path, read_corpus
     from llambert_ray.ray_env import init_ray, require_shared_path
     from llambert_ray.tasks import load_task
 
-    model_labels(model_dir)
+    model_labels(model_dir)  # a wrong model folder, path or task fails here, before Ray starts
+    check_corpus_path(cfg.corpus)
     task = load_task(cfg.task) if cfg.task else None
-    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=Path(output).parent / "logs")
     require_shared_path(output, "--output")
     ds, _ = read_corpus(cfg.corpus, task)
     summary = label(ds, model_dir, cfg.label, output)

@@ -124,29 +124,34 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, prefligh
     With preflight (the default), `llambert preflight`'s checks run first and a failure stops the run before any
     stage (PreflightError)."""
     from llambert_ray.annotate import annotate, make_plan
-    from llambert_ray.data import read_corpus, read_parquet_frame, sample_corpus, write_parquet
+    from llambert_ray.data import check_corpus_path, read_corpus, read_parquet_frame, sample_corpus, write_parquet
     from llambert_ray.evaluate import classification_metrics, label_issue_summary, label_issues
     from llambert_ray.label import label, label_dataset
     from llambert_ray.models import resolve_model
-    from llambert_ray.ray_env import init_ray, resolve_device
+    from llambert_ray.ray_env import init_ray, is_local, resolve_device
     from llambert_ray.report import write_report
     from llambert_ray.tasks import load_task
     from llambert_ray.train import fit_variant
 
+    # a wrong path, task, model or mode fails here, in seconds, before Ray starts
     task = load_task(cfg.task)
-    make_plan(task, cfg.annotate, resolve_model(cfg.annotate.model))  # bad task/mode/model: fail before Ray
     # Every stage's model, resolved before the first stage: a bad encoder name must not stop the run after the
     # LLM annotation has been paid for. (`llambert preflight` also checks they load on the nodes that load them.)
-    for ref in {cfg.train.model, cfg.select.model or cfg.train.model}:
-        resolve_model(ref)
+    local = is_local(cfg.cluster.address)
+    llm = resolve_model(cfg.annotate.model, check_hub=local)
+    for ref in dict.fromkeys([cfg.train.model, cfg.select.model or cfg.train.model]):
+        resolve_model(ref, check_hub=local)
     if ("llm+extra" in cfg.train.variants) and cfg.extra is None:
         from llambert_ray.train import TrainError
 
         raise TrainError("variant 'llm+extra' needs an `extra:` corpus section; fix: add it or drop the variant")
+    for section in ("corpus", "test", "extra"):
+        check_corpus_path(getattr(cfg, section), f"{section}.path")
+    make_plan(task, cfg.annotate, llm)  # bad task/mode; loads the LLM's tokenizer (score mode): last
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir, cfg)
-    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=run_dir / "logs")
     if preflight:
         from llambert_ray.preflight import preflight_or_raise
 

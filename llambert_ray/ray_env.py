@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 # Environment every Ray worker needs. On CPU, vLLM takes one core for OpenMP unless told to bind all, and
@@ -89,29 +90,65 @@ def _job_env_vars() -> dict[str, str]:
         return {}
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwargs: Any) -> None:
-    """Start a local Ray (address None) or connect to a cluster ("auto", "ray://host:10001"). Idempotent."""
+def is_local(address: str | None) -> bool:
+    """True when this address means a Ray started here for this command (not an existing cluster)."""
+    return address is None or address == "local"
+
+
+class RayStartError(RuntimeError):
+    """Ray could not be started or reached; the message says what to do."""
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_dir: str | Path | None = None,
+             **kwargs: Any) -> None:
+    """Start a local Ray (address None) or connect to a cluster ("auto", "ray://host:10001"). Idempotent.
+
+    Unless verbose (`-v`, LLAMBERT_VERBOSE=1), Ray workers' output (vLLM, DeepSpeed, Ray Train) is not streamed
+    here: it stays in Ray's session folder and is gathered into LOG_DIR (see llambert_ray.console), and Ray Data
+    draws no progress bars of its own (each stage draws one line)."""
     import ray
 
+    from llambert_ray import console
+
+    console.configure_logs(log_dir)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # each stage draws one line of its own (progress.Progress)
+    ctx.print_on_execution_start = False
     if ray.is_initialized():
+        console.ray_started()
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     env = worker_env()
     for k, v in env.items():
         os.environ.setdefault(k, v)
-    opts: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True,
+    opts: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": console.verbose(),
                             "include_dashboard": False, **kwargs}
-    if address is None or address == "local":
+    local = is_local(address)
+    if local:
         # "local" (not None): ray.init(address=None) would join a cluster that `ray start` left running on
         # this machine instead of starting the local Ray the config asked for. Plenty of worker processes get
         # forked on 2 cores; keep Ray's own memory use modest.
         opts.update(address="local", num_cpus=num_cpus, object_store_memory=kwargs.get("object_store_memory", 2 << 30))
     else:
         opts.update(address=address)
-    ray.init(**opts)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
-    ctx.print_on_execution_start = False
+    try:
+        ray.init(**opts)
+    except ConnectionError as e:
+        if local:
+            raise
+        raise RayStartError(f"no Ray cluster answered at --address {address} ({str(e).splitlines()[0][:200]}); "
+                            f"fix: check the address (`ray status` on the head node prints it), or leave --address "
+                            f"out to start a local Ray") from None
+    except Exception as e:
+        if local and "timed out during startup" in str(e):
+            ray.shutdown()  # the half-started node's processes
+            raise RayStartError(
+                "the local Ray did not finish starting within 30 s, most likely because another command on this "
+                "machine is starting its own Ray at the same moment (or the machine is overloaded); fix: wait until "
+                "the other run is past its start and run this again, or share that run's cluster: start one with "
+                "`ray start --head` and pass --address auto to every command") from None
+        raise
+    console.ray_started()
 
 
 class UnsharedPathError(ValueError):

@@ -421,3 +421,48 @@ def test_engine_actor_killed_mid_run_every_id_once(ray_local, tmp_path):
     assert killed["cached"] < 120  # the kill came mid-run
     acc = (df["llm_label"] == df["label"]).mean()
     assert acc >= 0.75, acc  # answers after the restart are as good as before (40 easy reviews x 3)
+
+
+@pytest.mark.ray
+@pytest.mark.llm
+@pytest.mark.timeout(1500)
+def test_a_row_the_real_engine_rejects_is_one_failed_row_and_is_retried(ray_local, reviews_jsonl, tmp_path):
+    """A prompt longer than max_model_len: the real vLLM engine rejects that row alone. Ray Data LLM passes such
+    rows around the postprocess step, so this checks the conversion that follows it: the row comes out once, with
+    llm_error set, counted as failed, the output has only the documented columns (no `__inference_error__`), and
+    the next run sends that row, and only it, to the engine again."""
+    from typer.testing import CliRunner
+
+    from llambert_ray.annotate import OUTPUT_COLUMNS, annotate, read_cache
+    from llambert_ray.cli import app
+    from llambert_ray.config import AnnotateConfig
+
+    rows = [json.loads(line) for line in reviews_jsonl.read_text().splitlines()][:8]
+    rows.append({"id": "too-long", "text": " ".join(r["text"] for r in rows) * 4, "label": "positive"})
+    corpus = tmp_path / "reviews.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "run.yaml").write_text("annotate: {max_model_len: 256, batch_size: 4}\n")
+    out = tmp_path / "ann"
+    res = CliRunner().invoke(app, ["annotate", "-t", "imdb-sentiment", "-i", str(corpus), "-o", str(out),
+                                   "-c", str(tmp_path / "run.yaml")])
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output and "__inference_error__" not in res.output
+    df = pd.read_parquet(out / "annotations.parquet")
+    assert list(df.columns) == ["id", "text", "label", *OUTPUT_COLUMNS]
+    assert len(df) == 9 and df["id"].is_unique
+    bad = df.set_index("id").loc["too-long"]
+    assert pd.isna(bad["llm_label"]) and "max" in bad["llm_error"].lower(), bad["llm_error"]
+    ok = df[df["id"] != "too-long"]
+    assert ok["llm_error"].isna().all() and ok["llm_label"].notna().all()
+    summary = json.loads((out / "annotate_summary.json").read_text())
+    assert summary["failed"] == 1 and summary["labelled"] == 8 and summary["dropped"] == 0
+    (folder,) = list((out / ".annotate_cache").iterdir())
+    assert all("__inference_error__" not in pd.read_parquet(p).columns for p in folder.glob("*.parquet"))
+    assert set(read_cache(folder)["id"]) == {r["id"] for r in rows[:8]}  # the failure is not reused
+
+    import ray
+
+    again = CountingEngine()  # the retry decision is the cache's, whatever engine answers
+    df2, s2 = annotate(ray.data.from_items(rows), TASK, AnnotateConfig(max_model_len=256, batch_size=4),
+                       engine=again, cache_dir=out / ".annotate_cache")
+    assert again.rows == 1 and s2.cached == 8 and s2.failed == 0 and len(df2) == 9
