@@ -301,9 +301,10 @@ def main() -> None:
             return res
         return run
 
-    for arch in ("bert", "roberta"):
-        for stage in (2, 3):
-            _record(results, out, f"train_{arch}_zero{stage}_bf16", train(arch, stage), lim(150))
+    # --quick covers each architecture and each ZeRO stage once (the script, not the GPU, is what it checks)
+    for arch, stage in [("bert", 2), ("roberta", 3)] if quick else [("bert", 2), ("bert", 3), ("roberta", 2),
+                                                                    ("roberta", 3)]:
+        _record(results, out, f"train_{arch}_zero{stage}_bf16", train(arch, stage), lim(150))
 
     # c. labelling with the Ray Data actor on the GPU
     def labelling():
@@ -366,7 +367,8 @@ def main() -> None:
     ray.shutdown()
     steps = {k: v for k, v in results.items() if isinstance(v, dict)}
     ok = all(v.get("ok") for v in steps.values())
-    expect = [k for k, v in steps.items() if v.get("as_expected") is False or v.get("on_cuda") is False]
+    expect = [k for k, v in steps.items() if v.get("as_expected") is False or v.get("on_cuda") is False
+              or (v.get("weights") or {}).get("full_size") is False or v.get("ok_rows_in_eq_out") is False]
     results["summary"] = {"all_ok": ok, "not_as_expected": expect,
                           "failed": [k for k, v in steps.items() if not v.get("ok")]}
     (out / RESULT).write_text(json.dumps(results, indent=2, default=str))
