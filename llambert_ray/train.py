@@ -192,7 +192,8 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
         # after a worker failure or a rerun), so the history shows whether and where training resumed.
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(micro, 1),
                                    "samples_per_s": seen * world / max(time.time() - t0, 1e-9),
-                                   "accelerator": get_accelerator().device_name(), "bf16": use_bf16,
+                                   "accelerator": get_accelerator().device_name(), "device": str(device),
+                                   "bf16": use_bf16,
                                    "start_epoch": start_epoch}
         if eval_shard is not None:
             metrics["eval_accuracy"] = _evaluate(engine, eval_shard, encode, label2id, device)
