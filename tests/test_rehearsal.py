@@ -334,6 +334,9 @@ def test_rehearsal_of_the_70b_topology(tmp_path, tmp_path_factory):
         assert srv["status"] == 200 and len(srv["body"]["predictions"]) == 2, srv
     finally:
         cluster.stop()
+    import shutil
+
+    shutil.rmtree(cluster.root, ignore_errors=True)  # kept, with the nodes' logs, when the test failed above
     # ---- outputs: every id once
     manifest = json.loads((run_dir / "manifest.json").read_text())
     times.update({f"stage {k}": round(v.get("seconds", 0), 1) for k, v in manifest["stages"].items()})
