@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -127,31 +128,30 @@ def node_shapes() -> list[NodeShape]:
     return shapes
 
 
-def _fits(bundles: list[dict[str, float]], shape: NodeShape) -> bool:
+def _need(bundles: list[dict[str, float]]) -> dict[str, float]:
+    """What a set of bundles asks of one node, summed per resource."""
     need: dict[str, float] = {}
     for b in bundles:
         for k, v in b.items():
             need[k] = need.get(k, 0.0) + v
-    return all(shape.resources.get(k, 0.0) + 1e-9 >= v for k, v in need.items() if v)
+    return need
+
+
+def _fits(bundles: list[dict[str, float]], shape: NodeShape) -> bool:
+    return all(shape.resources.get(k, 0.0) + 1e-9 >= v for k, v in _need(bundles).items() if v)
 
 
 def _replicas_on(bundles: list[dict[str, float]], shape: NodeShape) -> int:
-    per = math.inf
-    need: dict[str, float] = {}
-    for b in bundles:
-        for k, v in b.items():
-            need[k] = need.get(k, 0.0) + v
-    for k, v in need.items():
-        if v:
-            per = min(per, math.floor(shape.resources.get(k, 0.0) / v + 1e-9))
-    return 0 if per is math.inf else int(per) * shape.count
+    """How many copies of `bundles` the node shape (times its count) holds."""
+    per = [math.floor(shape.resources.get(k, 0.0) / v + 1e-9) for k, v in _need(bundles).items() if v]
+    return (min(per) if per else 0) * shape.count
 
 
 def is_gated(ref: str) -> bool:
     """Whether a hub model needs a token: the hub's answer when reachable, else the known gated orgs."""
     from llambert_ray.models import is_remote
 
-    if is_remote(ref) or Path(ref).exists() or "/" not in ref and not ref.startswith(GATED_PREFIXES):
+    if is_remote(ref) or Path(ref).exists() or "/" not in ref:  # gated hub repos all have an org
         return False
     if os.environ.get("HF_HUB_OFFLINE") != "1":
         try:
@@ -268,8 +268,6 @@ def run_preflight(cfg: RunConfig) -> list[Check]:
                   "an absolute path on storage every node mounts, e.g. /mnt/shared/runs"))
     elif results and not unwritable:
         add(Check("output_dir shared", f"{len(results)} node(s)", "ok", str(Path(out).resolve())))
-    import shutil
-
     shutil.rmtree(mdir, ignore_errors=True)
 
     # engines: TP / PP against the model's heads and layers, bundles against node shapes

@@ -65,10 +65,11 @@ def worker_env() -> dict[str, str]:
     env = dict(CPU_ENGINE_ENV)
     ncpu = os.cpu_count() or 1
     env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{ncpu - 1}" if ncpu > 1 else "0"
-    # HF_TOKEN: gated models (Llama-2) are loaded by workers on every node - engines, Ray Data LLM's
-    # tokenizer stages, training and labelling workers - not only by this driver.
+    # Not HF_TOKEN: a runtime_env is shown in the dashboard. Gated models are loaded on every node (engines, Ray
+    # Data LLM's tokenizer stages, training workers), so the nodes' own environment carries the token (the manifests
+    # give it to every group; a local Ray's workers inherit this process's), and `llambert preflight` checks it there.
     for key in list(CPU_ENGINE_ENV) + ["LLAMBERT_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "HF_HOME",
-                                       "HF_TOKEN", "DS_ACCELERATOR"]:
+                                       "DS_ACCELERATOR"]:
         if key in os.environ:
             env[key] = os.environ[key]
     # Inside a Ray job the job's runtime_env already reaches every worker, and Ray refuses a driver runtime_env

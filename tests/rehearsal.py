@@ -269,7 +269,11 @@ class RehearsalCluster:
                   f"--min-worker-port={wmin}", f"--max-worker-port={wmin + 60}", f"--num-cpus={cpus}",
                   f"--object-store-memory={self.object_store_bytes}", "--disable-usage-stats", "--block",
                   f"--resources={json.dumps({f'node{i}': 1})}", f"--labels=llambert/group={group}"]
-        return [RAY, "start", *(self.head_extra if i == 0 else [f"--address={self.gcs}"]), *common]
+        # each worker node its own temp dir, as separate machines have: nodes sharing one would share its
+        # runtime_resources folder, and a node's runtime-env agent deleting a job's working dir there when its own
+        # last task using it ends would delete it from under the other nodes (seen once preflight ran a task per node)
+        own = [] if i == 0 else [f"--address={self.gcs}", f"--temp-dir={self.temp_dir}{i}"]
+        return [RAY, "start", *(self.head_extra if i == 0 else own), *common]
 
     def add_node(self, cpus: float, group: str = "cpu", timeout_s: float = 240) -> int:
         """Start one more worker node (as an autoscaler would) and wait until it is alive; returns its index."""
