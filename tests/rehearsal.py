@@ -275,17 +275,19 @@ class RehearsalCluster:
         own = [] if i == 0 else [f"--address={self.gcs}", f"--temp-dir={self.temp_dir}{i}"]
         return [RAY, "start", *(self.head_extra if i == 0 else own), *common]
 
-    def add_node(self, cpus: float, group: str = "cpu", timeout_s: float = 240) -> int:
-        """Start one more worker node (as an autoscaler would) and wait until it is alive; returns its index."""
+    def add_node(self, cpus: float, group: str = "cpu", timeout_s: float = 240, attempts: int = 12) -> int:
+        """Start one more worker node (as an autoscaler would) and wait until it is alive; returns its index.
+        More attempts than at start: it joins while stages load both cores, and `ray start` gives a raylet only
+        30 s (hard-coded in Ray 2.60's node.py) to register with the GCS, which a loaded machine can miss."""
         i = len(self.cmds)
         self.node_cpus.append(cpus)
         self.cmds.append(self._cmd(i, cpus, group))
-        self._start_node(i, self.cmds[i], timeout_s)
+        self._start_node(i, self.cmds[i], timeout_s, attempts)
         return i
 
-    def start(self, timeout_s: float = 240) -> RehearsalCluster:
+    def start(self, timeout_s: float = 240, attempts: int = 5) -> RehearsalCluster:
         for i, cmd in enumerate(self.cmds):
-            self._start_node(i, cmd, timeout_s)
+            self._start_node(i, cmd, timeout_s, attempts)
         return self
 
     def __enter__(self) -> RehearsalCluster:
@@ -294,9 +296,9 @@ class RehearsalCluster:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _start_node(self, i: int, cmd: list[str], timeout_s: float) -> None:
+    def _start_node(self, i: int, cmd: list[str], timeout_s: float, attempts: int = 3) -> None:
         self.workdirs[i].mkdir(parents=True, exist_ok=True)
-        for attempt in range(3):
+        for attempt in range(attempts):
             # On a loaded 2-core machine a raylet can miss its start-up deadlines and exit: start it again.
             log = open(self.root / f"node{i}-{attempt}.log", "w")
             self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
@@ -305,7 +307,7 @@ class RehearsalCluster:
                 self._wait(i + 1, timeout_s)
                 return
             except RuntimeError:
-                if attempt == 2:
+                if attempt == attempts - 1:
                     raise
                 node = self.procs.pop()
                 try:
