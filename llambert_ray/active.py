@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from llambert_ray.config import SelectConfig
+from llambert_ray.ray_env import torch_threads
 
 
 class Embedder:
@@ -69,7 +70,7 @@ def embed(ds, model_path: str, cfg: SelectConfig) -> tuple[np.ndarray, np.ndarra
     out = ds.select_columns(["id", "text"]).map_batches(
         Embedder, batch_format="pandas", batch_size=cfg.embed_batch_size,
         fn_constructor_kwargs={"model_path": str(model_path), "max_length": cfg.max_length,
-                               "threads": max(1, int(round(cfg.cpus_per_actor)))},
+                               "threads": torch_threads(cfg.cpus_per_actor)},
         compute=ActorPoolStrategy(size=1), num_cpus=cfg.cpus_per_actor).to_pandas()
     return out["id"].to_numpy(), np.stack(out["embedding"].to_numpy()).astype(np.float32)
 

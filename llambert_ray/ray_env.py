@@ -59,6 +59,13 @@ def cpu_bind_ranges(ranks: int, cores: list[int] | None = None) -> str:
     return "|".join(parts)
 
 
+def torch_threads(cpus: float) -> int:
+    """torch intra-op threads for an actor or worker that Ray gives `cpus` CPUs (fractional allowed): one per whole
+    CPU, at least one. More threads than the CPUs Ray reserved would oversubscribe cores the node gave other
+    actors."""
+    return max(1, int(round(cpus)))
+
+
 def worker_env() -> dict[str, str]:
     """Env vars to pass to Ray workers: this process's engine settings plus the CPU defaults, less what the Ray
     job this driver runs in sets already."""

@@ -26,9 +26,9 @@ from typing import Any
 import pandas as pd
 
 from llambert_ray.config import TrainConfig
-from llambert_ray.models import local_model_dir, resolve_model
+from llambert_ray.models import cache_dir, local_model_dir, resolve_model
 from llambert_ray.progress import Progress
-from llambert_ray.ray_env import worker_env
+from llambert_ray.ray_env import torch_threads, worker_env
 
 VARIANTS = ("gold", "llm", "llm+extra", "combined")
 FINAL_MARKER = "llambert_model.json"
@@ -125,7 +125,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     labels: list[str] = config["labels"]
     label2id = {lab: i for i, lab in enumerate(labels)}
     use_gpu = cfg.use_gpu
-    torch.set_num_threads(max(1, int(round(cfg.cpus_per_worker))))
+    torch.set_num_threads(torch_threads(cfg.cpus_per_worker))
     torch.manual_seed(cfg.seed)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -247,9 +247,8 @@ def train_worker_env(use_gpu: bool) -> dict[str, str]:
         env["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
     if not use_gpu:
         # DeepSpeed compiles a small CPU op on first use; cache it across runs and workers.
-        env.setdefault("TORCH_EXTENSIONS_DIR", os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(Path(os.environ.get("LLAMBERT_CACHE", Path.home() / ".cache/llambert"))
-                                        / "torch_extensions")))
+        env.setdefault("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                              str(cache_dir() / "torch_extensions")))
     return env
 
 
