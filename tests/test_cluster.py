@@ -289,7 +289,7 @@ def test_dockerfile_pins_match_the_project():
     docker = (REPO / "cluster" / "Dockerfile").read_text()
     pyproject = (REPO / "pyproject.toml").read_text()
     assert "rayproject/ray:2.60.0-" in docker
-    for pkg in ["ray", "deepspeed", "transformers"]:
+    for pkg in ["ray", "deepspeed", "transformers", "scikit-learn"]:
         want = re.search(rf'"{pkg}(\[[^\]]*\])?==([^"]+)"', pyproject).group(2)
         assert re.search(rf'{pkg}(\[[^\]]*\])?=={re.escape(want)}', docker), pkg
     assert "vllm==0.32.0" in docker
