@@ -44,11 +44,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from llambert_ray.models import ModelNotFoundError
     from llambert_ray.preflight import PreflightError
     from llambert_ray.ray_env import RayStartError, UnsharedPathError
+    from llambert_ray.serve import ServeError
     from llambert_ray.tasks import TaskError
     from llambert_ray.train import TrainError
 
     return (ConfigError, CorpusError, TaskError, ModelNotFoundError, AnnotationError, TrainError, LabelError,
-            PreflightError, UnsharedPathError, RayStartError)
+            PreflightError, UnsharedPathError, RayStartError, ServeError)
 
 
 def friendly_errors(fn):

@@ -162,8 +162,22 @@ def _coerce(v: Any) -> Any:
     return v
 
 
+class ServeError(RuntimeError):
+    """Serve cannot start as asked (the message names the running instance and the fix)."""
+
+
 def start(model_dir: str | Path, cfg: ServeConfig, *, name: str = "llambert", blocking: bool = False):
     """Start Serve's HTTP proxy on cfg.host:cfg.port and deploy the app; returns its handle."""
+    from ray.serve.context import _get_global_client
+
+    running = _get_global_client(raise_if_no_controller_running=False)
+    if running is not None and (running.http_config.host, running.http_config.port) != (cfg.host, cfg.port):
+        # serve.start would only log a warning and go on serving on the old address.
+        raise ServeError(
+            f"Ray Serve is already running on this cluster at {running.http_config.host}:"
+            f"{running.http_config.port}, not at the requested {cfg.host}:{cfg.port}. Either use "
+            f"--port {running.http_config.port} (and host {running.http_config.host}), or stop the running "
+            f"Serve first with `serve shutdown -y` (this deletes its applications).")
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     return serve.run(build_app({"model_dir": str(model_dir)}, cfg), name=name, route_prefix="/", blocking=blocking)
 

@@ -121,7 +121,7 @@ def test_roberta_by_hub_id_trains_labels_and_serves_long_texts(ray_local, offlin
         assert resp.status_code == 200, resp.text
         assert len(resp.json()["predictions"]) == 2
     finally:
-        serve.delete("rehearsal-roberta")
+        serve.shutdown()  # not just delete: a Serve left running keeps its HTTP port for later tests
 
 
 def _free_port() -> int:

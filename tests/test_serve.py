@@ -106,6 +106,18 @@ def test_health_model_docs(served):
     assert "/v1/classify" in httpx.get(f"{url}/openapi.json", timeout=30).json()["paths"]
 
 
+def test_a_second_start_on_another_port_is_refused(served):
+    """Serve keeps one HTTP address per cluster: asking for another names the running one instead of
+    silently serving there (Ray itself only logs a warning)."""
+    from llambert_ray.config import ServeConfig
+    from llambert_ray.serve import ServeError, start
+
+    url, model_dir = served
+    running_port = int(url.rsplit(":", 1)[1])
+    with pytest.raises(ServeError, match=f"already running .*127.0.0.1:{running_port}.*serve shutdown"):
+        start(model_dir, ServeConfig(port=_free_port(), cpus_per_replica=0.5, gpus_per_replica=0), name="other")
+
+
 def test_label_corpus_through_the_deployment(served, tweets_frame):
     import ray
 
