@@ -4,9 +4,9 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# A Python 3.10-3.12 for the venv: the first of these that is one (or give PYTHON=/path/to/python3.11).
-PYTHON ?= $(shell for p in python3.11 python3.12 python3.10 python3; do \
-	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))' \
+# A Python 3.11-3.12 for the venv (numpy 2.3, scikit-learn 1.9 need 3.11): the first of these that is one (or give PYTHON=/path/to/python3.11).
+PYTHON ?= $(shell for p in python3.11 python3.12 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 12))' \
 	2>/dev/null && { command -v $$p; break; }; done)
 # uv: the one on PATH, else one that setup pip-installs into the venv itself (a fresh machine has none).
 # Recursively expanded, so it is looked up when used, after setup may have installed it.
@@ -51,7 +51,7 @@ help:
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	@test -n "$(PYTHON)" || { echo "make setup: needs Python 3.10, 3.11 or 3.12 on PATH (python3 is $$(python3 --version 2>&1)); install one or run make PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@test -n "$(PYTHON)" || { echo "make setup: needs Python 3.11 or 3.12 on PATH (python3 is $$(python3 --version 2>&1)); install one or run make PYTHON=/path/to/python3.11" >&2; exit 1; }
 	@command -v $${CC:-cc} >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || { echo "make setup: needs a C compiler (DeepSpeed builds a small op with it): apt-get install build-essential, or set CC" >&2; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@test -x "$(UV)" || { $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip -q; $(PY) -m pip install -q --disable-pip-version-check uv; }

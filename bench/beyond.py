@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from llambert_ray.active import Probe, _macro_f1, embed, plot_curves, run_rounds
+from llambert_ray.active import Probe, embed, plot_curves, run_rounds
 from llambert_ray.annotate import _label_logsoftmax, _relabel, annotate, apply_prior_calibration
 from llambert_ray.config import AnnotateConfig, CorpusConfig, SelectConfig
 from llambert_ray.data import read_corpus, sample_corpus
+from llambert_ray.evaluate import classification_metrics
 from llambert_ray.models import resolve_model
 from llambert_ray.ray_env import init_ray
 from llambert_ray.tasks import load_task
@@ -88,15 +89,15 @@ def relabel(pool: pd.DataFrame, labels: list[str], offsets: dict[str, float] | N
 
 def label_quality(df: pd.DataFrame, labels: list[str]) -> dict[str, float]:
     g = df[df["label"].notna()] if "label" in df else df.iloc[:0]
-    y = g["label"].map({lab: i for i, lab in enumerate(labels)}).to_numpy()
-    p = g["llm_label"].map({lab: i for i, lab in enumerate(labels)}).fillna(-1).astype(int).to_numpy()
-    return {"rows": len(g), "accuracy": float((p == y).mean()), "macro_f1": _macro_f1(y, p, len(labels)),
+    m = classification_metrics(g["label"], g["llm_label"], labels)  # a missing LLM label counts as wrong
+    return {"rows": len(g), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
             f"share_{labels[0]}": float((df["llm_label"] == labels[0]).mean())}
 
 
 def probe_score(x_tr, y_tr, w, x_te, y_te, n) -> dict[str, float]:
     pr = Probe.fit(x_tr, y_tr, n, sample_weight=w).proba(x_te).argmax(1)
-    return {"accuracy": float((pr == y_te).mean()), "macro_f1": _macro_f1(y_te, pr, n)}
+    m = classification_metrics(list(y_te), list(pr), list(range(n)))
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
 
 
 def run_domain(name: str, task, pool: pd.DataFrame, test: pd.DataFrame, cf_offsets, a) -> dict:

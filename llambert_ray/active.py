@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 
 from llambert_ray.config import SelectConfig
+from llambert_ray.evaluate import classification_metrics
+from llambert_ray.ray_env import torch_threads
 
 
 class Embedder:
@@ -69,7 +71,7 @@ def embed(ds, model_path: str, cfg: SelectConfig) -> tuple[np.ndarray, np.ndarra
     out = ds.select_columns(["id", "text"]).map_batches(
         Embedder, batch_format="pandas", batch_size=cfg.embed_batch_size,
         fn_constructor_kwargs={"model_path": str(model_path), "max_length": cfg.max_length,
-                               "threads": max(1, int(round(cfg.cpus_per_actor)))},
+                               "threads": torch_threads(cfg.cpus_per_actor)},
         compute=ActorPoolStrategy(size=1), num_cpus=cfg.cpus_per_actor).to_pandas()
     return out["id"].to_numpy(), np.stack(out["embedding"].to_numpy()).astype(np.float32)
 
@@ -77,38 +79,28 @@ def embed(ds, model_path: str, cfg: SelectConfig) -> tuple[np.ndarray, np.ndarra
 # ------------------------------------------------------------------------------------------ the probe
 @dataclass
 class Probe:
-    """Softmax regression on embeddings (L2-regularised, fitted with L-BFGS)."""
+    """Softmax regression on embeddings: scikit-learn's (multinomial) LogisticRegression, L2-regularised, rows
+    weighted, its probabilities laid out over all the task's labels."""
 
-    weight: np.ndarray
-    bias: np.ndarray
+    model: Any  # a fitted sklearn LogisticRegression
+    n_classes: int
 
     @classmethod
     def fit(cls, x: np.ndarray, y: np.ndarray, n_classes: int, sample_weight: np.ndarray | None = None,
-            l2: float = 1e-3, steps: int = 100) -> Probe:
-        import torch
+            l2: float = 1e-3) -> Probe:
+        """Fit on rows x (embeddings) with label indices y; minimises the weighted mean cross-entropy + l2 * |W|^2."""
+        from sklearn.linear_model import LogisticRegression
 
-        X = torch.tensor(np.asarray(x), dtype=torch.float32)
-        Y = torch.tensor(np.asarray(y), dtype=torch.long)
-        w = torch.tensor(np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight), dtype=torch.float32)
-        w = w / w.sum()
-        W = torch.zeros(X.shape[1], n_classes, requires_grad=True)
-        b = torch.zeros(n_classes, requires_grad=True)
-        opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            nll = torch.nn.functional.cross_entropy(X @ W + b, Y, reduction="none")
-            loss = (w * nll).sum() + l2 * (W * W).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        return cls(W.detach().numpy(), b.detach().numpy())
+        w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        # sklearn minimises C * sum(w * loss) + |W|^2 / 2: with weights summing to 1, C = 1 / (2 * l2)
+        model = LogisticRegression(C=1 / (2 * l2), max_iter=1000).fit(x, y, sample_weight=w / w.sum())
+        return cls(model, n_classes)
 
     def proba(self, x: np.ndarray) -> np.ndarray:
-        z = x @ self.weight + self.bias
-        z = np.exp(z - z.max(1, keepdims=True))
-        return z / z.sum(1, keepdims=True)
+        """Class probabilities, one column per task label (0 for labels the probe never saw)."""
+        out = np.zeros((len(x), self.n_classes))
+        out[:, self.model.classes_] = self.model.predict_proba(x)
+        return out
 
 
 def select_next(x: np.ndarray, proba: np.ndarray, taken: np.ndarray, k: int, *, diversity: bool = True,
@@ -153,14 +145,6 @@ class ActiveResult:
         return {"strategy": self.strategy, "rounds": [asdict(r) for r in self.rounds]}
 
 
-def _macro_f1(y: np.ndarray, p: np.ndarray, n: int) -> float:
-    f1 = []
-    for c in range(n):
-        tp, fp, fn = np.sum((p == c) & (y == c)), np.sum((p == c) & (y != c)), np.sum((p != c) & (y == c))
-        f1.append(2 * tp / max(2 * tp + fp + fn, 1))
-    return float(np.mean(f1))
-
-
 def run_rounds(pool_ids: np.ndarray, x_pool: np.ndarray, labels: list[str], budget: int, cfg: SelectConfig,
                llm: Callable[[list[Any]], pd.DataFrame], *, strategy: str = "active",
                x_test: np.ndarray | None = None, y_test: list[str] | None = None, seed: int = 0,
@@ -180,7 +164,6 @@ def run_rounds(pool_ids: np.ndarray, x_pool: np.ndarray, labels: list[str], budg
         sizes.append(rest // (cfg.rounds - 1) + (1 if r <= rest % (cfg.rounds - 1) else 0))
     sizes = [s for s in sizes if s > 0]
     lab_idx = {lab: i for i, lab in enumerate(labels)}
-    y_test_idx = np.array([lab_idx.get(v, -1) for v in y_test]) if y_test is not None else None
     taken = np.zeros(len(pool_ids), dtype=bool)
     answers: list[pd.DataFrame] = []
     result = ActiveResult(strategy)
@@ -203,11 +186,9 @@ def run_rounds(pool_ids: np.ndarray, x_pool: np.ndarray, labels: list[str], budg
             probe = Probe.fit(x_pool[pos[ok["id"]].to_numpy()], ok["llm_label"].map(lab_idx).to_numpy(),
                               len(labels), sample_weight=weight)
             proba = probe.proba(x_pool)
-            if x_test is not None and y_test_idx is not None:
-                pred = probe.proba(x_test).argmax(1)
-                known = y_test_idx >= 0
-                acc = float((pred[known] == y_test_idx[known]).mean())
-                f1 = _macro_f1(y_test_idx[known], pred[known], len(labels))
+            if x_test is not None and y_test is not None:
+                m = classification_metrics(y_test, [labels[i] for i in probe.proba(x_test).argmax(1)], labels)
+                acc, f1 = m["accuracy"], m["macro_f1"]
         result.rounds.append(Round(r + 1, int(taken.sum()), acc, f1, time.time() - t0))
         log(f"  [{strategy}] round {r + 1}/{len(sizes)}: {int(taken.sum())} LLM calls"
             + (f", probe accuracy on test {acc:.2%} (macro F1 {f1:.2%})" if acc is not None else ""))

@@ -29,7 +29,7 @@ import pandas as pd
 from llambert_ray.config import AnnotateConfig, RunConfig
 from llambert_ray.models import local_model_dir, resolve_model
 from llambert_ray.progress import Progress
-from llambert_ray.ray_env import cpu_bind_ranges, resolve_device, worker_env
+from llambert_ray.ray_env import LIGHT, cpu_bind_ranges, resolve_device, worker_env
 from llambert_ray.tasks import OTHER, Task, TaskError
 
 OUTPUT_COLUMNS = ["llm_label", "llm_confidence", "llm_raw", "llm_error", "prompt_tokens"]
@@ -37,8 +37,6 @@ OUTPUT_COLUMNS = ["llm_label", "llm_confidence", "llm_raw", "llm_error", "prompt
 # its bias, independent of any row.
 CONTENT_FREE_TEXTS = ["N/A", "[MASK]", "", "..."]
 _CF_PREFIX = "__llambert_content_free_"
-# Every stage around the engine is light: a fraction of a CPU each, or on 2 cores they starve the engine actor.
-_LIGHT = {"num_cpus": 0.1}
 # Runs of the engine over the rows still without an answer, when a run fails after answering some (see annotate).
 ATTEMPTS = 3
 log = logging.getLogger(__name__)
@@ -219,9 +217,9 @@ class VLLMEngine:
             runtime_env={"env_vars": env},
             batch_size=cfg.batch_size,
             concurrency=cfg.concurrency,
-            chat_template_stage={"enabled": plan.style == "chat", **_LIGHT},
-            tokenize_stage=_LIGHT,
-            detokenize_stage=_LIGHT,
+            chat_template_stage={"enabled": plan.style == "chat", **LIGHT},
+            tokenize_stage=LIGHT,
+            detokenize_stage=LIGHT,
             should_continue_on_error=True,
             log_engine_metrics=False,
             **kwargs,
@@ -252,9 +250,9 @@ class VLLMEngine:
         env = dict((config.runtime_env or {}).get("env_vars") or {})
         env["RAY_kill_child_processes_on_worker_exit"] = "false"
         config.runtime_env = {**(config.runtime_env or {}), "env_vars": env}
-        processor = build_processor(config, preprocess=pre, preprocess_map_kwargs=_LIGHT,
-                                    postprocess_map_kwargs=_LIGHT)
-        return processor(ds).map(finish, **_LIGHT)
+        processor = build_processor(config, preprocess=pre, preprocess_map_kwargs=LIGHT,
+                                    postprocess_map_kwargs=LIGHT)
+        return processor(ds).map(finish, **LIGHT)
 
 
 # -------------------------------------------------------------------------------------------- stage
@@ -353,8 +351,8 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
         try:
             answers = engine.run(ray.data.from_pandas(blocks), plan)
             if bar is not None:
-                answers = bar.count(answers, num_cpus=_LIGHT["num_cpus"])
-            answers.write_parquet(str(folder), ray_remote_args=_LIGHT)
+                answers = bar.count(answers)
+            answers.write_parquet(str(folder), ray_remote_args=dict(LIGHT))  # a copy: Ray may add keys to it
             error = None
         except Exception as e:  # what Ray raises when the run failed; the finished chunks are on disk
             error = e
@@ -400,7 +398,7 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
     cached, runs, resent = 0, 1, 0
     if cache_dir is None:
         with Progress("annotate", None) as bar:
-            df = bar.count(engine.run(ds, plan), num_cpus=_LIGHT["num_cpus"]).to_pandas()
+            df = bar.count(engine.run(ds, plan)).to_pandas()
             bar.update(len(df))
     else:
         folder = Path(cache_dir) / plan_hash(plan, cfg.model)

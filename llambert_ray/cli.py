@@ -71,11 +71,13 @@ def friendly_errors(fn):
     return wrapper
 
 
-def _config(config: Path | None, overrides: dict[str, Any]) -> RunConfig:
-    return load_config(config, overrides)
+def _config(config: Path | None, overrides: dict[str, Any], sets: list[str] | None = None) -> RunConfig:
+    return load_config(config, overrides, sets)
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config; flags override its values.")
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="set any config key, e.g. --set annotate.shots=2 "
+                      "--set corpus.filters='{split: [test]}' (repeatable; VALUE read as YAML; after the other flags)")
 
 
 @app.command()
@@ -104,6 +106,7 @@ def annotate(
                                  "(as `llambert plan`), run nothing"),
     config: Path | None = ConfigOpt,
     verbose: bool = VerboseOpt,
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """Label a (sampled) corpus with the LLM: writes OUTPUT/annotations.parquet (id, text, label if gold exists,
     llm_label, llm_confidence, llm_raw, llm_error, prompt_tokens), OUTPUT/annotate_summary.json and OUTPUT/logs/,
@@ -114,7 +117,7 @@ def annotate(
         "corpus.label_column": label_column, "annotate.mode": mode, "annotate.shots": shots,
         "annotate.prompt_style": prompt_style, "annotate.model": model, "annotate.batch_size": batch_size,
         "annotate.concurrency": concurrency, "annotate.tensor_parallel_size": tensor_parallel_size,
-        "cluster.address": address})
+        "cluster.address": address}, set_)
     if dry_run:
         from llambert_ray.plan import load_hardware, plan_run
         from llambert_ray.tasks import load_task
@@ -153,6 +156,7 @@ def train(
     address: str | None = typer.Option(None, help="Ray address (default: start a local Ray)"),
     config: Path | None = ConfigOpt,
     verbose: bool = VerboseOpt,
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """Fine-tune the encoder with Ray Train + DeepSpeed on LLM (or gold) labels; writes OUTPUT/model (an HF
     folder), OUTPUT/train_summary.json and OUTPUT/logs/."""
@@ -160,7 +164,7 @@ def train(
         "task": task, "train.variants": [variant] if variant else None, "train.model": model,
         "train.workers": workers, "train.zero_stage": zero_stage, "train.epochs": epochs,
         "train.learning_rate": learning_rate, "train.batch_size": batch_size, "train.max_length": max_length,
-        "train.use_gpu": use_gpu, "cluster.address": address})
+        "train.use_gpu": use_gpu, "cluster.address": address}, set_)
     from llambert_ray.train import train_from_files
 
     result, metrics = train_from_files(cfg, train_path, output, extra_path=extra, eval_path=eval_path)
@@ -188,13 +192,14 @@ def label(
     address: str | None = typer.Option(None),
     config: Path | None = ConfigOpt,
     verbose: bool = VerboseOpt,
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """Label a whole corpus with a trained classifier: OUTPUT/labels.parquet (id, label, prob_<class>..., error,
     gold when the corpus has labels), OUTPUT/label_summary.json and OUTPUT/logs/."""
     cfg = _config(config, {"task": task, "corpus.path": input, "corpus.id_column": id_column,
                            "corpus.text_column": text_column, "corpus.label_column": label_column,
                            "label.batch_size": batch_size, "label.concurrency": concurrency,
-                           "cluster.address": address})
+                           "cluster.address": address}, set_)
     from llambert_ray.label import label_corpus
 
     summary = label_corpus(cfg, model, output / "labels.parquet")
@@ -250,13 +255,14 @@ def run(
     skip_preflight: bool = typer.Option(False, "--skip-preflight", help="do not run `llambert preflight`'s checks "
                                         "before the first stage"),
     verbose: bool = VerboseOpt,
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """The whole pipeline: annotate -> train each variant -> label the corpus -> evaluate -> report, into
     OUTPUT_DIR/NAME/: annotations.parquet, models/<variant>/model/, labels.parquet, test_predictions.parquet,
     label_issues.parquet, metrics.json, report.md, report.html, plots/, manifest.json, cache/ and logs/.
     `llambert preflight`'s checks run first (a failed check stops the run before any stage). Stages whose outputs
     exist for the same config are skipped, so a rerun resumes."""
-    cfg = _config(config, {"name": name, "output_dir": output_dir, "cluster.address": address})
+    cfg = _config(config, {"name": name, "output_dir": output_dir, "cluster.address": address}, set_)
     from llambert_ray.pipeline import run_pipeline
     from llambert_ray.report import headline_table
 
@@ -274,12 +280,13 @@ def preflight(
     address: str | None = typer.Option(None, help="Ray address of the cluster it will run on (default: the "
                                                   "config's cluster.address; none = a local Ray)"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the checks as JSON here"),
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """Check a config against the cluster it will run on, in seconds, before any GPU is used: every model resolves
     and loads on the nodes (HF_TOKEN where a gated model loads), the corpus is readable from the workers,
     output_dir is shared by all nodes, each engine's TP x PP bundles fit one node shape and the replicas fit the
     cluster (live nodes and autoscaler node types), TP divides the model's heads. One table; exit 2 on a failure."""
-    cfg = _config(config, {"cluster.address": address})
+    cfg = _config(config, {"cluster.address": address}, set_)
     from llambert_ray.preflight import PreflightError, checks_to_dicts, run_preflight, table
     from llambert_ray.ray_env import init_ray
 
@@ -308,13 +315,14 @@ def plan(
                                                "credentials for s3:// here)"),
     mean_chars: float | None = typer.Option(None, "--mean-chars", help="mean characters per text, with --rows"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the estimate as JSON here"),
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """Estimate rows, tokens, device-hours and cost of every stage of a config before running anything
     (no Ray, no model weights: corpus metadata, the tokenizers and a hardware table)."""
     from llambert_ray.plan import load_hardware, load_manifest, plan_run
     from llambert_ray.tasks import load_task
 
-    cfg = _config(config, {})
+    cfg = _config(config, {}, set_)
     est = plan_run(cfg, load_task(cfg.task), hardware=load_hardware(hardware), gpu=gpu, rows=rows,
                    mean_chars=mean_chars, measured=load_manifest(measured) if measured else None)
     typer.echo(est.table())
@@ -337,6 +345,7 @@ def serve(
     address: str | None = typer.Option(None),
     config: Path | None = ConfigOpt,
     verbose: bool = VerboseOpt,
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """Serve a trained classifier over HTTP (Ray Serve, dynamic batching); runs until Ctrl-C. Writes no files;
     the replicas' logs stay in Ray's session folder (printed at start; -v shows them live)."""
@@ -349,7 +358,7 @@ def serve(
                               f"e.g. --autoscale 1:4") from None
     cfg = _config(config, {"serve.host": host, "serve.port": port, "serve.min_replicas": mn,
                            "serve.max_replicas": mx, "serve.max_batch_size": max_batch_size,
-                           "serve.batch_wait_timeout_s": batch_wait_timeout_s, "cluster.address": address})
+                           "serve.batch_wait_timeout_s": batch_wait_timeout_s, "cluster.address": address}, set_)
     from llambert_ray.label import model_labels
 
     model_labels(model)  # a wrong model folder fails here, before Ray (or Ray Serve) is even imported

@@ -26,13 +26,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from llambert_ray.config import CorpusConfig
+from llambert_ray.ray_env import LIGHT, LIGHT_CPUS
 from llambert_ray.tasks import Task, TaskError
 
 ACLIMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 ACLIMDB_MD5 = "7c2ac02c03563afcf9b574c7e56c153a"
-# Light pandas transforms ask for a quarter CPU: on a 2-core machine a full CPU each, beside an engine actor
-# holding one, leaves Ray Data's budget short and the pipeline waits forever instead of failing.
-LIGHT = {"num_cpus": 0.25}
 
 
 class CorpusError(ValueError):
@@ -293,13 +291,13 @@ def _number_rows(ds):
     """Give rows the ids '0'..'n-1' in block order (for corpora without an id column)."""
     import ray
 
-    @ray.remote(num_cpus=0.25)
+    @ray.remote(num_cpus=LIGHT_CPUS)
     def _with_ids(table: pa.Table, start: int) -> pa.Table:
         ids = pa.array([str(i) for i in range(start, start + table.num_rows)])
         return table.set_column(table.schema.get_field_index("id"), "id", ids)
 
     refs = ds.to_arrow_refs()
-    sizes = ray.get([ray.remote(num_cpus=0.25)(lambda t: t.num_rows).remote(r) for r in refs])
+    sizes = ray.get([ray.remote(num_cpus=LIGHT_CPUS)(lambda t: t.num_rows).remote(r) for r in refs])
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
     return ray.data.from_arrow_refs([_with_ids.remote(r, int(s)) for r, s in zip(refs, starts, strict=True)])
 

@@ -6,6 +6,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+_DROPPED = "\x00dropped"  # stands for a missing prediction; no task label looks like it
 
 
 def failed_mask(failed: pd.Series | list | None, n: int) -> np.ndarray:
@@ -33,22 +36,17 @@ def classification_metrics(gold: pd.Series | list, pred: pd.Series | list, label
         return {"rows": 0, "accuracy": None, "macro_f1": None, "dropped": None, "per_class": {},
                 "confusion": [], "labels": labels, "failed": n_failed}
     dropped = p.isna().to_numpy()
-    index = {lab: i for i, lab in enumerate(labels)}
-    cm = np.zeros((len(labels), len(labels)), dtype=int)  # rows: gold, columns: predicted
-    for gi, pi in zip(g, p, strict=True):
-        if pi in index and gi in index:
-            cm[index[gi], index[pi]] += 1
-    per_class = {}
-    for lab, i in index.items():
-        tp = cm[i, i]
-        predicted = cm[:, i].sum()
-        actual = int((g == lab).sum())
-        prec = tp / predicted if predicted else 0.0
-        rec = tp / actual if actual else 0.0
-        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        per_class[lab] = {"precision": float(prec), "recall": float(rec), "f1": float(f1), "support": actual}
-    acc = float((g == p).sum() / n)
-    return {"rows": n, "accuracy": acc, "macro_f1": float(np.mean([c["f1"] for c in per_class.values()])),
+    # As strings (scikit-learn wants one type); a dropped prediction is a class of its own: wrong for accuracy and
+    # recall, outside the confusion matrix.
+    g, p = g.astype(str).to_numpy(), p.where(~dropped, _DROPPED).astype(str).to_numpy()
+    names = [str(lab) for lab in labels]
+    prec, rec, f1, support = precision_recall_fscore_support(g, p, labels=names, zero_division=0)
+    per_class = {lab: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
+                       "support": int(support[i])} for i, lab in enumerate(labels)}
+    # rows: gold, columns: predicted (confusion_matrix refuses gold with none of the labels: all zeros then)
+    cm = (confusion_matrix(g, p, labels=names) if np.isin(g, names).any()
+          else np.zeros((len(labels), len(labels)), dtype=int))
+    return {"rows": n, "accuracy": float(accuracy_score(g, p)), "macro_f1": float(np.mean(f1)),
             "dropped": float(dropped.mean()), "per_class": per_class, "confusion": cm.tolist(), "labels": labels,
             "failed": n_failed}
 

@@ -21,6 +21,7 @@ import pandas as pd
 
 from llambert_ray.config import LabelConfig
 from llambert_ray.progress import Progress
+from llambert_ray.ray_env import torch_threads
 
 
 class LabelError(ValueError):
@@ -168,12 +169,11 @@ def label_dataset(ds, model_dir: str | Path, cfg: LabelConfig, progress: Callabl
     from ray.data import ActorPoolStrategy
 
     model_labels(model_dir)  # fail before any actor starts
-    threads = max(1, int(round(cfg.cpus_per_actor)))
     return ds.map_batches(
         Classifier, batch_format="pandas", batch_size=cfg.batch_size,
         fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "max_length": cfg.max_length,
-                               "threads": threads, "sub_batch": cfg.sub_batch_size, "dtype": cfg.dtype,
-                               "progress": progress},
+                               "threads": torch_threads(cfg.cpus_per_actor), "sub_batch": cfg.sub_batch_size,
+                               "dtype": cfg.dtype, "progress": progress},
         # a fixed pool, or an autoscaling one: Ray Data adds actors (up to max_concurrency) while rows wait, on
         # nodes that join the cluster mid-stage too
         compute=(ActorPoolStrategy(size=cfg.concurrency) if not cfg.max_concurrency else

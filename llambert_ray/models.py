@@ -47,6 +47,8 @@ PACKAGED: dict[str, PackagedModel] = {
 
 
 def cache_dir() -> Path:
+    """This node's cache folder (`$LLAMBERT_CACHE`, default `~/.cache/llambert`): dequantized GGUF models, model
+    mirrors copied from object storage, DeepSpeed's compiled CPU ops."""
     return Path(os.environ.get("LLAMBERT_CACHE", Path.home() / ".cache" / "llambert")).expanduser()
 
 

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from llambert_ray import console
 from llambert_ray.console import lock, open_logs, verbose
+from llambert_ray.ray_env import LIGHT_CPUS
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,10 @@ class Progress:
         self.key = f"{name}-{os.getpid()}-{Progress._seq}-{self.t0}"
 
     # ---------------------------------------------------------------- counting
-    def count(self, ds, num_cpus: float = 0.1):
+    def count(self, ds, num_cpus: float = LIGHT_CPUS):
         """`ds` with a step that reports its rows to this line as they pass (no-op when Ray is not running).
-        `num_cpus`: give the step's upstream map's, so Ray Data fuses the two into one task."""
+        `num_cpus`: the step's upstream map's (the light steps' by default), so Ray Data fuses the two into one
+        task."""
         counter = self._ensure_counter()
         if counter is None:
             return ds

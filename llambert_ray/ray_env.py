@@ -13,6 +13,13 @@ from typing import Any
 CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "auto",
                   "TOKENIZERS_PARALLELISM": "false"}
 
+# CPUs for the light steps around the heavy actors (pandas transforms of the corpus, prompt building, answer parsing,
+# row counting, parquet writes). A fraction of a CPU: with a full one each, a 2-core machine whose engine actor holds
+# a core leaves Ray Data's budget short, and the pipeline waits forever instead of failing. One value for all, since
+# Ray Data fuses adjacent map steps into one task only when they ask for the same resources.
+LIGHT_CPUS = 0.1
+LIGHT = {"num_cpus": LIGHT_CPUS}
+
 
 def has_gpu() -> bool:
     """True if this Ray cluster has a GPU or its autoscaler can add GPU nodes (or, before Ray starts, this machine
@@ -57,6 +64,13 @@ def cpu_bind_ranges(ranks: int, cores: list[int] | None = None) -> str:
         mine = cores[r * per:(r + 1) * per] if len(cores) >= ranks else [cores[r % len(cores)]]
         parts.append(",".join(str(c) for c in mine))
     return "|".join(parts)
+
+
+def torch_threads(cpus: float) -> int:
+    """torch intra-op threads for an actor or worker that Ray gives `cpus` CPUs (fractional allowed): one per whole
+    CPU, at least one. More threads than the CPUs Ray reserved would oversubscribe cores the node gave other
+    actors."""
+    return max(1, int(round(cpus)))
 
 
 def worker_env() -> dict[str, str]:

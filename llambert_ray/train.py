@@ -12,7 +12,6 @@ The paper's variants are built here from the annotation output:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -26,9 +25,9 @@ from typing import Any
 import pandas as pd
 
 from llambert_ray.config import TrainConfig
-from llambert_ray.models import local_model_dir, resolve_model
+from llambert_ray.models import cache_dir, local_model_dir, resolve_model
 from llambert_ray.progress import Progress
-from llambert_ray.ray_env import worker_env
+from llambert_ray.ray_env import torch_threads, worker_env
 
 VARIANTS = ("gold", "llm", "llm+extra", "combined")
 FINAL_MARKER = "llambert_model.json"
@@ -125,7 +124,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     labels: list[str] = config["labels"]
     label2id = {lab: i for i, lab in enumerate(labels)}
     use_gpu = cfg.use_gpu
-    torch.set_num_threads(max(1, int(round(cfg.cpus_per_worker))))
+    torch.set_num_threads(torch_threads(cfg.cpus_per_worker))
     torch.manual_seed(cfg.seed)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -201,19 +200,17 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag="ds", client_state={"epoch": epoch, "history": history})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-    # The final HF model: gather ZeRO-3 partitions, then rank 0 saves and reports it as the last checkpoint.
-    # Every rank enters the gather (it is a collective); the context manager releases the gathered copies even
-    # when saving fails.
-    gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-              if cfg.zero_stage == 3 else contextlib.nullcontext())
+    # The final HF model, saved by rank 0 and reported as the last checkpoint. Under ZeRO-3 DeepSpeed gathers the
+    # partitions layer by layer onto rank 0's CPU (what HF's Trainer saves through; every rank takes part, it is a
+    # collective). Saved in fp32 whatever the training dtype: the labelling side picks its own.
+    state = (engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3
+             else engine.module_state_dict() if rank == 0 else None)
     with tempfile.TemporaryDirectory() as d:
-        with gather:
-            if rank == 0:
-                state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
-                engine.module.save_pretrained(d, state_dict=state)
-                tok.save_pretrained(d)
-                Path(d, FINAL_MARKER).write_text(json.dumps({"labels": labels, "max_length": cfg.max_length,
-                                                             "history": history, "world_size": world}))
+        if rank == 0:
+            engine.module.save_pretrained(d, state_dict={k: v.detach().float().cpu() for k, v in state.items()})
+            tok.save_pretrained(d)
+            Path(d, FINAL_MARKER).write_text(json.dumps({"labels": labels, "max_length": cfg.max_length,
+                                                         "history": history, "world_size": world}))
         if world > 1:
             dist.barrier()
         ray.train.report({"final": True}, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
@@ -247,9 +244,8 @@ def train_worker_env(use_gpu: bool) -> dict[str, str]:
         env["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
     if not use_gpu:
         # DeepSpeed compiles a small CPU op on first use; cache it across runs and workers.
-        env.setdefault("TORCH_EXTENSIONS_DIR", os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(Path(os.environ.get("LLAMBERT_CACHE", Path.home() / ".cache/llambert"))
-                                        / "torch_extensions")))
+        env.setdefault("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                              str(cache_dir() / "torch_extensions")))
     return env
 
 

@@ -44,6 +44,9 @@ def test_probe_learns_sentiment_from_embeddings(reviews):
     assert acc >= 0.75, acc  # 16 held-out reviews; chance is 0.5
     w = np.linspace(0.5, 1.0, 24)
     assert Probe.fit(x[:24], y[:24], 2, sample_weight=w).proba(x[:2]).shape == (2, 2)
+    # a label no LLM answer has given yet gets a column too, with probability 0
+    p3 = Probe.fit(x[:24], np.where(y[:24] == 1, 2, 0), 3).proba(x[:4])
+    assert p3.shape == (4, 3) and (p3[:, 1] == 0).all() and np.allclose(p3.sum(1), 1)
 
 
 @pytest.mark.parametrize("strategy", ["active", "random"])

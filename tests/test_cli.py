@@ -152,3 +152,37 @@ def test_verbose_flag_on_the_app_and_on_a_command(tmp_path, monkeypatch):
     monkeypatch.setenv(console.VERBOSE_ENV, "0")
     res = runner.invoke(app, ["annotate", "-i", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o"), "-v"])
     assert res.exit_code == 2 and console.verbose()
+
+
+def test_set_reaches_the_config_of_every_command_and_a_wrong_key_says_which_are_valid(monkeypatch):
+    """`--set KEY=VALUE` on the commands that take a config: YAML-typed, after the command's own flags."""
+    from conftest import REPO
+
+    import llambert_ray.plan as plan_module
+
+    seen = []
+
+    class Estimate:
+        stages: list = []
+
+        def table(self):
+            return "estimate"
+
+    def plan_run(cfg, task, **kwargs):
+        seen.append(cfg)
+        return Estimate()
+
+    monkeypatch.setattr(plan_module, "plan_run", plan_run)
+    demo = str(REPO / "configs" / "demo.yaml")
+    res = runner.invoke(app, ["plan", "-c", demo, "--set", "train.epochs=5", "--set", "corpus.filters={split: [test]}"])
+    assert res.exit_code == 0, res.output
+    assert seen[-1].train.epochs == 5 and seen[-1].corpus.filters == {"split": ["test"]}
+    res = runner.invoke(app, ["annotate", "-c", demo, "-o", "unused", "--dry-run", "--shots", "1",
+                              "--set", "annotate.shots=2", "--set", "annotate.temperature=0.5"])
+    assert res.exit_code == 0, res.output
+    assert seen[-1].annotate.shots == 2 and seen[-1].annotate.temperature == 0.5
+    for cmd in (["plan"], ["preflight"], ["run"], ["annotate", "-o", "x"], ["train", "--train", "x", "-o", "x"],
+                ["label", "-m", "x", "-i", "x", "-o", "x"], ["serve", "-m", "x"]):
+        res = runner.invoke(app, [*cmd, "-c", demo, "--set", "train.epoch=5"])
+        assert res.exit_code == 2, (cmd, res.output)
+        assert "train has no key 'epoch'; valid keys: " in res.output and "epochs" in res.output, (cmd, res.output)

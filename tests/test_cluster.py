@@ -89,10 +89,16 @@ def test_the_schema_catches_typical_mistakes(mutate, expected):
     assert errors and any(expected in e for e in errors), errors
 
 
-def test_rayjob_runs_the_cluster_of_raycluster_yaml_and_a_real_entrypoint():
+def test_rayjob_runs_on_the_cluster_of_raycluster_yaml_and_a_real_entrypoint():
     job, cluster = _load("rayjob.yaml"), _load("raycluster.yaml")
-    assert job["spec"]["rayClusterSpec"] == cluster["spec"]
-    assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["ttlSecondsAfterFinished"] > 0
+    # one cluster spec: the RayJob selects raycluster.yaml's cluster by name (KubeRay reads only ray.io/cluster)
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    assert "rayClusterSpec" not in job["spec"]
+    # what KubeRay's validation refuses with a clusterSelector, and what it ignores there (it never deletes a
+    # cluster it did not create, so a shutdown or TTL setting would only mislead)
+    assert not job["spec"].get("suspend") and job["spec"].get("submissionMode") != "SidecarMode"
+    assert job["spec"].get("backoffLimit", 0) <= 0
+    assert not {"shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "deletionStrategy"} & set(job["spec"])
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[0] == "python"
     for arg in argv[1:]:
@@ -289,7 +295,7 @@ def test_dockerfile_pins_match_the_project():
     docker = (REPO / "cluster" / "Dockerfile").read_text()
     pyproject = (REPO / "pyproject.toml").read_text()
     assert "rayproject/ray:2.60.0-" in docker
-    for pkg in ["ray", "deepspeed", "transformers"]:
+    for pkg in ["ray", "deepspeed", "transformers", "scikit-learn"]:
         want = re.search(rf'"{pkg}(\[[^\]]*\])?==([^"]+)"', pyproject).group(2)
         assert re.search(rf'{pkg}(\[[^\]]*\])?=={re.escape(want)}', docker), pkg
     assert "vllm==0.32.0" in docker

@@ -42,3 +42,28 @@ def test_config_hash_changes_with_content():
     a, b = load_config(None), load_config(None, {"annotate.mode": "choice"})
     assert config_hash(a.annotate) != config_hash(b.annotate)
     assert config_hash(a.annotate) == config_hash(load_config(None).annotate)
+
+
+def test_set_items_are_yaml_typed_and_checked_against_the_tree(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("corpus: {path: a.parquet, label_column: gold}\ntest: null\n")
+    cfg = load_config(p, {"annotate.shots": 1}, ["annotate.shots=2", "train.bf16=true", "corpus.label_column=null",
+                                                  "corpus.filters.split=[test, dev]", "test.path=b.parquet",
+                                                  "train.learning_rate=3e-5"])
+    assert cfg.annotate.shots == 2  # --set comes after the flags
+    assert cfg.train.bf16 is True and cfg.corpus.label_column is None and cfg.test.path == "b.parquet"
+    assert cfg.corpus.filters == {"split": ["test", "dev"]} and cfg.train.learning_rate == 3e-5
+
+
+@pytest.mark.parametrize("item,needle", [
+    ("annotate.shotz=2", "annotate has no key 'shotz'; valid keys: model, mode"),
+    ("anotate.shots=2", "the config has no key 'anotate'; valid keys: name, output_dir, task, corpus"),
+    ("name.first=x", "name is a value, not a section"),
+    ("annotate.shots", "is not KEY=VALUE"),
+    ("annotate.shots=two", "annotate.shots: Input should be a valid integer"),
+    ("annotate.shots=[1", "not valid YAML"),
+])
+def test_bad_set_items_name_the_key(item, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, None, [item])
+    assert needle in str(e.value)

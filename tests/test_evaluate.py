@@ -18,6 +18,11 @@ def test_no_gold_rows():
     assert classification_metrics([None], ["a"], ["a", "b"])["accuracy"] is None
 
 
+def test_gold_outside_the_labels_counts_as_wrong_and_leaves_the_matrix_empty():
+    m = classification_metrics(["x", "y"], ["a", "b"], ["a", "b"])
+    assert m["accuracy"] == 0 and m["macro_f1"] == 0 and m["confusion"] == [[0, 0], [0, 0]]
+
+
 def test_label_issues_flag_contradicted_llm_labels_first():
     import pandas as pd
 

@@ -1,8 +1,9 @@
 """ray_env: the environment engines need reaches workers without clashing with a Ray job's own runtime_env."""
 
 import json
+from pathlib import Path
 
-from llambert_ray.ray_env import worker_env
+from llambert_ray.ray_env import torch_threads, worker_env
 
 
 def test_worker_env_outside_and_inside_a_ray_job(monkeypatch):
@@ -28,11 +29,18 @@ def test_deepspeed_accelerator_follows_the_training_device(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     assert train_worker_env(use_gpu=True)["DS_ACCELERATOR"] == "cuda"
     assert train_worker_env(use_gpu=False)["DS_ACCELERATOR"] == "cpu"
-    assert "TORCH_EXTENSIONS_DIR" in train_worker_env(use_gpu=False)
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("LLAMBERT_CACHE", "~/llambert-cache")  # DeepSpeed's compiled op lands in the one cache dir
+    assert train_worker_env(use_gpu=False)["TORCH_EXTENSIONS_DIR"] == str(Path.home() / "llambert-cache"
+                                                                          / "torch_extensions")
     # inside a Ray job that sets it, the job's value reaches the workers and is not repeated
     job = {"runtime_env": {"env_vars": {"DS_ACCELERATOR": "cpu"}}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
     assert "DS_ACCELERATOR" not in train_worker_env(use_gpu=False)
+
+
+def test_torch_threads_follow_the_cpus_ray_reserves():
+    assert [torch_threads(c) for c in (0.25, 0.9, 1.0, 1.5, 2.6, 4)] == [1, 1, 1, 2, 3, 4]
 
 
 def test_a_local_ray_that_times_out_starting_says_what_to_do(monkeypatch, tmp_path):
