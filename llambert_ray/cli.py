@@ -217,11 +217,13 @@ def run(
     Stages whose outputs exist for the same config are skipped, so a rerun resumes."""
     cfg = _config(config, {"name": name, "output_dir": output_dir, "cluster.address": address})
     from llambert_ray.pipeline import run_pipeline
-    from llambert_ray.report import headline_table
+    from llambert_ray.report import headline_table, story_text
 
     metrics = run_pipeline(cfg, log=typer.echo)
     typer.echo("")
     typer.echo(headline_table(metrics))
+    if story_text(metrics):
+        typer.echo("\n" + story_text(metrics))
     typer.echo(f"\nreport: {metrics['report']} (and report.html); labels: {cfg.run_dir / 'labels.parquet'}")
 
 
