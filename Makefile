@@ -26,6 +26,8 @@ PYTEST_ARGS ?=
 ADDRESS ?= http://127.0.0.1:8265
 STAGE ?= pipeline
 CONFIG ?= configs/imdb-llama2-70b.yaml
+# jobs/runtime_env.yaml: the project's image (cluster/Dockerfile), installs nothing; runtime_env-stock-ray.yaml:
+# a stock rayproject/ray image (pip-installs vLLM, DeepSpeed); runtime_env-cpu.yaml: CPU-only clusters.
 RUNTIME_ENV ?= jobs/runtime_env.yaml
 ENTRYPOINT_CPUS ?= 0.1
 JOB_ARGS ?=

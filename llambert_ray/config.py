@@ -94,7 +94,11 @@ class AnnotateConfig(_Strict):
     concurrency: int = Field(1, gt=0, description="engine replicas (actors)")
     tensor_parallel_size: int = Field(1, gt=0)
     pipeline_parallel_size: int = Field(1, gt=0)
-    device: Literal["auto", "cpu", "gpu"] = "auto"
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="auto = gpu when the cluster has GPU nodes up (or another stage asks for GPUs); on an "
+                            "autoscaling cluster whose GPU groups start at 0, say gpu")
+    accelerator_type: str | None = Field(None, description="GPU engines only: Ray accelerator type the engine's "
+                                                           "nodes must have, e.g. A100-80G, H100")
     dtype: str = Field("auto", description="auto = float32 on CPU, bfloat16 on GPU")
     cpus_per_engine: float = Field(1.0, gt=0, description="CPU per engine actor on CPU clusters")
     enable_prefix_caching: bool = True
@@ -129,6 +133,8 @@ class TrainConfig(_Strict):
     seed: int = 0
     min_confidence: float = Field(0.0, ge=0, le=1, description="drop LLM labels below this confidence")
     max_failures: int = Field(2, ge=-1, description="worker failures to recover from (from the last checkpoint)")
+    keep_checkpoints: bool = Field(False, description="keep Ray Train's per-epoch checkpoints once the model folder "
+                                                      "is written (they are deleted by default: ~5x the model's size)")
 
 
 class LabelConfig(_Strict):
@@ -136,7 +142,9 @@ class LabelConfig(_Strict):
 
     batch_size: int = Field(64, gt=0)
     max_length: int = Field(256, gt=0)
-    concurrency: int = Field(1, gt=0)
+    concurrency: int = Field(1, gt=0, description="classifier actors (the pool's minimum with max_concurrency)")
+    max_concurrency: int | None = Field(None, gt=0, description="autoscale the actor pool from concurrency up to "
+                                                                "this many actors while rows wait; null = fixed")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     sub_batch_size: int = Field(32, gt=0, description="rows per forward pass, length-sorted within a batch "
@@ -190,6 +198,7 @@ class ServeConfig(_Strict):
     max_length: int = Field(256, gt=0, description="tokens per text")
     cpus_per_replica: float = Field(1.0, gt=0)
     threads_per_replica: int | None = Field(None, gt=0, description="torch threads; null = torch's default")
+    gpus_per_replica: float = Field(0, ge=0, description="GPUs per replica (a fraction shares one); 0 = CPU")
 
 
 class ClusterConfig(_Strict):
@@ -264,9 +273,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         p = Path(path)
         source = str(p)
-        if not p.is_file():
+        if not p.exists():
             raise ConfigError(f"config file {p} does not exist; fix: pass the path of a YAML file, "
                               f"e.g. configs/demo.yaml")
+        if not p.is_file():
+            kind = "a folder" if p.is_dir() else "not a regular file (a device, pipe or socket)"
+            raise ConfigError(f"config {p} is {kind}; fix: pass the path of a YAML file, e.g. configs/demo.yaml")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
@@ -274,7 +286,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file {p} is not UTF-8 text; fix: save it as UTF-8") from e
         if loaded is None:
-            loaded = {}
+            raise ConfigError(f"config file {p} is empty; fix: give it sections (corpus:, annotate:, ...) as in "
+                              f"configs/demo.yaml, or leave --config out and pass flags")
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections (corpus:, annotate:, ...), "
                               f"not a {type(loaded).__name__}; fix: start it with top-level keys like `corpus:`")

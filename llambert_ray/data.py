@@ -89,6 +89,19 @@ def detect_format(path: str) -> str:
                       f"set corpus.format")
 
 
+def check_corpus_path(cfg: CorpusConfig | None, where: str = "corpus.path") -> None:
+    """Fail before Ray starts when a corpus is not given or a local corpus path does not exist (a URI is read, and
+    checked, by the Ray Data read itself: its credentials may exist only on the cluster). `where`: the key or flag
+    that gave the path, for the message."""
+    if cfg is None:
+        return
+    if not cfg.path:
+        raise CorpusError(f"no corpus given ({where}); fix: pass --input PATH or set {where} in the config")
+    if "://" not in cfg.path and not Path(cfg.path).expanduser().exists():
+        raise CorpusError(f"corpus path {cfg.path!r} ({where}) does not exist; fix: pass an existing file or "
+                          f"folder (parquet, jsonl, csv, aclImdb)")
+
+
 def _aclimdb_rows(path: str) -> Iterator[dict[str, Any]]:
     """Rows of an aclImdb tree: id = '<split>/<pos|neg|unsup>/<file stem>', label pos/neg/None."""
     pat = re.compile(r"(?:^|/)(train|test)/(pos|neg|unsup)/([^/]+)\.txt$")

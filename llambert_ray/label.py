@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from llambert_ray.config import LabelConfig
+from llambert_ray.progress import Progress
 
 
 class LabelError(ValueError):
@@ -47,13 +49,16 @@ class Classifier:
     max_consecutive_failures = 256
 
     def __init__(self, model_dir: str, max_length: int = 256, sub_batch: int = 32, threads: int | None = None,
-                 dtype: str = "auto"):
+                 dtype: str = "auto", device: str | None = None,
+                 progress: Callable[[pd.DataFrame], Any] | None = None):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if threads:
             torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # device None = any GPU this process sees. Callers that know their Ray GPU share pass it: Ray 2.60 leaves
+        # CUDA_VISIBLE_DEVICES alone for actors with num_gpus=0, so they would otherwise use a GPU not given them.
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # bf16 on GPUs (tensor cores; ~2x fp32 there), fp32 on CPUs (bf16 matmuls are ~5x slower on AVX2).
         if dtype == "auto":
             dtype = "bfloat16" if self.device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
@@ -64,6 +69,7 @@ class Classifier:
         self.max_length = max_length
         self.sub_batch = sub_batch
         self._failing = 0  # rows failed since the last labelled one
+        self.progress = progress  # called with each finished batch (the driver's progress line)
 
     def _forward(self, texts: list[str]) -> np.ndarray:
         """Class probabilities of one sub-batch (one padded forward pass)."""
@@ -125,6 +131,8 @@ class Classifier:
             out["gold"] = batch["label"].to_numpy()
         # string dtype (not object): a batch where every row is fine still has a string column, not a null one
         out["error"] = pd.Series(errors, dtype="string")
+        if self.progress is not None:
+            self.progress(out)
         return out
 
 
@@ -154,8 +162,9 @@ class LabelSummary:
         return out
 
 
-def label_dataset(ds, model_dir: str | Path, cfg: LabelConfig):
-    """Lazy Dataset of predictions for every row of `ds` (columns id, text[, label])."""
+def label_dataset(ds, model_dir: str | Path, cfg: LabelConfig, progress: Callable[[Any], Any] | None = None):
+    """Lazy Dataset of predictions for every row of `ds` (columns id, text[, label]). `progress` (from
+    `Progress.tally()`) is called with each finished batch."""
     from ray.data import ActorPoolStrategy
 
     model_labels(model_dir)  # fail before any actor starts
@@ -163,8 +172,12 @@ def label_dataset(ds, model_dir: str | Path, cfg: LabelConfig):
     return ds.map_batches(
         Classifier, batch_format="pandas", batch_size=cfg.batch_size,
         fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "max_length": cfg.max_length,
-                               "threads": threads, "sub_batch": cfg.sub_batch_size, "dtype": cfg.dtype},
-        compute=ActorPoolStrategy(size=cfg.concurrency),
+                               "threads": threads, "sub_batch": cfg.sub_batch_size, "dtype": cfg.dtype,
+                               "progress": progress},
+        # a fixed pool, or an autoscaling one: Ray Data adds actors (up to max_concurrency) while rows wait, on
+        # nodes that join the cluster mid-stage too
+        compute=(ActorPoolStrategy(size=cfg.concurrency) if not cfg.max_concurrency else
+                 ActorPoolStrategy(min_size=cfg.concurrency, max_size=max(cfg.max_concurrency, cfg.concurrency))),
         num_cpus=cfg.cpus_per_actor, **({"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor else {}))
 
 
@@ -173,7 +186,10 @@ def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path) -> La
     from llambert_ray.data import write_parquet
 
     t0 = time.time()
-    preds = label_dataset(ds, model_dir, cfg).materialize()
+    with Progress("label", ds.count()) as bar:
+        # counted batch by batch inside the classifier: the corpus may be one block, which leaves an operator whole
+        preds = label_dataset(ds, model_dir, cfg, progress=bar.tally()).materialize()
+        bar.update(preds.count())
     write_parquet(preds, output)
     seconds = time.time() - t0
     cols = ["label", "error"] + (["gold"] if "gold" in preds.columns() else [])
@@ -193,13 +209,15 @@ def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path) -> La
 
 def label_corpus(cfg, model_dir: str | Path, output: str | Path) -> LabelSummary:
     """The `llambert label` command: read cfg.corpus (all rows) and label it with the model folder."""
-    from llambert_ray.data import read_corpus
-    from llambert_ray.ray_env import init_ray
+    from llambert_ray.data import check_corpus_path, read_corpus
+    from llambert_ray.ray_env import init_ray, require_shared_path
     from llambert_ray.tasks import load_task
 
-    model_labels(model_dir)
+    model_labels(model_dir)  # a wrong model folder, path or task fails here, before Ray starts
+    check_corpus_path(cfg.corpus)
     task = load_task(cfg.task) if cfg.task else None
-    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=Path(output).parent / "logs")
+    require_shared_path(output, "--output")
     ds, _ = read_corpus(cfg.corpus, task)
     summary = label(ds, model_dir, cfg.label, output)
     Path(output).with_name("label_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))

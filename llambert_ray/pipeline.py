@@ -174,20 +174,35 @@ def _labeller_speeds(cfg: RunConfig, stages: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the whole pipeline for cfg; returns the metrics (also in run_dir/metrics.json)."""
+def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, preflight: bool = True) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline for cfg; returns the metrics (also in run_dir/metrics.json).
+    With preflight (the default), `llambert preflight`'s checks run first and a failure stops the run before any
+    stage (PreflightError)."""
     from llambert_ray.annotate import annotate, make_plan
-    from llambert_ray.data import read_corpus, read_parquet_frame, sample_corpus, sample_ids, write_parquet
+    from llambert_ray.data import (
+        check_corpus_path,
+        read_corpus,
+        read_parquet_frame,
+        sample_corpus,
+        sample_ids,
+        write_parquet,
+    )
     from llambert_ray.evaluate import classification_metrics, label_issue_summary, label_issues
     from llambert_ray.label import label, label_dataset
     from llambert_ray.models import resolve_model
-    from llambert_ray.ray_env import has_gpu, init_ray
+    from llambert_ray.ray_env import init_ray, is_local, resolve_device
     from llambert_ray.report import write_report
     from llambert_ray.tasks import load_task
     from llambert_ray.train import fit, fit_variant, variant_stages
 
+    # a wrong path, task, model or mode fails here, in seconds, before Ray starts
     task = load_task(cfg.task)
-    make_plan(task, cfg.annotate, resolve_model(cfg.annotate.model))  # bad task/mode/model: fail before Ray
+    # Every stage's model, resolved before the first stage: a bad encoder name must not stop the run after the
+    # LLM annotation has been paid for. (`llambert preflight` also checks they load on the nodes that load them.)
+    local = is_local(cfg.cluster.address)
+    llm = resolve_model(cfg.annotate.model, check_hub=local)
+    for ref in dict.fromkeys([cfg.train.model, cfg.select.model or cfg.train.model]):
+        resolve_model(ref, check_hub=local)
     if ("llm+extra" in cfg.train.variants) and cfg.extra is None:
         from llambert_ray.train import TrainError
 
@@ -198,12 +213,22 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
 
         raise ConfigError("evaluate.llm_test_sample needs select.strategy random (the test rows ride in the one "
                           "engine call of the random sample); fix: drop one of the two")
+    for section in ("corpus", "test", "extra"):
+        check_corpus_path(getattr(cfg, section), f"{section}.path")
+    make_plan(task, cfg.annotate, llm)  # bad task/mode; loads the LLM's tokenizer (score mode): last
     t_run = time.time()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir, cfg)
-    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
-    device = "gpu" if has_gpu() else "cpu"
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=run_dir / "logs")
+    if preflight:
+        from llambert_ray.preflight import preflight_or_raise
+
+        preflight_or_raise(cfg, log=log)
+    # device: auto on an autoscaling cluster whose GPU groups are at 0: the run's other stages say whether it is a
+    # GPU run. The engine gets the resolved device; the stage hashes keep the config as written.
+    device = resolve_device(cfg.annotate.device, gpu_elsewhere=cfg.train.use_gpu or cfg.label.gpus_per_actor > 0)
+    run_cfg, cfg = cfg, cfg.model_copy(update={"annotate": cfg.annotate.model_copy(update={"device": device})})
     # devices an annotation engine holds while it runs: GPUs (TP x replicas) or CPUs (per engine x replicas)
     ann_devices = (cfg.annotate.tensor_parallel_size if device == "gpu" else cfg.annotate.cpus_per_engine) \
         * cfg.annotate.concurrency
@@ -223,7 +248,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
     corpus_ds, corpus_info = read_corpus(cfg.corpus, task)
     ann_path = run_dir / "annotations.parquet"
     test_ann_path = run_dir / "test_annotations.parquet"
-    ann_hash = config_hash(cfg.corpus, cfg.annotate, task_hash)
+    ann_hash = config_hash(cfg.corpus, run_cfg.annotate, task_hash)
 
     def do_annotate(ds, path: Path) -> dict[str, Any]:
         # answers stream into the cache as they come, so an interrupted run resumes without redoing them
@@ -271,14 +296,15 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
                             "label_counts": {str(k): int(v) for k, v in ann["llm_label"].value_counts().items()}}}
 
     if cfg.select.strategy == "active":
-        ann_hash = config_hash(cfg.corpus, cfg.annotate, task_hash, cfg.select, cfg.select.model or cfg.train.model)
+        ann_hash = config_hash(cfg.corpus, run_cfg.annotate, task_hash, cfg.select,
+                               cfg.select.model or cfg.train.model)
         _stage(manifest, "annotate", ann_hash, [ann_path],
                lambda: _annotate_active(cfg, task, corpus_ds, run_dir, ann_path, device, ann_devices, log), log)
     elif llm_on_test:
         assert cfg.test is not None and test_df is not None and cfg.evaluate.llm_test_sample is not None
         llm_test_ids = set(sample_ids(test_df["id"], n=min(cfg.evaluate.llm_test_sample, len(test_df)),
                                       seed=cfg.test.seed))
-        ann_hash = config_hash(cfg.corpus, cfg.annotate, task_hash, cfg.test, cfg.evaluate.llm_test_sample)
+        ann_hash = config_hash(cfg.corpus, run_cfg.annotate, task_hash, cfg.test, cfg.evaluate.llm_test_sample)
         _stage(manifest, "annotate", ann_hash, [ann_path, test_ann_path],
                lambda: do_annotate_with_test(sample_corpus(corpus_ds, cfg.corpus),
                                              test_df[test_df["id"].isin(llm_test_ids)]), log)
@@ -294,7 +320,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
             ds, _ = read_corpus(cfg.extra, task)
             return sample_corpus(ds, cfg.extra, exclude=set(annotations["id"]))
 
-        _stage(manifest, "annotate_extra", config_hash(cfg.extra, cfg.annotate, task_hash), [extra_path],
+        _stage(manifest, "annotate_extra", config_hash(cfg.extra, run_cfg.annotate, task_hash), [extra_path],
                lambda: do_annotate(extra_rows(), extra_path), log)
         extra_df = read_parquet_frame(extra_path)
 
@@ -310,12 +336,14 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
             reuses = {}
             if variant == "combined" and "llm" in model_dirs and extra_df is None:
                 # combined's first stage is the llm variant itself (same rows, same config): continue from it
-                log("  combined: stage 1 = the llm variant's model; stage 2 on the gold labels")
                 gold = variant_stages("gold", annotations)[0][1]
+                log(f"  combined: stage 1/2 = the llm variant's model; stage 2/2 on {len(gold)} gold-labelled rows")
                 r = fit(gold, task.labels, cfg.train, vdir / "stage2", init_model=str(model_dirs["llm"]),
                         name="combined-stage2")
                 shutil.rmtree(vdir / "model", ignore_errors=True)
                 os.replace(r.model_dir, vdir / "model")
+                if not cfg.train.keep_checkpoints:  # as fit_variant: the stage's checkpoints go once the model is in
+                    shutil.rmtree(vdir / "stage2", ignore_errors=True)
                 results, reuses = [r], {"reuses": "train[llm]"}
             else:
                 _, results = fit_variant(variant, annotations, task.labels, cfg.train, vdir, extra=extra_df, log=log)
@@ -368,8 +396,10 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
                 preds["variant"] = variant
                 frames.append(preds)
             write_parquet(pd.concat(frames, ignore_index=True), eval_path)
-            return {"rows": len(test_df) * len(model_dirs), "seconds": time.time() - t0, "device": "cpu",
-                    "device_seconds": (time.time() - t0) * cfg.label.cpus_per_actor * cfg.label.concurrency}
+            per_actor = cfg.label.gpus_per_actor or cfg.label.cpus_per_actor
+            return {"rows": len(test_df) * len(model_dirs), "seconds": time.time() - t0,
+                    "device": "gpu" if cfg.label.gpus_per_actor else "cpu",
+                    "device_seconds": (time.time() - t0) * per_actor * cfg.label.concurrency}
 
         _stage(manifest, "evaluate", eval_hash, [eval_path], do_eval, log)
         preds = read_parquet_frame(eval_path)

@@ -141,7 +141,10 @@ class TokenCounter:
 
     def count_chat(self, messages: list[dict[str, str]]) -> int:
         if self.tok is not None and getattr(self.tok, "chat_template", None):
-            return len(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+            # Render, then count: with tokenize=True transformers 5 returns a BatchEncoding, whose len() is its
+            # number of keys (2), not of tokens. The template already holds any BOS, so add no special tokens.
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return len(self.tok(text, add_special_tokens=False)["input_ids"])
         return sum(self.count(m["content"]) + 4 for m in messages)
 
 

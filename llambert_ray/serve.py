@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,22 @@ def model_version(model_dir: str | Path) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
+# Above ClassifierService: the replica sees the module globals as they were when its decorators ran.
+def replica_device(gpus_per_replica: float) -> str:
+    """The torch device of a replica given `gpus_per_replica` GPUs: "cuda" with a GPU share, else "cpu"."""
+    if not gpus_per_replica:
+        # cpu even where this node has GPUs: Ray gave the replica none, so another actor may be using them.
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"serve gpus_per_replica is {gpus_per_replica} but this replica sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__}); "
+            f"fix: run it on a Ray node with a GPU and a CUDA build of torch, or set gpus_per_replica: 0")
+    return "cuda"
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(api)
 class ClassifierService:
@@ -59,7 +76,7 @@ class ClassifierService:
         self.cfg = ServeConfig(**limits)
         self.model_dir = str(model_dir)
         self.clf = Classifier(self.model_dir, max_length=self.cfg.max_length, sub_batch=self.cfg.max_batch_size,
-                              threads=self.cfg.threads_per_replica)
+                              threads=self.cfg.threads_per_replica, device=replica_device(self.cfg.gpus_per_replica))
         self.version = model_version(self.model_dir)
         self._predict.set_max_batch_size(self.cfg.max_batch_size)
         self._predict.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -97,16 +114,21 @@ class ClassifierService:
     @api.get("/v1/model")
     async def model_info(self) -> dict[str, Any]:
         return {"model_dir": self.model_dir, "labels": self.clf.labels, "version": self.version,
+                "device": self.clf.device, "dtype": str(self.clf.model.dtype).removeprefix("torch."),
                 "max_batch_size": self.cfg.max_batch_size, "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s,
                 "max_texts_per_request": self.cfg.max_texts_per_request,
                 "max_chars_per_text": self.cfg.max_chars_per_text}
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
-    """Replicas or autoscaling, and max_ongoing_requests large enough to fill a batch."""
+    """Replicas or autoscaling, resources per replica, and max_ongoing_requests large enough to fill a batch."""
+    actor: dict[str, Any] = {"num_cpus": cfg.cpus_per_replica}
+    if cfg.gpus_per_replica:
+        # Ray schedules the replica on a GPU node and sets its CUDA_VISIBLE_DEVICES; the autoscaler adds GPU nodes.
+        actor["num_gpus"] = cfg.gpus_per_replica
     # A replica must accept at least a full batch of concurrent requests, or batches never fill.
     opts: dict[str, Any] = {"max_ongoing_requests": max(2 * cfg.max_batch_size, int(2 * cfg.target_ongoing_requests)),
-                            "ray_actor_options": {"num_cpus": cfg.cpus_per_replica}}
+                            "ray_actor_options": actor}
     if cfg.max_replicas > cfg.min_replicas:
         opts["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                                       "target_ongoing_requests": cfg.target_ongoing_requests}

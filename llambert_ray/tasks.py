@@ -16,6 +16,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 OTHER = "other"
+# What a model is known to need, for the tasks that say nothing about it (`model_defaults`): SmolLM2-135M does not
+# follow the paper's chat prompt (53.8-55.4 % on IMDb, near chance, bench/results/annotate_modes.md) but labels well
+# from plain few-shot text (84.2 % with completion, 2 shots). Keyed like model_defaults (the model reference).
+KNOWN_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "smollm2-135m-instruct": {"prompt_style": "completion", "shots": 2},
+}
 # The paper strips whitespace and these characters before matching an answer to a verbalizer.
 _STRIP_CHARS = " \t\r\n.,!?;'\""
 
@@ -74,10 +80,31 @@ class Task(BaseModel):
 
     # ---------------------------------------------------------------- prompting
     def defaults_for(self, model: str) -> dict[str, Any]:
-        """The prompt style and shot count that work for `model` (falls back to the task defaults)."""
+        """The prompt style and shot count that work for `model`: the task's `model_defaults` for it, else what the
+        model is known to need (KNOWN_MODEL_DEFAULTS; shots capped at the task's examples), else the task's
+        defaults."""
         d = {"prompt_style": self.default_style, "shots": self.default_shots}
-        d.update(self.model_defaults.get(model, {}))
+        if model in self.model_defaults:
+            d.update(self.model_defaults[model])
+        elif model in KNOWN_MODEL_DEFAULTS:
+            known = KNOWN_MODEL_DEFAULTS[model]
+            d.update(known, shots=min(known["shots"], len(self.examples)))
         return d
+
+    def prompt_warning(self, model: str, style: str, shots: int) -> str | None:
+        """Why `model` is known to label near chance with this prompt (None when nothing is known against it)."""
+        known = KNOWN_MODEL_DEFAULTS.get(model)
+        if known is None or (style == known["prompt_style"] and shots >= known["shots"]):
+            return None
+        if style != known["prompt_style"]:
+            why = f"{model} does not follow {style} prompts (near chance on IMDb: 54-55 %)"
+        elif not self.examples:
+            why = f"task {self.name!r} has no few-shot examples, and {model} needs {known['shots']} to label well"
+        else:
+            why = f"{model} needs {known['shots']} few-shot examples, {shots} given"
+        return (f"{why}; {known['prompt_style']} style with {known['shots']} shots gives 84 % (README, "
+                f"`Measured here`); fix: annotate.prompt_style: {known['prompt_style']}, annotate.shots: "
+                f"{known['shots']} (and examples in the task YAML), or a larger model")
 
     def pick_examples(self, shots: int) -> list[Example]:
         """The first `shots` examples, interleaving labels so no label dominates the context."""

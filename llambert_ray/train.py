@@ -12,6 +12,7 @@ The paper's variants are built here from the annotation output:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,7 +26,8 @@ from typing import Any
 import pandas as pd
 
 from llambert_ray.config import TrainConfig
-from llambert_ray.models import resolve_model
+from llambert_ray.models import local_model_dir, resolve_model
+from llambert_ray.progress import Progress
 from llambert_ray.ray_env import worker_env
 
 VARIANTS = ("gold", "llm", "llm+extra", "combined")
@@ -108,6 +110,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     import deepspeed
     import ray.train
+    import ray.train.torch
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -126,11 +129,14 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     torch.manual_seed(cfg.seed)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device(f"cuda:{ctx.get_local_rank()}") if use_gpu else torch.device("cpu")
+    # Ray Train's device for this worker: with CUDA_VISIBLE_DEVICES set per worker, the local rank is not the
+    # index of the worker's GPU.
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
-    tok = AutoTokenizer.from_pretrained(config["model_path"])
+    model_path = local_model_dir(config["model_path"])  # an s3:// / gs:// encoder: copied once per node
+    tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(
-        config["model_path"], num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id,
+        model_path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id,
         ignore_mismatched_sizes=True)
     steps_per_epoch = max(1, config["rows"] // world // (cfg.batch_size * cfg.grad_accum))
     total_steps = steps_per_epoch * cfg.epochs
@@ -161,6 +167,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
         return {k: v.to(device) for k, v in enc.items()}
 
     train_shard = ray.train.get_dataset_shard("train")
+    tally = config.get("progress")
     eval_shard = ray.train.get_dataset_shard("eval") if config["has_eval"] else None
     micro_per_epoch = steps_per_epoch * cfg.grad_accum
     for epoch in range(start_epoch, cfg.epochs):
@@ -179,11 +186,14 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
             loss_sum += float(loss.detach())
             seen += len(batch)
             micro += 1
+            if tally is not None:
+                tally(batch)  # the driver's progress line (an async call to its counter actor)
         # start_epoch: where this attempt began (> 0: restored from the checkpoint of epoch start_epoch - 1,
         # after a worker failure or a rerun), so the history shows whether and where training resumed.
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(micro, 1),
                                    "samples_per_s": seen * world / max(time.time() - t0, 1e-9),
-                                   "accelerator": get_accelerator().device_name(), "bf16": use_bf16,
+                                   "accelerator": get_accelerator().device_name(), "device": str(device),
+                                   "bf16": use_bf16,
                                    "start_epoch": start_epoch}
         if eval_shard is not None:
             metrics["eval_accuracy"] = _evaluate(engine, eval_shard, encode, label2id, device)
@@ -192,19 +202,18 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
             engine.save_checkpoint(d, tag="ds", client_state={"epoch": epoch, "history": history})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     # The final HF model: gather ZeRO-3 partitions, then rank 0 saves and reports it as the last checkpoint.
-    params = list(engine.module.parameters())
-    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.zero_stage == 3 else None
+    # Every rank enters the gather (it is a collective); the context manager releases the gathered copies even
+    # when saving fails.
+    gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+              if cfg.zero_stage == 3 else contextlib.nullcontext())
     with tempfile.TemporaryDirectory() as d:
-        if gather is not None:
-            gather.__enter__()
-        if rank == 0:
-            state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
-            engine.module.save_pretrained(d, state_dict=state)
-            tok.save_pretrained(d)
-            Path(d, FINAL_MARKER).write_text(json.dumps({"labels": labels, "max_length": cfg.max_length,
-                                                         "history": history, "world_size": world}))
-        if gather is not None:
-            gather.__exit__(None, None, None)
+        with gather:
+            if rank == 0:
+                state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
+                engine.module.save_pretrained(d, state_dict=state)
+                tok.save_pretrained(d)
+                Path(d, FINAL_MARKER).write_text(json.dumps({"labels": labels, "max_length": cfg.max_length,
+                                                             "history": history, "world_size": world}))
         if world > 1:
             dist.barrier()
         ray.train.report({"final": True}, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
@@ -249,7 +258,8 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
     """Fine-tune `cfg.model` (or `init_model`, a folder from an earlier stage) on rows (text, label).
 
     Writes the HF folder to OUTPUT_DIR/model; Ray Train's checkpoints go to OUTPUT_DIR/ray_train, so calling
-    fit again with the same output folder resumes from the latest epoch checkpoint.
+    fit again with the same output folder resumes from the latest epoch checkpoint (fit keeps them; fit_variant
+    deletes them once the variant's model is written).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -267,13 +277,18 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
     output_dir = Path(output_dir).resolve()
     model_path = init_model or resolve_model(cfg.model)
     env = train_worker_env(cfg.use_gpu)
+    # rows trained, summed over workers and epochs: every worker takes the same whole steps (as _train_loop), the
+    # rest of an epoch's rows is dropped. A run resumed from a checkpoint ends below 100 %.
+    step_rows = cfg.batch_size * cfg.grad_accum
+    bar = Progress(f"train {name}", max(1, len(train) // cfg.workers // step_rows) * step_rows * cfg.workers
+                   * cfg.epochs)
     datasets = {"train": ray.data.from_pandas(train[["text", "label"]].reset_index(drop=True))}
     if eval_df is not None and len(eval_df):
         datasets["eval"] = ray.data.from_pandas(eval_df[["text", "label"]].reset_index(drop=True))
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"train": cfg.model_dump(), "labels": labels, "model_path": model_path,
-                           "rows": len(train), "has_eval": "eval" in datasets},
+                           "rows": len(train), "has_eval": "eval" in datasets, "progress": bar.tally()},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
@@ -284,7 +299,8 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
                              worker_runtime_env={"env_vars": env}),
     )
     t0 = time.time()
-    result = trainer.fit()
+    with bar:
+        result = trainer.fit()
     seconds = time.time() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"training {name!r} finished without a model checkpoint: {result.error}")
@@ -307,7 +323,11 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
 def fit_variant(variant: str, annotations: pd.DataFrame, labels: list[str], cfg: TrainConfig,
                 output_dir: str | Path, *, extra: pd.DataFrame | None = None,
                 log=print) -> tuple[Path, list[TrainResult]]:
-    """Train one of the paper's variants (all its stages) into OUTPUT_DIR/model; returns it and per-stage results."""
+    """Train one of the paper's variants (all its stages) into OUTPUT_DIR/model; returns it and per-stage results.
+
+    Each stage trains in OUTPUT_DIR/stage<N>/ (its Ray Train checkpoints in stage<N>/ray_train/, so a run killed
+    before the variant's model is written resumes from them). Once OUTPUT_DIR/model is written the stage folders
+    are deleted (checkpoints are ~5x the model's size), unless cfg.keep_checkpoints."""
     output_dir = Path(output_dir)
     stages = variant_stages(variant, annotations, extra, cfg.min_confidence)
     init, results = None, []
@@ -320,6 +340,9 @@ def fit_variant(variant: str, annotations: pd.DataFrame, labels: list[str], cfg:
     final = output_dir / "model"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(init, final)
+    if not cfg.keep_checkpoints:
+        for i in range(len(stages)):
+            shutil.rmtree(output_dir / f"stage{i + 1}", ignore_errors=True)
     return final, results
 
 
@@ -344,12 +367,18 @@ def train_from_files(cfg, train_path: str | Path, output: str | Path, *, extra_p
                      eval_path: str | None = None) -> tuple[TrainResult, dict[str, Any] | None]:
     """The `llambert train` command: train cfg.train.variants[0] from files, optionally evaluate on gold."""
     from llambert_ray.config import CorpusConfig
-    from llambert_ray.data import read_corpus
-    from llambert_ray.ray_env import init_ray
+    from llambert_ray.data import check_corpus_path, read_corpus
+    from llambert_ray.ray_env import init_ray, is_local, require_shared_path
     from llambert_ray.tasks import load_task
 
+    # a wrong path, task or model fails here, in seconds, before Ray starts
     task = load_task(cfg.task)
-    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+    for flag, path in (("--train", train_path), ("--extra", extra_path), ("--eval", eval_path)):
+        if path is not None:
+            check_corpus_path(CorpusConfig(path=str(path)), flag)  # type: ignore[arg-type]
+    resolve_model(cfg.train.model, check_hub=is_local(cfg.cluster.address))
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=Path(output) / "logs")
+    require_shared_path(output, "--output")  # workers on every node write checkpoints there
     annotations = read_training_frame(train_path, task)
     extra = read_training_frame(extra_path, task) if extra_path else None
     variant = cfg.train.variants[0]

@@ -102,3 +102,35 @@ def balanced(df, n_per_label: int, seed: int = 0):
 
     parts = [g.sample(n_per_label, random_state=seed) for _, g in df.groupby("label")]
     return pd.concat(parts).sample(frac=1, random_state=seed).reset_index(drop=True)
+
+
+# ---- rehearsal of the 70B topology on CPU (tests/rehearsal.py): tiny models and an offline hub cache
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A random-weight Llama (4 heads, 2 KV heads: TP=2 works) with the SmolLM2 tokenizer."""
+    from rehearsal import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory) -> Path:
+    """A random-weight RoBERTa base model (as a hub checkpoint is) with a byte-level BPE RoBERTa tokenizer."""
+    from rehearsal import make_tiny_roberta
+
+    return make_tiny_roberta(tmp_path_factory.mktemp("tiny-roberta") / "model")
+
+
+@pytest.fixture(scope="session")
+def offline_hub(tmp_path_factory, tiny_llama, tiny_roberta) -> Path:
+    """An HF_HOME whose hub cache holds sentence-transformers/all-MiniLM-L6-v2 (the packaged weights),
+    rehearsal/tiny-llama-tp2 and rehearsal/tiny-roberta; use it with rehearsal.offline_hub_env(path)."""
+    from rehearsal import make_hub_cache
+
+    from llambert_ray.models import resolve_model
+
+    home = tmp_path_factory.mktemp("hf_home")
+    make_hub_cache(home, "sentence-transformers/all-MiniLM-L6-v2", resolve_model("minilm-l6"))
+    make_hub_cache(home, "rehearsal/tiny-llama-tp2", tiny_llama)
+    make_hub_cache(home, "rehearsal/tiny-roberta", tiny_roberta)
+    return home

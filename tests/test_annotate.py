@@ -254,6 +254,32 @@ def test_engine_config_reuses_the_few_shot_prefix_on_cpu():
         "block_size"] == 64
 
 
+def test_tensor_parallel_engine_is_packed_onto_one_node():
+    """Ray's default for a GPU engine is a soft PACK of its TP bundles, which can spread a TP=4 engine over 1-GPU
+    pods; each replica's bundles must be STRICT_PACKed (one node), on GPU and on CPU, with the accelerator type
+    passed through; with pipeline parallelism a replica may span nodes."""
+    from llambert_ray.annotate import VLLMEngine
+    from llambert_ray.config import AnnotateConfig
+
+    plan = _plan("generate")
+    gpu = VLLMEngine(AnnotateConfig(device="gpu", tensor_parallel_size=4, accelerator_type="A100-80G"),
+                     "meta-llama/Llama-2-70b-chat-hf").processor_config(plan)
+    assert gpu.placement_group_config["strategy"] == "STRICT_PACK"
+    assert [(b["GPU"], b["CPU"]) for b in gpu.placement_group_config["bundles"]] == [(1, 1)] * 4
+    assert gpu.accelerator_type == "A100-80G" and gpu.engine_kwargs["tensor_parallel_size"] == 4
+    cpu = VLLMEngine(AnnotateConfig(device="cpu", tensor_parallel_size=2, cpus_per_engine=0.5),
+                     "x/y").processor_config(plan)
+    assert cpu.placement_group_config["strategy"] == "STRICT_PACK"
+    assert [b["CPU"] for b in cpu.placement_group_config["bundles"]] == [0.5, 0.5]
+    assert not any(b.get("GPU") for b in cpu.placement_group_config["bundles"])
+    # vLLM's Ray executor needs a GPU-like device key: on CPU the engine forks its TP ranks itself, one core list each
+    assert cpu.engine_kwargs["distributed_executor_backend"] == "mp"
+    assert cpu.runtime_env["env_vars"]["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
+    pp = VLLMEngine(AnnotateConfig(device="gpu", tensor_parallel_size=2, pipeline_parallel_size=2),
+                    "x/y").processor_config(plan)
+    assert pp.placement_group_config["strategy"] == "PACK" and len(pp.placement_group_config["bundles"]) == 4
+
+
 class FlakyEngine:
     """A stand-in engine whose first run dies (a real Ray task failure) once some chunks are in the cache, like a
     run whose engine is lost for good mid-way. `failing` rows come back with a per-row engine error instead."""
@@ -395,3 +421,48 @@ def test_engine_actor_killed_mid_run_every_id_once(ray_local, tmp_path):
     assert killed["cached"] < 120  # the kill came mid-run
     acc = (df["llm_label"] == df["label"]).mean()
     assert acc >= 0.75, acc  # answers after the restart are as good as before (40 easy reviews x 3)
+
+
+@pytest.mark.ray
+@pytest.mark.llm
+@pytest.mark.timeout(1500)
+def test_a_row_the_real_engine_rejects_is_one_failed_row_and_is_retried(ray_local, reviews_jsonl, tmp_path):
+    """A prompt longer than max_model_len: the real vLLM engine rejects that row alone. Ray Data LLM passes such
+    rows around the postprocess step, so this checks the conversion that follows it: the row comes out once, with
+    llm_error set, counted as failed, the output has only the documented columns (no `__inference_error__`), and
+    the next run sends that row, and only it, to the engine again."""
+    from typer.testing import CliRunner
+
+    from llambert_ray.annotate import OUTPUT_COLUMNS, annotate, read_cache
+    from llambert_ray.cli import app
+    from llambert_ray.config import AnnotateConfig
+
+    rows = [json.loads(line) for line in reviews_jsonl.read_text().splitlines()][:8]
+    rows.append({"id": "too-long", "text": " ".join(r["text"] for r in rows) * 4, "label": "positive"})
+    corpus = tmp_path / "reviews.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "run.yaml").write_text("annotate: {max_model_len: 256, batch_size: 4}\n")
+    out = tmp_path / "ann"
+    res = CliRunner().invoke(app, ["annotate", "-t", "imdb-sentiment", "-i", str(corpus), "-o", str(out),
+                                   "-c", str(tmp_path / "run.yaml")])
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output and "__inference_error__" not in res.output
+    df = pd.read_parquet(out / "annotations.parquet")
+    assert list(df.columns) == ["id", "text", "label", *OUTPUT_COLUMNS]
+    assert len(df) == 9 and df["id"].is_unique
+    bad = df.set_index("id").loc["too-long"]
+    assert pd.isna(bad["llm_label"]) and "max" in bad["llm_error"].lower(), bad["llm_error"]
+    ok = df[df["id"] != "too-long"]
+    assert ok["llm_error"].isna().all() and ok["llm_label"].notna().all()
+    summary = json.loads((out / "annotate_summary.json").read_text())
+    assert summary["failed"] == 1 and summary["labelled"] == 8 and summary["dropped"] == 0
+    (folder,) = list((out / ".annotate_cache").iterdir())
+    assert all("__inference_error__" not in pd.read_parquet(p).columns for p in folder.glob("*.parquet"))
+    assert set(read_cache(folder)["id"]) == {r["id"] for r in rows[:8]}  # the failure is not reused
+
+    import ray
+
+    again = CountingEngine()  # the retry decision is the cache's, whatever engine answers
+    df2, s2 = annotate(ray.data.from_items(rows), TASK, AnnotateConfig(max_model_len=256, batch_size=4),
+                       engine=again, cache_dir=out / ".annotate_cache")
+    assert again.rows == 1 and s2.cached == 8 and s2.failed == 0 and len(df2) == 9

@@ -42,3 +42,113 @@ def test_fetch_tweets_and_offline_imdb(tmp_path):
     with pytest.raises(CorpusError, match="offline"):  # a closed loopback port stands in for no network
         fetch_imdb(tmp_path / "imdb", url="http://127.0.0.1:9/aclImdb_v1.tar.gz", timeout_s=5)
     assert not list((tmp_path / "imdb").glob("*.part"))
+
+
+def test_help_is_true_to_the_files_and_lists_every_preset():
+    from pathlib import Path
+
+    from llambert_ray.tasks import preset_names
+
+    presets = {p.stem for p in (Path(__file__).parents[1] / "llambert_ray" / "task_presets").glob("*.yaml")}
+    assert set(preset_names()) == presets and "tweet-sentiment" in presets
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for cmd in ["annotate", "train", "label"]:
+        text = " ".join(runner.invoke(app, [cmd, "--help"], terminal_width=200).output.split())
+        assert all(p in text for p in presets), (cmd, text)
+    ann = " ".join(runner.invoke(app, ["annotate", "--help"], terminal_width=200).output.split())
+    assert "annotate_summary.json" in ann and " summary.json" not in ann and "logs/" in ann
+    for cmd, files in {"train": ["model/", "train_summary.json", "logs/"],
+                       "label": ["labels.parquet", "label_summary.json", "logs/"],
+                       "run": ["annotations.parquet", "labels.parquet", "report.md", "manifest.json", "logs/"]}.items():
+        text = " ".join(runner.invoke(app, [cmd, "--help"], terminal_width=200).output.split())
+        assert all(f in text for f in files), (cmd, text)
+    assert all(f"`{p}`" in readme for p in presets)  # the README's preset list is complete
+
+
+@pytest.mark.parametrize("path,needle", [("/dev/null", "not a regular file"), ("{tmp}", "is a folder"),
+                                         ("{tmp}/empty.yaml", "is empty")])
+def test_config_that_is_not_a_yaml_file(tmp_path, path, needle):
+    (tmp_path / "empty.yaml").write_text("# nothing here\n")
+    p = path.replace("{tmp}", str(tmp_path))
+    res = runner.invoke(app, ["run", "--config", p])
+    assert res.exit_code == 2 and needle in res.output and p in res.output and "fix:" in res.output, res.output
+
+
+# Each must fail with one error line, in seconds, and never start Ray (init_ray is replaced by a tripwire).
+FAST_FAILURES = [
+    ("annotate: missing corpus", ["annotate", "-i", "{tmp}/missing.jsonl", "-o", "{out}"], "does not exist"),
+    ("annotate: bad model", ["annotate", "-i", "{corpus}", "-o", "{out}", "--model", "a/b/c"], "unknown model"),
+    ("annotate: model not on the hub", ["annotate", "-i", "{corpus}", "-o", "{out}", "--model",
+                                        "nobody-here/no-such-model"], "not in the local cache"),
+    ("annotate: bad task", ["annotate", "-i", "{corpus}", "-o", "{out}", "-t", "sentiment"], "unknown task"),
+    ("train: missing train file", ["train", "--train", "{tmp}/missing.parquet", "-o", "{out}"], "does not exist"),
+    ("train: missing eval file", ["train", "--train", "{corpus}", "--eval", "{tmp}/nope.jsonl", "-o", "{out}"],
+     "does not exist"),
+    ("train: bad model", ["train", "--train", "{corpus}", "-o", "{out}", "--model", "no/such/encoder"],
+     "unknown model"),
+    ("train: encoder not on the hub", ["train", "--train", "{corpus}", "-o", "{out}", "--model",
+                                       "nobody-here/no-such-encoder"], "not in the local cache"),
+    ("train: bad task", ["train", "--train", "{corpus}", "-o", "{out}", "-t", "nope"], "unknown task"),
+    ("label: missing model folder", ["label", "-m", "{tmp}/model", "-i", "{corpus}", "-o", "{out}"], "config.json"),
+    ("label: missing corpus", ["label", "-m", "{model}", "-i", "{tmp}/missing.jsonl", "-o", "{out}"],
+     "does not exist"),
+    ("label: bad task", ["label", "-m", "{model}", "-i", "{corpus}", "-o", "{out}", "-t", "nope"], "unknown task"),
+    ("serve: missing model folder", ["serve", "-m", "{tmp}/model"], "config.json"),
+    ("run: missing corpus", ["run", "-c", "{cfg}"], "does not exist"),
+    ("run: missing test split", ["run", "-c", "{cfg}"], "test.path"),
+    ("run: bad LLM", ["run", "-c", "{cfg}"], "unknown model"),
+    ("run: bad encoder", ["run", "-c", "{cfg}"], "no-such-folder"),
+    ("run: bad task", ["run", "-c", "{cfg}"], "unknown task"),
+]
+RUN_CONFIGS = {
+    "run: missing corpus": "corpus: {path: '{tmp}/missing.parquet'}",
+    "run: missing test split": "corpus: {path: '{corpus}'}\ntest: {path: '{tmp}/test.parquet'}",
+    "run: bad LLM": "corpus: {path: '{corpus}'}\nannotate: {model: not/a/model}",
+    "run: bad encoder": "corpus: {path: '{corpus}'}\ntrain: {model: ./no-such-folder}",
+    "run: bad task": "corpus: {path: '{corpus}'}\ntask: sentimental",
+}
+
+
+@pytest.mark.parametrize("name,args,needle", FAST_FAILURES, ids=[c[0] for c in FAST_FAILURES])
+def test_wrong_paths_models_and_tasks_fail_before_ray_starts(tmp_path, monkeypatch, name, args, needle):
+    import time
+
+    import llambert_ray.ray_env
+
+    def tripwire(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(llambert_ray.ray_env, "init_ray", tripwire)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub check fails at once instead of waiting on a network
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "a", "text": "A fine film.", "label": "positive"}\n')
+    model = tmp_path / "trained"
+    model.mkdir()
+    (model / "config.json").write_text('{"id2label": {"0": "positive", "1": "negative"}}')
+    subs = {"{tmp}": str(tmp_path), "{out}": str(tmp_path / "out"), "{corpus}": str(corpus), "{model}": str(model),
+            "{cfg}": str(tmp_path / "run.yaml")}
+
+    def fill(text: str) -> str:
+        for k, v in subs.items():
+            text = text.replace(k, v)
+        return text
+
+    if name in RUN_CONFIGS:
+        (tmp_path / "run.yaml").write_text(fill(RUN_CONFIGS[name]))
+    t0 = time.time()
+    res = runner.invoke(app, [fill(a) for a in args])
+    seconds = time.time() - t0
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and "error:" in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "out").exists()
+    assert seconds < 20, f"{name}: {seconds:.1f}s"
+
+
+def test_verbose_flag_on_the_app_and_on_a_command(tmp_path, monkeypatch):
+    from llambert_ray import console
+
+    monkeypatch.setenv(console.VERBOSE_ENV, "0")
+    assert runner.invoke(app, ["-v", "models", "list"]).exit_code == 0 and console.verbose()
+    monkeypatch.setenv(console.VERBOSE_ENV, "0")
+    res = runner.invoke(app, ["annotate", "-i", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o"), "-v"])
+    assert res.exit_code == 2 and console.verbose()

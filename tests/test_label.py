@@ -45,6 +45,27 @@ def test_every_id_exactly_once(ray_local, tweets_frame, untrained_model, tmp_pat
     assert out["label"].isin(["positive", "negative"]).all()
 
 
+def test_progress_counts_each_batch_of_a_one_block_corpus(ray_local, tweets_frame, untrained_model):
+    """A corpus read as one block leaves the classifier's operator whole: its rows are counted batch by batch."""
+    import io
+    import time
+
+    import ray
+
+    from llambert_ray.label import label_dataset
+    from llambert_ray.progress import Progress
+
+    ds = ray.data.from_pandas(tweets_frame.head(600)[["id", "text", "label"]])  # one block
+    bar = Progress("label", 600, stream=io.StringIO(), live=False).start()
+    label_dataset(ds, untrained_model, LabelConfig(batch_size=100, cpus_per_actor=0.5, max_length=32),
+                  progress=bar.tally()).materialize()
+    deadline = time.time() + 60
+    while bar.done < 600 and time.time() < deadline:  # the counts reach the driver's line asynchronously
+        time.sleep(0.2)
+    bar.close()
+    assert bar.done == 600  # counted inside the classifier's actor (nothing here set it)
+
+
 def test_not_a_model_folder(tmp_path):
     with pytest.raises(LabelError, match="config.json"):
         model_labels(tmp_path)

@@ -57,6 +57,14 @@ label: {{batch_size: 16, max_length: 48, cpus_per_actor: 0.5}}
     assert "Aims:" in first.output and "(plots/cost_accuracy.png)" in (run_dir / "report.md").read_text()
     assert "## Label issues" in (run_dir / "report.md").read_text() and metrics["label_issues"]["annotated"] == 32
     manifest = json.loads((run_dir / "manifest.json").read_text())
+    # what a person reads: stage lines, one progress line per stage, the summaries and the table; no tracebacks
+    assert "Traceback" not in first.output and len(first.output.splitlines()) < 100, first.output
+    n_llm = stages["annotate"]["rows"]  # the 32 annotated rows and the LLM's test rows, one progress line
+    assert f"annotate  {n_llm}/{n_llm} rows  100%" in first.output and "label  40/40 rows  100%" in first.output
+    assert list(ann.columns) == ["id", "text", "label", "llm_label", "llm_confidence", "llm_raw", "llm_error",
+                                 "prompt_tokens"]
+    assert (run_dir / "logs" / "llambert.log").stat().st_size > 0
+    assert not list(run_dir.glob("models/*/stage*")), "checkpoints left after the models were written"
 
     second = runner.invoke(app, ["run", "--config", str(tmp_path / "run.yaml")])
     assert second.exit_code == 0, second.output

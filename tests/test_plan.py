@@ -85,3 +85,18 @@ def test_cli_plan_and_annotate_dry_run(corpus, tmp_path):
     assert "| annotate | 30 |" in r.output and "train" not in r.output and not out.exists()
     r = CliRunner().invoke(app, ["plan", "-c", str(tmp_path / "run.yaml"), "--measured", str(tmp_path)])
     assert r.exit_code == 2 and "no manifest.json" in r.output
+
+
+def test_chat_prompts_are_counted_in_tokens_not_keys(corpus):
+    """transformers 5's apply_chat_template(tokenize=True) returns a BatchEncoding: len() of it is 2 (its keys).
+    A chat prompt holds the system prompt, the instruction and the review: far more than 2 tokens."""
+    from llambert_ray.plan import TokenCounter
+
+    task = load_task("imdb-sentiment")
+    tok = TokenCounter("smollm2-135m-instruct")
+    text = REVIEWS[0][0]
+    chat = tok.count_chat(task.chat_messages(text, 0, 6000))
+    assert chat > tok.count(text) + 20
+    cfg = _cfg(corpus, **{"annotate.prompt_style": "chat", "annotate.shots": 0})
+    by = {s.stage: s for s in plan_run(cfg, task, hardware=load_hardware()).stages}
+    assert by["annotate"].tokens / 60 > 40  # system + user template + review, in tokens

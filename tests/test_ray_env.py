@@ -33,3 +33,30 @@ def test_deepspeed_accelerator_follows_the_training_device(monkeypatch):
     job = {"runtime_env": {"env_vars": {"DS_ACCELERATOR": "cpu"}}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
     assert "DS_ACCELERATOR" not in train_worker_env(use_gpu=False)
+
+
+def test_a_local_ray_that_times_out_starting_says_what_to_do(monkeypatch, tmp_path):
+    """Two commands starting their local Rays at once: the one whose start times out ends with one line."""
+    import ray
+    import typer.testing
+
+    from llambert_ray.cli import app
+
+    def start_times_out(**kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", start_times_out)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"id2label": {"0": "a", "1": "b"}}')
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "x", "text": "y"}\n')
+    res = typer.testing.CliRunner().invoke(app, ["label", "-m", str(model), "-i", str(corpus), "-o",
+                                                 str(tmp_path / "out")])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    (line,) = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert "another command" in line and "--address auto" in line and "ray start --head" in line
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,7 @@ def served(ray_local, tmp_path_factory):
     m.save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(src).save_pretrained(model_dir)
     cfg = ServeConfig(port=_free_port(), max_batch_size=8, max_texts_per_request=16, max_chars_per_text=500,
-                      cpus_per_replica=0.5, max_length=64)
+                      cpus_per_replica=0.5, max_length=64, gpus_per_replica=0)
     start(model_dir, cfg, name="test-llambert")
     yield f"http://127.0.0.1:{cfg.port}", model_dir
     from ray import serve
@@ -101,6 +101,8 @@ def test_health_model_docs(served):
     assert httpx.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
     info = httpx.get(f"{url}/v1/model", timeout=30).json()
     assert info["labels"] == ["positive", "negative"] and len(info["version"]) == 12
+    # gpus_per_replica 0: the replica stays on the CPU in fp32, as before the GPU option existed
+    assert (info["device"], info["dtype"]) == ("cpu", "float32")
     assert "/v1/classify" in httpx.get(f"{url}/openapi.json", timeout=30).json()["paths"]
 
 
@@ -138,3 +140,59 @@ def test_serve_config_yaml_and_app_builder(tmp_path):
     assert auto["autoscaling_config"]["max_replicas"] == 4 and auto["max_ongoing_requests"] >= 32
     fixed = deployment_options(ServeConfig(min_replicas=2, max_replicas=2))
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+
+
+def test_gpus_per_replica_reaches_the_replica_options_without_a_gpu(tmp_path):
+    """gpus_per_replica > 0 asks Ray for GPUs per replica (so the autoscaler adds GPU nodes); 0 asks for none."""
+    import json
+
+    from llambert_ray.config import ServeConfig
+    from llambert_ray.serve import build_app, deployment_options, replica_device
+
+    assert "num_gpus" not in deployment_options(ServeConfig())["ray_actor_options"]
+    assert deployment_options(ServeConfig(gpus_per_replica=1, cpus_per_replica=2))["ray_actor_options"] == {
+        "num_cpus": 2, "num_gpus": 1}
+    # as `serve deploy` passes a Serve config's args (and `serve run` key=value strings)
+    (tmp_path / "config.json").write_text(json.dumps({"id2label": {"0": "yes", "1": "no"}}))
+    app = build_app({"model_dir": str(tmp_path), "gpus_per_replica": "0.5", "min_replicas": 1, "max_replicas": 3})
+    dep = app._bound_deployment
+    assert dep.ray_actor_options["num_gpus"] == 0.5
+    assert dep._deployment_config.autoscaling_config.max_replicas == 3
+    with pytest.raises(ValueError, match="gpus_per_replica"):
+        ServeConfig(gpus_per_replica=-1)
+    assert replica_device(0) == "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="gpus_per_replica is 1.*fix: .*gpus_per_replica: 0"):
+            replica_device(1)
+
+
+def test_replica_methods_see_every_global_name_they_use():
+    """Serve's decorators snapshot the class's module globals when they run: a helper defined below the class
+    is missing in the replica (NameError at start-up), though every import and unit test passes."""
+    import builtins
+    import dis
+    import inspect
+
+    from llambert_ray.serve import ClassifierService
+
+    def global_names(code):
+        names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+        for const in code.co_consts:
+            if inspect.iscode(const):
+                names |= global_names(const)
+        return names
+
+    checked = 0
+    for klass in ClassifierService.func_or_class.__mro__:
+        if klass.__module__ != "llambert_ray.serve":
+            continue
+        for attr in vars(klass).values():
+            fn = inspect.unwrap(attr) if callable(attr) else None
+            if fn is None or not hasattr(fn, "__code__"):
+                continue
+            missing = {n for n in global_names(fn.__code__) if n not in fn.__globals__ and not hasattr(builtins, n)}
+            assert not missing, f"{fn.__qualname__} uses {missing}: define them above ClassifierService"
+            checked += 1
+    assert checked >= 5

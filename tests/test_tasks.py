@@ -79,3 +79,43 @@ def test_unknown_and_bad_task_files(tmp_path):
     bad.write_text("name: t\nlabels: [a, b]\nverbalizers: {a: [x], b: [y]}\nsystem_prompt: s\nuser_template: nope\n")
     with pytest.raises(TaskError, match="text"):
         load_task(str(bad))
+
+
+def test_the_packaged_llm_gets_its_known_good_prompt_unless_the_task_says_otherwise(tmp_path, monkeypatch):
+    """A task without model_defaults must not run SmolLM2-135M with the chat prompt and 0 shots (near chance)."""
+
+    from llambert_ray.annotate import make_plan
+    from llambert_ray.config import AnnotateConfig
+
+    base = ("name: t\nlabels: [good, bad]\nverbalizers: {good: [good], bad: [bad]}\nsystem_prompt: s\n"
+            "user_template: '{text}'\nexamples: [{text: fine, label: good}, {text: awful, label: bad}, "
+            "{text: nice, label: good}]\n")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(base)
+    t = load_task(str(plain))
+    assert t.defaults_for("smollm2-135m-instruct") == {"prompt_style": "completion", "shots": 2}
+    assert t.defaults_for("org/other-model") == {"prompt_style": "chat", "shots": 0}
+    assert t.prompt_warning("smollm2-135m-instruct", "completion", 2) is None
+    assert "does not follow chat" in t.prompt_warning("smollm2-135m-instruct", "chat", 2)
+    assert t.prompt_warning("org/other-model", "chat", 0) is None
+    own = tmp_path / "own.yaml"
+    own.write_text(base + "model_defaults: {smollm2-135m-instruct: {prompt_style: chat, shots: 1}}\n")
+    assert load_task(str(own)).defaults_for("smollm2-135m-instruct") == {"prompt_style": "chat", "shots": 1}
+    one = tmp_path / "one.yaml"
+    one.write_text(base.split("examples:")[0] + "examples: [{text: fine, label: good}]\n")
+    t1 = load_task(str(one))
+    assert t1.defaults_for("smollm2-135m-instruct")["shots"] == 1
+    assert "needs 2 few-shot examples" in t1.prompt_warning("smollm2-135m-instruct", "completion", 1)
+
+    import llambert_ray.annotate as annotate_module
+
+    annotate_module._warned.clear()  # warned once per process: earlier tests may have warned already
+    said: list[str] = []
+    # an earlier command in this process may have routed llambert_ray's log records to its own log file: look at
+    # what make_plan logs, not at where the logging config sends it
+    monkeypatch.setattr(annotate_module.log, "warning", lambda msg, *a: said.append(msg % a if a else msg))
+    cfg = AnnotateConfig(mode="generate", prompt_style="chat")  # what the user asked for runs, with a warning
+    assert make_plan(t, cfg, "unused").style == "chat"
+    make_plan(t, cfg, "unused")  # planned again inside the stage: warned once
+    warnings = [m for m in said if "does not follow chat" in m]
+    assert len(warnings) == 1 and "fix:" in warnings[0]

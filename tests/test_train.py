@@ -32,6 +32,39 @@ def test_variant_stages():
         variant_stages("gold", ANN.assign(label=None))
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_checkpoints_go_once_the_variants_model_is_written(tmp_path, monkeypatch, keep):
+    """Each stage's Ray Train checkpoints (here stand-ins: fit is faked, Ray Train is tested below) stay while the
+    variant runs, so a killed run resumes from them; once OUTPUT/model is written the stage folders are deleted,
+    unless train.keep_checkpoints."""
+    import llambert_ray.train as train_mod
+    from llambert_ray.train import TrainResult, fit_variant
+
+    fail_at: dict = {"stage": None}
+
+    def fake_fit(frame, labels, cfg, output_dir, *, init_model=None, name="train", **kw):
+        (output_dir / "ray_train" / name / "checkpoint_000000").mkdir(parents=True, exist_ok=True)
+        if fail_at["stage"] and name.endswith(fail_at["stage"]):
+            raise RuntimeError("killed")
+        (output_dir / "model").mkdir(exist_ok=True)
+        (output_dir / "model" / "config.json").write_text("{}")
+        return TrainResult(str(output_dir / "model"), len(frame), cfg.epochs, 1.0, 1.0, {})
+
+    monkeypatch.setattr(train_mod, "fit", fake_fit)
+    cfg = TrainConfig(keep_checkpoints=keep)
+    fail_at["stage"] = "stage2"  # killed in stage 2: every checkpoint so far stays
+    with pytest.raises(RuntimeError):
+        fit_variant("combined", ANN, ["positive", "negative"], cfg, tmp_path, extra=EXTRA, log=lambda m: None)
+    assert list(tmp_path.glob("stage*/ray_train/*/checkpoint_*")) and not (tmp_path / "model").exists()
+    fail_at["stage"] = None
+    final, results = fit_variant("combined", ANN, ["positive", "negative"], cfg, tmp_path, extra=EXTRA,
+                                 log=lambda m: None)
+    assert (final / "config.json").exists() and len(results) == 2
+    assert bool(list(tmp_path.glob("stage*/ray_train"))) == keep
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("stage")) == ([] if not keep else
+                                                                                        ["stage1", "stage2"])
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(1200)
 def test_zero2_two_workers_learns_real_text(ray_local, tweets_frame, tmp_path):
@@ -57,6 +90,30 @@ def test_zero2_two_workers_learns_real_text(ray_local, tweets_frame, tmp_path):
     m = classification_metrics(preds["gold"], preds["label"], ["positive", "negative"])
     assert m["accuracy"] >= 0.70, m  # balanced: chance is 0.5
     assert abs(m["accuracy"] - hist[-1]["eval_accuracy"]) < 0.02  # the saved model is the trained one
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_zero3_saves_the_whole_gathered_model(ray_local, tweets_frame, tmp_path):
+    """ZeRO-3 partitions every parameter over the workers; the saved HF model must hold the whole, trained
+    weights (gathered on every rank, written by rank 0), not the empty partitions."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from llambert_ray.models import resolve_model
+    from llambert_ray.train import fit
+
+    train = balanced(tweets_frame[tweets_frame["split"] == "train"], 32)
+    cfg = TrainConfig(workers=2, cpus_per_worker=0.5, zero_stage=3, epochs=1, batch_size=8, max_length=32,
+                      learning_rate=1e-4)
+    r = fit(train[["text", "label"]], ["positive", "negative"], cfg, tmp_path, name="zero3")
+    saved = AutoModelForSequenceClassification.from_pretrained(r.model_dir)
+    base = AutoModelForSequenceClassification.from_pretrained(resolve_model("minilm-l6"), num_labels=2)
+    w, w0 = saved.bert.embeddings.word_embeddings.weight, base.bert.embeddings.word_embeddings.weight
+    assert w.shape == w0.shape and w.abs().sum() > 0  # whole, not a 0-sized partition
+    enc = saved.bert.encoder.layer[0].attention.self.query.weight
+    enc0 = base.bert.encoder.layer[0].attention.self.query.weight
+    assert not torch.allclose(enc, enc0)  # trained, not the initial weights
 
 
 @pytest.mark.ray

@@ -1,0 +1,92 @@
+"""`llambert preflight`: each defect a cluster run would hit late is caught in seconds, before a stage runs.
+
+The multi-node cases (a relative output folder over nodes with their own working dirs, TP over two CPU bundles on
+one node of a three-node cluster) are in tests/test_rehearsal.py."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import pytest
+from conftest import REVIEWS
+
+from llambert_ray.config import load_config
+from llambert_ray.preflight import NodeShape, _fits, _replicas_on, run_preflight, table
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    df = pd.DataFrame([{"id": f"r{i:02d}", "text": t, "label": lab} for i, (t, lab) in enumerate(REVIEWS)])
+    df.to_parquet(tmp_path / "corpus.parquet")
+    return tmp_path / "corpus.parquet"
+
+
+def _cfg(corpus, tmp_path, **over):
+    return load_config(None, {"output_dir": str(tmp_path / "runs"), "corpus.path": str(corpus),
+                              "test": {"path": str(corpus)}, **over})
+
+
+def _by(checks):
+    return {c.check: c for c in checks}
+
+
+def test_a_good_config_passes_in_seconds(ray_local, corpus, tmp_path):
+    t0 = time.time()
+    checks = run_preflight(_cfg(corpus, tmp_path))
+    secs = time.time() - t0
+    assert all(c.status == "ok" for c in checks), table(checks)
+    by = _by(checks)
+    assert {"model annotate.model loads", "model train.model loads", "corpus readable", "test readable",
+            "output_dir shared", "TP vs heads", "engine replicas", "train workers"} <= set(by)
+    assert not list((tmp_path / "runs" / ".preflight").glob("*/*"))  # its marker files are cleaned up
+    print(f"\npreflight: {len(checks)} checks in {secs:.1f}s")
+
+
+def test_each_defect_is_caught(ray_local, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # forwarded to the node tasks, as on an offline cluster
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    # an unresolvable model: a hub id neither in the HF cache nor reachable, seen from the node that loads it
+    by = _by(run_preflight(_cfg(corpus, tmp_path, **{"train.model": "nobody-here/no-such-encoder"})))
+    assert by["model train.model loads"].status == "fail" and "no-such-encoder" in by["model train.model loads"].detail
+    # a name that is no model reference at all fails on the driver, before any node is asked
+    by = _by(run_preflight(_cfg(corpus, tmp_path, **{"train.model": "minilm-l7"})))
+    assert by["model train.model"].status == "fail" and by["model train.model"].where == "driver"
+    # TP that does not divide the heads (SmolLM2-135M: 9), and an engine that fits no node (4 x 1 CPU on 2 CPUs)
+    by = _by(run_preflight(_cfg(corpus, tmp_path, **{"annotate.tensor_parallel_size": 2})))
+    assert by["TP vs attention heads"].status == "fail" and "9 attention heads" in by["TP vs attention heads"].detail
+    by = _by(run_preflight(_cfg(corpus, tmp_path, **{"annotate.tensor_parallel_size": 3, "annotate.device": "cpu"})))
+    assert by["engine fits a node"].status == "fail" and "3 x" in by["engine fits a node"].detail
+    # a gated model with no HF_TOKEN where it loads
+    by = _by(run_preflight(_cfg(corpus, tmp_path, **{"annotate.model": "meta-llama/Llama-2-70b-chat-hf",
+                                                      "annotate.mode": "generate"})))
+    assert by["HF_TOKEN for annotate.model"].status == "fail"
+    # a corpus that is not there, and the warning for gold labels without a test split
+    cfg = _cfg(corpus, tmp_path, **{"corpus.path": str(tmp_path / "nope.parquet")})
+    cfg.test = None
+    by = _by(run_preflight(cfg))
+    assert by["corpus readable"].status == "fail" and by["test split"].status == "warn"
+
+
+def test_node_shapes_from_the_autoscaler():
+    """A TP=4 engine fits the autoscaler's 4-GPU group (2 replicas with maxReplicas 2), never 1-GPU nodes."""
+    tp4 = [{"GPU": 1.0, "CPU": 1.0}] * 4
+    four = NodeShape("llm-4gpu (autoscaler)", {"GPU": 4, "CPU": 48}, 2, False)
+    one = NodeShape("train-1gpu (autoscaler)", {"GPU": 1, "CPU": 8}, 8, False)
+    assert _fits(tp4, four) and not _fits(tp4, one)
+    assert _replicas_on(tp4, four) == 2 and _replicas_on(tp4, one) == 0
+    assert not _fits([{"GPU": 1.0, "CPU": 1.0}] * 8, four)
+
+
+def test_cli_preflight_exits_2_with_the_table(ray_local, corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from llambert_ray.cli import app
+
+    (tmp_path / "bad.yaml").write_text(f"output_dir: {tmp_path / 'runs'}\ncorpus: {{path: {corpus}}}\n"
+                                       f"annotate: {{tensor_parallel_size: 2}}\n")
+    r = CliRunner().invoke(app, ["preflight", "-c", str(tmp_path / "bad.yaml")])
+    assert r.exit_code == 2, r.output
+    assert "| TP vs attention heads | annotate | FAIL |" in r.output and "preflight failed" in r.output
