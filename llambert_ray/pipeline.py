@@ -338,7 +338,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, prefligh
                 # combined's first stage is the llm variant itself (same rows, same config): continue from it
                 gold = variant_stages("gold", annotations)[0][1]
                 log(f"  combined: stage 1/2 = the llm variant's model; stage 2/2 on {len(gold)} gold-labelled rows")
-                r = fit(gold, task.labels, cfg.train, vdir / "stage2", init_model=str(model_dirs["llm"]),
+                r = fit(gold, task.labels, cfg.train, vdir / "stage2", init_model=str(model_dirs["llm"].resolve()),
                         name="combined-stage2")
                 shutil.rmtree(vdir / "model", ignore_errors=True)
                 os.replace(r.model_dir, vdir / "model")
