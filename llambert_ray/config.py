@@ -173,6 +173,19 @@ class SelectConfig(_Strict):
     cpus_per_actor: float = Field(1.0, gt=0)
 
 
+class EvaluateConfig(_Strict):
+    """The paper's comparison on the gold test split, and the aims the report checks (met / not met)."""
+
+    llm_test_sample: int | None = Field(
+        None, gt=0, description="the LLM also labels a seeded sample of this many test rows, in the same engine "
+                                "call as the annotated rows, so it is scored on the same rows as the encoders; "
+                                "null = the LLM is scored on its annotated rows only")
+    aim_llm_gap_points: float = Field(2.0, ge=0, description="aim: the encoder trained on LLM labels is at most "
+                                                             "this many points below the LLM on the same test rows")
+    aim_speedup: float = Field(20.0, gt=0, description="aim: the encoder labels this many times the LLM's rows/s")
+    aim_wall_minutes: float | None = Field(None, gt=0, description="aim: the whole run takes at most this long")
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
@@ -207,6 +220,7 @@ class RunConfig(_Strict):
     select: SelectConfig = Field(default_factory=SelectConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 

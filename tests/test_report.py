@@ -1,0 +1,74 @@
+"""The report's story: the paper's comparison table, the plain-words lines, the aims and the cost plot, from a
+small synthetic metrics dict (no Ray, no models)."""
+
+import pandas as pd
+
+from llambert_ray.evaluate import classification_metrics, throughput
+from llambert_ray.report import check_aims, story_rows, story_sentences, story_table, story_text, write_report
+
+LABELS = ["positive", "negative"]
+
+
+def _m(correct: int, rows: int) -> dict:
+    gold = ["positive"] * rows
+    return classification_metrics(gold, ["positive"] * correct + ["negative"] * (rows - correct), LABELS)
+
+
+def _metrics(combined_correct: int = 830, wall_s: float = 600.0, reused: list | None = None) -> dict:
+    return {
+        "task": "movie-snippet-sentiment", "llm_model": "smollm2-135m-instruct", "encoder": "minilm-l6",
+        "annotated_rows": 800, "corpus_rows": 10000,
+        "llm": _m(640, 800), "llm_test": _m(340, 400),  # 85.0 % on its 400 test rows
+        "variants": {"llm": _m(820, 1000), "gold": _m(825, 1000), "combined": _m(combined_correct, 1000)},
+        "variants_on_llm_test": {"llm": _m(334, 400), "gold": _m(333, 400), "combined": _m(336, 400)},
+        "speed": {"llm": throughput(1200, 200.0, 2, "cpu", 0.025),         # 6 rows/s, 333.3 core-s per 1k
+                  "encoder": throughput(10000, 50.0, 2, "cpu", 0.025),     # 200 rows/s, 10 core-s per 1k
+                  "encoder_all_in": {"rows": 10000, "device_seconds_per_1k": 60.0, "usd_per_1k": 0.0004}},
+        "run": {"seconds": wall_s, "stages_ran": ["annotate"], "stages_reused": reused or [],
+                "aims": {"aim_llm_gap_points": 2.0, "aim_speedup": 20.0, "aim_wall_minutes": 12.0}},
+    }
+
+
+def test_story_rows_and_table():
+    m = _metrics()
+    rows = {r["labeller"]: r for r in story_rows(m)}
+    assert rows["LLM smollm2-135m-instruct"]["same_rows"] == 0.85
+    assert rows["minilm-l6 [llm]"]["same_rows"] == 334 / 400 and rows["minilm-l6 [llm]"]["all_test"] == 0.82
+    assert rows["minilm-l6 [combined]"]["rows_per_s"] == 200.0
+    table = story_table(m)
+    assert "accuracy, the LLM's 400 test rows" in table and "all 1000 test rows" in table
+    assert "| LLM smollm2-135m-instruct | – | 85.00 % | – | 6.0 | 333.3 |" in table
+    assert "| minilm-l6 [llm] | LLM labels | 83.50 % | 82.00 % | 200.0 | 10.0 |" in table
+
+
+def test_story_in_plain_words():
+    words = " ".join(story_sentences(_metrics()))
+    assert "scores 83.50 % vs the LLM's own 85.00 % on the same 400 test rows (-1.5 points)" in words
+    assert "200.0 rows/s, 33x the LLM's 6.00 rows/s" in words
+    assert "60.0 core-seconds per 1,000, 5.6x less than the LLM" in words
+    assert "combined), 83.00 % (+0.5 points over gold alone)" in words
+
+
+def test_aims_say_met_and_not_met_with_numbers():
+    aims = {a["aim"].split(" ")[0] + a["aim"].split(" ")[1]: a for a in check_aims(_metrics())}
+    assert [a["status"] for a in aims.values()] == ["met", "met", "met", "met"]
+    bad = check_aims(_metrics(combined_correct=800, wall_s=900))
+    assert [a["status"] for a in bad] == ["met", "not met", "met", "not met"]
+    assert "80.00 % vs 82.50 %" in bad[1]["measured"] and "15.0 min" in bad[3]["measured"]
+    reused = check_aims(_metrics(reused=["annotate"]))
+    assert reused[3]["status"] == "not measured" and "annotate" in reused[3]["measured"]
+    m = _metrics()
+    del m["llm_test"], m["variants_on_llm_test"]
+    assert check_aims(m)[0]["status"] == "not measured"
+    assert "Aims:" in story_text(_metrics()) and "- met: combined at or above gold" in story_text(_metrics())
+
+
+def test_report_has_the_comparison_and_the_cost_plot(tmp_path):
+    ann = pd.DataFrame({"id": ["a", "b"], "text": ["x", "y"], "label": ["positive", "negative"],
+                        "llm_label": ["positive", "positive"], "llm_confidence": [0.9, 0.6]})
+    md = write_report(tmp_path, _metrics(combined_correct=800), {"name": "t", "stages": {}}, ann).read_text()
+    assert "## The comparison" in md and "| **not met** |" in md and "| **met** |" in md
+    assert "![Test accuracy against cost per 1,000 rows](plots/cost_accuracy.png)" in md
+    png = tmp_path / "plots" / "cost_accuracy.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    assert "<h2>The comparison</h2>" in (tmp_path / "report.html").read_text()
