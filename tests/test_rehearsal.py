@@ -240,9 +240,6 @@ def _driver(cluster, code: str, cwd: Path, timeout: int = 900) -> dict:
 @pytest.mark.ray
 @pytest.mark.llm
 @pytest.mark.timeout(3000)
-@pytest.mark.skipif(os.environ.get("LLAMBERT_REHEARSAL") != "1",
-                    reason="the full rehearsal (~20 min on 2 cores) runs with LLAMBERT_REHEARSAL=1 until it has run "
-                           "green in CI's time budget")
 def test_rehearsal_of_the_70b_topology(tmp_path, tmp_path_factory):
     import threading
 
