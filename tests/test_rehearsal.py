@@ -319,7 +319,8 @@ def test_rehearsal_of_the_70b_topology(tmp_path, tmp_path_factory):
         assert [n for n in nodes if (n.labels or {}).get("llambert/group") == "label"], nodes
         # where actors ran, from each node's own worker logs (the state API drops a dead actor's node id)
         assert _workers_on(cluster, added["index"], "MapBatches(Classifier)"), "no labelling actor on the new node"
-        assert _workers_on(cluster, 1, "vLLMEngineStageUDF") + _workers_on(cluster, 2, "vLLMEngineStageUDF") >= 1
+        # the engine ran on a worker node (which one depends on when the new node joined)
+        assert sum(_workers_on(cluster, i, "vLLMEngineStageUDF") for i in range(1, len(cluster.cmds))) >= 1
         # ---- Serve from the shared output
         run_dir = shared / "runs" / "imdb-llama2-70b"
         texts = ["A wonderful, moving film.", "Dull and far too long."]
