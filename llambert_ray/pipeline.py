@@ -126,8 +126,10 @@ def _busy_devices(cfg: RunConfig, stage: str, device: str) -> float:
     """The devices a stage computes on while it runs (its cost = these x its wall seconds): the GPUs it holds, or
     on CPUs the cores its threads run on. That is more than the CPUs it reserves from Ray (the manifest's
     device_seconds): the vLLM engine binds OpenMP to every core of its node, a classifier actor runs
-    round(cpus_per_actor) torch threads, a training worker round(cpus_per_worker)."""
+    ray_env.torch_threads(cpus_per_actor) torch threads, a training worker torch_threads(cpus_per_worker)."""
     import ray
+
+    from llambert_ray.ray_env import torch_threads
 
     a, t, lab = cfg.annotate, cfg.train, cfg.label
     if stage == "annotate":
@@ -135,9 +137,9 @@ def _busy_devices(cfg: RunConfig, stage: str, device: str) -> float:
             return float(a.tensor_parallel_size * a.pipeline_parallel_size * a.concurrency)
         return float(min((os.cpu_count() or 1) * a.concurrency, ray.cluster_resources().get("CPU", 1)))
     if stage == "label":
-        per_actor = lab.gpus_per_actor if device == "gpu" else max(1, round(lab.cpus_per_actor))
+        per_actor = lab.gpus_per_actor if device == "gpu" else torch_threads(lab.cpus_per_actor)
         return float(per_actor * lab.concurrency)
-    return float(t.workers * (1 if device == "gpu" else max(1, round(t.cpus_per_worker))))
+    return float(t.workers * (1 if device == "gpu" else torch_threads(t.cpus_per_worker)))
 
 
 def _labeller_speeds(cfg: RunConfig, stages: dict[str, Any]) -> dict[str, Any]:
