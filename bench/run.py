@@ -9,8 +9,10 @@
 3. label     ours (Ray Data actor, length-sorted batches) vs a plain transformers `pipeline` loop, same reviews
 4. train     samples/s for 1 vs 2 Ray Train workers and ZeRO 0 / 2 / 3
 5. serve     requests/s and p50/p99 with dynamic batching vs batch size 1, same load
+6. quantize  the encoder in int8 vs fp32 on the same reviews: rows/s (median, min, max of 3) and accuracy
+             (bench/quantize.py)
 
-    python -m bench.run [--only ceiling,annotate,label,train,serve] [--annotate-rows 200] [--label-rows 2000]
+    python -m bench.run [--only ceiling,annotate,label,train,serve,quantize] [--annotate-rows 200] [--label-rows 2000]
 
 Writes bench/results/bench.json and bench/results/bench.md. Reads IMDb from ../shared/data (development data).
 """
@@ -29,6 +31,8 @@ from typing import Any
 import pandas as pd
 
 from bench.annotate_modes import IMDB
+from bench.quantize import bench_quantize
+from bench.quantize import summary_md as quantize_md
 
 RESULTS = Path("bench/results")
 SHARED = IMDB.parents[1]
@@ -316,12 +320,14 @@ def summary_md(r: dict[str, Any]) -> str:
         lines += [f"| {k} | {s[k]['requests_per_s']:.1f} | {s[k]['p50_ms']:.0f} | {s[k]['p99_ms']:.0f} |"
                   for k in ("batch_1", "batch_32")]
         lines.append(f"\nbatching: {s['speedup_requests_per_s']:.2f}x requests/s, p99 x{s['p99_ratio']:.2f}\n")
+    if "quantize" in r:
+        lines.append(quantize_md(r["quantize"]))
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="ceiling,annotate,label,train,serve")
+    ap.add_argument("--only", default="ceiling,annotate,label,train,serve,quantize")
     ap.add_argument("--annotate-rows", type=int, default=200)
     ap.add_argument("--label-rows", type=int, default=2000)
     ap.add_argument("--train-rows", type=int, default=256)
@@ -340,7 +346,8 @@ def main() -> None:
     ceil = res["ceiling"]["gflops"]
     steps = {"annotate": lambda: bench_annotate(a.annotate_rows, ceil),
              "label": lambda: bench_label(a.label_rows, ceil),
-             "train": lambda: bench_train(a.train_rows), "serve": lambda: bench_serve(a.serve_requests)}
+             "train": lambda: bench_train(a.train_rows), "serve": lambda: bench_serve(a.serve_requests),
+             "quantize": lambda: bench_quantize(a.label_rows)}
     for name, fn in steps.items():
         if name in only:
             res[name] = fn()

@@ -42,6 +42,32 @@ def model_labels(model_dir: str | Path) -> list[str]:
     return labels
 
 
+def encoder_precision(device: str, dtype: str = "auto", quantize: str = "none") -> str:
+    """The precision the encoder runs at: int8 (dynamic quantization of its Linear layers) where asked and on a
+    CPU; else `dtype`, where auto = bfloat16 on a GPU (tensor cores, ~2x fp32 there) and float32 on a CPU (bf16
+    matmuls are ~5x slower on AVX2). int8 is a CPU path: on a GPU the encoder keeps bf16."""
+    if quantize == "int8" and device == "cpu":
+        return "int8"
+    if dtype == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    return dtype
+
+
+def quantize_int8(model):
+    """`model` with every nn.Linear dynamically quantized to int8 (weights int8 per tensor, activations quantized
+    per batch; fbgemm/onednn kernels on x86). About 1.8-2x the rows/s of fp32 for MiniLM on AVX2 at a fraction
+    of a point of accuracy (bench/quantize.py). torch 2.13 marks torch.ao.quantization deprecated in favour of
+    torchao, whose CPU int8 path needs a newer stack; the warning is silenced here, not ignored (bench/README)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 class Classifier:
     """A trained sequence classifier, loaded once per Ray actor (or per Serve replica)."""
 
@@ -50,7 +76,7 @@ class Classifier:
     max_consecutive_failures = 256
 
     def __init__(self, model_dir: str, max_length: int = 256, sub_batch: int = 32, threads: int | None = None,
-                 dtype: str = "auto", device: str | None = None,
+                 dtype: str = "auto", device: str | None = None, quantize: str = "none",
                  progress: Callable[[pd.DataFrame], Any] | None = None):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -60,12 +86,15 @@ class Classifier:
         # device None = any GPU this process sees. Callers that know their Ray GPU share pass it: Ray 2.60 leaves
         # CUDA_VISIBLE_DEVICES alone for actors with num_gpus=0, so they would otherwise use a GPU not given them.
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # bf16 on GPUs (tensor cores; ~2x fp32 there), fp32 on CPUs (bf16 matmuls are ~5x slower on AVX2).
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        self.precision = encoder_precision(self.device, dtype, quantize)
+        if self.precision == "bfloat16" and self.device == "cuda" and not torch.cuda.is_bf16_supported():
+            self.precision = "float32"  # pre-Ampere GPUs
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, dtype=getattr(torch, dtype)).to(self.device).eval()
+            model_dir, dtype=torch.float32 if self.precision == "int8" else getattr(torch, self.precision)
+        ).to(self.device).eval()
+        if self.precision == "int8":
+            self.model = quantize_int8(self.model)
         self.labels = model_labels(model_dir)
         self.max_length = max_length
         self.sub_batch = sub_batch
@@ -146,6 +175,7 @@ class LabelSummary:
     accuracy: float | None = None  # against gold, over the rows that were labelled (failed rows left out)
     failed: int = 0  # rows the model could not label (label None, reason in the `error` column)
     errors: dict[str, int] | None = None  # the most frequent failure reasons, with their row counts
+    precision: str | None = None  # the encoder's: float32, bfloat16 or int8 (label.dtype / label.quantize)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,8 +184,9 @@ class LabelSummary:
         acc = f", accuracy vs gold {self.accuracy:.2%}" if self.accuracy is not None else ""
         if self.failed:
             acc += " (over the labelled rows)" if acc else ""
+        at = f", {self.precision}" if self.precision else ""
         out = [f"labelled {self.rows - self.failed} of {self.rows} rows in {self.seconds:.1f}s "
-               f"({self.rows_per_s:.1f} rows/s){acc}",
+               f"({self.rows_per_s:.1f} rows/s{at}){acc}",
                f"  labels {self.label_counts}"]
         if self.failed:
             out.append(f"  failed {self.failed} rows (label empty, reason in the `error` column): "
@@ -173,7 +204,7 @@ def label_dataset(ds, model_dir: str | Path, cfg: LabelConfig, progress: Callabl
         Classifier, batch_format="pandas", batch_size=cfg.batch_size,
         fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "max_length": cfg.max_length,
                                "threads": torch_threads(cfg.cpus_per_actor), "sub_batch": cfg.sub_batch_size,
-                               "dtype": cfg.dtype, "progress": progress},
+                               "dtype": cfg.dtype, "quantize": cfg.quantize, "progress": progress},
         # a fixed pool, or an autoscaling one: Ray Data adds actors (up to max_concurrency) while rows wait, on
         # nodes that join the cluster mid-stage too
         compute=(ActorPoolStrategy(size=cfg.concurrency) if not cfg.max_concurrency else
@@ -204,6 +235,7 @@ def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path) -> La
     return LabelSummary(rows=len(df), seconds=seconds, rows_per_s=len(df) / max(seconds, 1e-9),
                         label_counts={str(k): int(v) for k, v in ok["label"].value_counts().items()},
                         accuracy=acc, failed=int(failed.sum()),
+                        precision=encoder_precision("cuda" if cfg.gpus_per_actor else "cpu", cfg.dtype, cfg.quantize),
                         errors={str(k): int(v) for k, v in reasons.items()} or None)
 
 

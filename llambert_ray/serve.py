@@ -76,7 +76,8 @@ class ClassifierService:
         self.cfg = ServeConfig(**limits)
         self.model_dir = str(model_dir)
         self.clf = Classifier(self.model_dir, max_length=self.cfg.max_length, sub_batch=self.cfg.max_batch_size,
-                              threads=self.cfg.threads_per_replica, device=replica_device(self.cfg.gpus_per_replica))
+                              threads=self.cfg.threads_per_replica, device=replica_device(self.cfg.gpus_per_replica),
+                              quantize=self.cfg.quantize)
         self.version = model_version(self.model_dir)
         self._predict.set_max_batch_size(self.cfg.max_batch_size)
         self._predict.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -114,7 +115,7 @@ class ClassifierService:
     @api.get("/v1/model")
     async def model_info(self) -> dict[str, Any]:
         return {"model_dir": self.model_dir, "labels": self.clf.labels, "version": self.version,
-                "device": self.clf.device, "dtype": str(self.clf.model.dtype).removeprefix("torch."),
+                "device": self.clf.device, "dtype": self.clf.precision,
                 "max_batch_size": self.cfg.max_batch_size, "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s,
                 "max_texts_per_request": self.cfg.max_texts_per_request,
                 "max_chars_per_text": self.cfg.max_chars_per_text}

@@ -136,3 +136,48 @@ def test_a_model_failing_on_every_row_still_fails_the_batch(tweets_frame, untrai
         clf.predict_proba(long[:1])
     probs, errors = clf.predict_rows(["fine", long[0], "also fine"])
     assert errors[0] is None and errors[2] is None and "512" in errors[1] and np.isnan(probs[1]).all()
+
+
+def test_precision_rule():
+    from llambert_ray.label import encoder_precision
+
+    assert encoder_precision("cpu") == "float32" and encoder_precision("cuda") == "bfloat16"
+    assert encoder_precision("cpu", quantize="int8") == "int8"
+    # int8 is the CPU path: a GPU actor keeps its dtype
+    assert encoder_precision("cuda", quantize="int8") == "bfloat16"
+    assert encoder_precision("cuda", "float32", "int8") == "float32"
+
+
+def test_int8_encoder_tracks_fp32_on_real_text(tweets_frame, untrained_model):
+    """Quantized Linear layers replace the fp32 ones, and the class probabilities stay with fp32's on real tweets
+    (the accuracy change on a trained model is measured in bench/quantize.py)."""
+    import torch
+
+    from llambert_ray.label import Classifier
+
+    texts = tweets_frame["text"].head(300).tolist()
+    fp32 = Classifier(str(untrained_model), max_length=48, threads=1)
+    int8 = Classifier(str(untrained_model), max_length=48, threads=1, quantize="int8")
+    assert (fp32.precision, int8.precision) == ("float32", "int8")
+    linear = int8.model.bert.encoder.layer[0].attention.self.query
+    assert isinstance(linear, torch.ao.nn.quantized.dynamic.Linear), type(linear)
+    a, b = fp32.predict_proba(texts), int8.predict_proba(texts)
+    assert np.abs(a - b).max() < 0.03
+    # the untrained head's probabilities vary by ~0.005 across rows: int8 must still follow them
+    assert np.corrcoef(a[:, 0], b[:, 0])[0, 1] > 0.8
+
+
+def test_int8_labelling_through_ray_data(ray_local, tweets_frame, untrained_model, tmp_path):
+    import pandas as pd
+
+    from llambert_ray.data import read_corpus
+    from llambert_ray.label import label
+
+    src = tmp_path / "corpus.parquet"
+    tweets_frame.head(400).to_parquet(src)
+    ds, _ = read_corpus(CorpusConfig(path=str(src)))
+    s = label(ds, untrained_model, LabelConfig(batch_size=100, cpus_per_actor=0.5, max_length=48, quantize="int8"),
+              tmp_path / "labels.parquet")
+    out = pd.read_parquet(tmp_path / "labels.parquet")
+    assert s.precision == "int8" and "int8" in s.lines()[0]
+    assert s.rows == 400 and len(out) == 400 and out["id"].is_unique and out["error"].isna().all()
