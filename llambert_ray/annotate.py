@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -316,14 +318,20 @@ class ServedVLLMEngine(VLLMEngine):
         self._started_serve = False
 
     def __enter__(self) -> ServedVLLMEngine:
+        return self  # the engine starts with the first call: a resumed run whose annotations exist starts none
+
+    def start(self) -> None:
+        """Deploy the engine (once)."""
         from ray import serve
         from ray.serve.llm import LLMConfig, build_llm_deployment
 
+        if self.starts:
+            return
         engine_kwargs, env, placement = self.engine_setup()
         try:
             serve.context._get_global_client()
         except Exception:  # no Serve yet on this cluster: start one without HTTP, and stop it after the run
-            serve.start(http_options={"location": "NoServer"})
+            serve.start(proxy_location="Disabled")
             self._started_serve = True
         llm = LLMConfig(model_loading_config={"model_id": SERVED_APP, "model_source": self.model_path},
                         engine_kwargs=engine_kwargs, placement_group_config=placement,
@@ -336,12 +344,12 @@ class ServedVLLMEngine(VLLMEngine):
         serve.run(build_llm_deployment(llm, name_prefix="llambert-"), name=SERVED_APP, route_prefix=None)
         self.starts += 1
         log.info("served engine %s up in %.1fs", self.cfg.model, time.time() - t0)
-        return self
 
     def __exit__(self, *exc) -> None:
         from ray import serve
 
-        serve.delete(SERVED_APP)
+        if self.starts:
+            serve.delete(SERVED_APP)
         if self._started_serve:
             serve.shutdown()
 
@@ -351,6 +359,7 @@ class ServedVLLMEngine(VLLMEngine):
 
         from llambert_ray.served_requests import DTYPES
 
+        self.start()
         deployment = next(iter(serve.status().applications[SERVED_APP].deployments))
         config = ServeDeploymentProcessorConfig(
             deployment_name=deployment, app_name=SERVED_APP, batch_size=self.cfg.batch_size,
@@ -372,6 +381,17 @@ class ServedVLLMEngine(VLLMEngine):
         for stage in processor.stages.values():  # it awaits the deployment's handle: the engine holds the CPUs
             stage.map_batches_kwargs["num_cpus"] = LIGHT["num_cpus"]
         return processor(ds).map(finish, **LIGHT)
+
+
+@contextmanager
+def run_engine(cfg: AnnotateConfig) -> Iterator[ServedVLLMEngine | None]:
+    """The engine a pipeline run passes to each of its annotate() calls: one served engine for the whole run with
+    engine_lifetime run, else None (each call starts its own)."""
+    if cfg.engine_lifetime != "run":
+        yield None
+        return
+    with ServedVLLMEngine(cfg, resolve_model(cfg.model)) as engine:
+        yield engine
 
 
 # -------------------------------------------------------------------------------------------- stage

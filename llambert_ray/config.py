@@ -108,6 +108,10 @@ class AnnotateConfig(_Strict):
                                 "CPU (vLLM's CPU default of 128 is longer than a typical few-shot prefix, so "
                                 "nothing would be reused), vLLM's default on GPU")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM as is")
+    engine_lifetime: Literal["call", "run"] = Field(
+        "call", description="run: one engine (a Ray Serve LLM deployment) answers every annotation call of a "
+                            "pipeline run (sample, extra rows, test rows, each active round), so the model loads "
+                            "once; call: each call starts its own engine actors (Ray Data LLM)")
     tokenize_in_engine: bool = Field(
         True, description="the engine tokenizes prompts and detokenizes answers itself (vLLM does either way); "
                           "false = Ray Data does it in two actor pools of their own, which each start a process "

@@ -543,9 +543,7 @@ def test_one_served_engine_answers_every_call_of_a_run(ray_local, reviews_jsonl)
         gen, g = annotate(ray.data.from_items(rows[:12]), TASK,
                           AnnotateConfig(mode="generate", prompt_style="chat", max_new_tokens=4), engine=engine)
         assert engine.starts == 1
-    from ray.util.state import list_actors
-
-    alive = [a.name or "" for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)]
+    alive = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     assert not [n for n in alive if SERVED_APP in n], alive  # the engine is gone with the run
     assert len(df) == 40 and df["id"].is_unique and df["llm_label"].isin(["positive", "negative"]).all()
     assert (df["llm_label"] == df["label"]).mean() >= 0.75 and s.prompt_tokens > 40 * 20
