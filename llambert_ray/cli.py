@@ -165,9 +165,16 @@ def train(
         "train.workers": workers, "train.zero_stage": zero_stage, "train.epochs": epochs,
         "train.learning_rate": learning_rate, "train.batch_size": batch_size, "train.max_length": max_length,
         "train.use_gpu": use_gpu, "cluster.address": address}, set_)
+    from llambert_ray.config import CorpusConfig
+    from llambert_ray.evaluate import evaluate_on_corpus
+    from llambert_ray.tasks import load_task
     from llambert_ray.train import train_from_files
 
-    result, metrics = train_from_files(cfg, train_path, output, extra_path=extra, eval_path=eval_path)
+    def score(model_dir: Path) -> dict[str, Any]:
+        return evaluate_on_corpus(CorpusConfig(path=eval_path), load_task(cfg.task), model_dir, cfg.label)
+
+    result, metrics = train_from_files(cfg, train_path, output, extra_path=extra, eval_path=eval_path,
+                                       evaluate=score)
     typer.echo(f"trained {cfg.train.variants[0]} on {result.rows} rows in {result.seconds:.1f}s "
                f"({result.samples_per_s:.1f} samples/s) -> {result.model_dir}")
     if metrics:

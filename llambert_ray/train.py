@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from llambert_ray.config import TrainConfig
+from llambert_ray.data import check_corpus_path, read_corpus
 from llambert_ray.models import cache_dir, local_model_dir, resolve_model
 from llambert_ray.progress import Progress
 from llambert_ray.ray_env import torch_threads, worker_env
@@ -345,7 +347,6 @@ def fit_variant(variant: str, annotations: pd.DataFrame, labels: list[str], cfg:
 def read_training_frame(path: str | Path, task) -> pd.DataFrame:
     """Annotations from `llambert annotate` as they are, or any gold-labelled corpus as (id, text, label)."""
     from llambert_ray.config import CorpusConfig
-    from llambert_ray.data import read_corpus
 
     p = Path(path)
     if p.exists() and (p.suffix == ".parquet" or p.is_dir()):
@@ -360,10 +361,12 @@ def read_training_frame(path: str | Path, task) -> pd.DataFrame:
 
 
 def train_from_files(cfg, train_path: str | Path, output: str | Path, *, extra_path: str | None = None,
-                     eval_path: str | None = None) -> tuple[TrainResult, dict[str, Any] | None]:
-    """The `llambert train` command: train cfg.train.variants[0] from files, optionally evaluate on gold."""
+                     eval_path: str | None = None, evaluate: Callable[[Path], dict[str, Any]] | None = None
+                     ) -> tuple[TrainResult, dict[str, Any] | None]:
+    """The `llambert train` command: train cfg.train.variants[0] from files. With eval_path (checked before Ray
+    starts), `evaluate(model_dir)` scores the model on it: the caller's, as evaluating needs the labelling stage,
+    which comes after this one."""
     from llambert_ray.config import CorpusConfig
-    from llambert_ray.data import check_corpus_path, read_corpus
     from llambert_ray.ray_env import init_ray, is_local, require_shared_path
     from llambert_ray.tasks import load_task
 
@@ -383,14 +386,7 @@ def train_from_files(cfg, train_path: str | Path, output: str | Path, *, extra_p
                           seconds=sum(r.seconds for r in results),
                           samples_per_s=float(pd.Series([r.samples_per_s for r in results]).mean()),
                           metrics={"stages": [r.to_dict() for r in results]})
-    metrics = None
-    if eval_path:
-        from llambert_ray.evaluate import classification_metrics
-        from llambert_ray.label import label_dataset
-
-        ds, _ = read_corpus(CorpusConfig(path=eval_path), task)
-        preds = label_dataset(ds, model_dir, cfg.label).to_pandas()
-        metrics = classification_metrics(preds["gold"], preds["label"], task.labels, failed=preds.get("error"))
+    metrics = evaluate(model_dir) if eval_path and evaluate else None
     Path(output, "train_summary.json").write_text(json.dumps({**summary.to_dict(), "eval": metrics}, indent=2,
                                                              default=str))
     return summary, metrics
