@@ -3,6 +3,10 @@
 One run directory per run (`runs/<name>/`): annotations.parquet, models/<variant>/model, labels.parquet,
 metrics.json, report.md / report.html, plots/*.png and manifest.json. Every stage records the hash of the config
 it ran with; a rerun skips the stages whose hash and outputs are unchanged, so an interrupted run resumes.
+
+`run_pipeline` is the paper's flow, one stage function a line. Each stage says what its hash covers and which
+files it writes, and hands its work, `(config, run) -> record`, to `_run_stage`: the one place that skips, hashes,
+times and counts device-seconds. `Run` holds what stages share: the corpus read once, its sample, the test split.
 """
 
 from __future__ import annotations
