@@ -515,6 +515,24 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
     return attempts, resent
 
 
+def _annotate_cached(engine: AnnotationEngine, plan: PromptPlan, ds, cfg: AnnotateConfig, cache_dir: Path,
+                     attempts: int) -> tuple[pd.DataFrame, int, int, int]:
+    """annotate through the answer cache: (answers, rows found cached, engine runs, rows sent again)."""
+    folder = cache_dir / plan_hash(plan, cfg.model)
+    rows = ds.to_pandas()  # the rows sent to an LLM: a sample, small enough to hold
+    cached = len(set(read_cache(folder)["id"]) & set(rows["id"]))
+    with Progress("annotate", len(rows), done=cached) as bar:
+        runs, resent = _run_cached(engine, plan, rows, folder, max(cfg.batch_size * 4, 32), attempts, bar)
+        bar.update(len(rows))
+    df = read_cache(folder, errors=True)  # this run's per-row failures stay in the output, counted
+    df = df[df["id"].isin(set(rows["id"]))]
+    meta = rows.set_index("id")
+    for col in ("text", "label"):  # keep the input's columns as they are, whatever a part stored
+        if col in meta:
+            df[col] = df["id"].map(meta[col])
+    return df, cached, runs, resent
+
+
 def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | None = None,
              cache_dir: str | Path | None = None, attempts: int = ATTEMPTS):
     """Label every row of `ds` (columns id, text, label?) with the LLM. Returns (pandas frame, summary).
@@ -540,18 +558,7 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
             df = bar.count(engine.run(ds, plan)).to_pandas()
             bar.update(len(df))
     else:
-        folder = Path(cache_dir) / plan_hash(plan, cfg.model)
-        rows = ds.to_pandas()  # the rows sent to an LLM: a sample, small enough to hold
-        cached = len(set(read_cache(folder)["id"]) & set(rows["id"]))
-        with Progress("annotate", len(rows), done=cached) as bar:
-            runs, resent = _run_cached(engine, plan, rows, folder, max(cfg.batch_size * 4, 32), attempts, bar)
-            bar.update(len(rows))
-        df = read_cache(folder, errors=True)  # this run's per-row failures stay in the output, counted
-        df = df[df["id"].isin(set(rows["id"]))]
-        meta = rows.set_index("id")
-        for col in ("text", "label"):  # keep the input's columns as they are, whatever a part stored
-            if col in meta:
-                df[col] = df["id"].map(meta[col])
+        df, cached, runs, resent = _annotate_cached(engine, plan, ds, cfg, Path(cache_dir), attempts)
     seconds = time.time() - t0
     for col in OUTPUT_COLUMNS:
         if col not in df:

@@ -71,13 +71,26 @@ def friendly_errors(fn):
     return wrapper
 
 
-def _config(config: Path | None, overrides: dict[str, Any], sets: list[str] | None = None) -> RunConfig:
-    return load_config(config, overrides, sets)
+def _config(config: Path | None, overrides: dict[str, Any], sets: list[str] | None = None,
+            preflight: bool = False) -> RunConfig:
+    """The command's config: YAML, then its flags, then --set. With preflight, `llambert preflight`'s checks run
+    on exactly this config (a failure raises PreflightError: exit 2, nothing run)."""
+    cfg = load_config(config, overrides, sets)
+    if preflight:
+        from llambert_ray.preflight import preflight_or_raise
+        from llambert_ray.ray_env import init_ray
+
+        init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
+        preflight_or_raise(cfg, log=typer.echo)
+    return cfg
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config; flags override its values.")
 SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="set any config key, e.g. --set annotate.shots=2 "
                       "--set corpus.filters='{split: [test]}' (repeatable; VALUE read as YAML; after the other flags)")
+PreflightOpt = typer.Option(False, "--preflight", help="first run `llambert preflight`'s checks on this command's "
+                            "config (its flags and --set included); a failure stops it (the jobs/ entrypoints "
+                            "pass this)")
 
 
 @app.command()
@@ -107,6 +120,7 @@ def annotate(
     config: Path | None = ConfigOpt,
     verbose: bool = VerboseOpt,
     set_: list[str] | None = SetOpt,
+    preflight: bool = PreflightOpt,
 ) -> None:
     """Label a (sampled) corpus with the LLM: writes OUTPUT/annotations.parquet (id, text, label if gold exists,
     llm_label, llm_confidence, llm_raw, llm_error, prompt_tokens), OUTPUT/annotate_summary.json and OUTPUT/logs/,
@@ -117,7 +131,7 @@ def annotate(
         "corpus.label_column": label_column, "annotate.mode": mode, "annotate.shots": shots,
         "annotate.prompt_style": prompt_style, "annotate.model": model, "annotate.batch_size": batch_size,
         "annotate.concurrency": concurrency, "annotate.tensor_parallel_size": tensor_parallel_size,
-        "cluster.address": address}, set_)
+        "cluster.address": address}, set_, preflight)
     if dry_run:
         from llambert_ray.plan import load_hardware, plan_run
         from llambert_ray.tasks import load_task
@@ -157,6 +171,7 @@ def train(
     config: Path | None = ConfigOpt,
     verbose: bool = VerboseOpt,
     set_: list[str] | None = SetOpt,
+    preflight: bool = PreflightOpt,
 ) -> None:
     """Fine-tune the encoder with Ray Train + DeepSpeed on LLM (or gold) labels; writes OUTPUT/model (an HF
     folder), OUTPUT/train_summary.json and OUTPUT/logs/."""
@@ -164,10 +179,17 @@ def train(
         "task": task, "train.variants": [variant] if variant else None, "train.model": model,
         "train.workers": workers, "train.zero_stage": zero_stage, "train.epochs": epochs,
         "train.learning_rate": learning_rate, "train.batch_size": batch_size, "train.max_length": max_length,
-        "train.use_gpu": use_gpu, "cluster.address": address}, set_)
+        "train.use_gpu": use_gpu, "cluster.address": address}, set_, preflight)
+    from llambert_ray.config import CorpusConfig
+    from llambert_ray.evaluate import evaluate_on_corpus
+    from llambert_ray.tasks import load_task
     from llambert_ray.train import train_from_files
 
-    result, metrics = train_from_files(cfg, train_path, output, extra_path=extra, eval_path=eval_path)
+    def score(model_dir: Path) -> dict[str, Any]:
+        return evaluate_on_corpus(CorpusConfig(path=eval_path), load_task(cfg.task), model_dir, cfg.label)
+
+    result, metrics = train_from_files(cfg, train_path, output, extra_path=extra, eval_path=eval_path,
+                                       evaluate=score)
     typer.echo(f"trained {cfg.train.variants[0]} on {result.rows} rows in {result.seconds:.1f}s "
                f"({result.samples_per_s:.1f} samples/s) -> {result.model_dir}")
     if metrics:
@@ -193,13 +215,14 @@ def label(
     config: Path | None = ConfigOpt,
     verbose: bool = VerboseOpt,
     set_: list[str] | None = SetOpt,
+    preflight: bool = PreflightOpt,
 ) -> None:
     """Label a whole corpus with a trained classifier: OUTPUT/labels.parquet (id, label, prob_<class>..., error,
     gold when the corpus has labels), OUTPUT/label_summary.json and OUTPUT/logs/."""
     cfg = _config(config, {"task": task, "corpus.path": input, "corpus.id_column": id_column,
                            "corpus.text_column": text_column, "corpus.label_column": label_column,
                            "label.batch_size": batch_size, "label.concurrency": concurrency,
-                           "cluster.address": address}, set_)
+                           "cluster.address": address}, set_, preflight)
     from llambert_ray.label import label_corpus
 
     summary = label_corpus(cfg, model, output / "labels.parquet")

@@ -217,10 +217,21 @@ def read_corpus(cfg: CorpusConfig, task: Task | None = None, *, validate: bool =
                           f"valid {cfg.format if cfg.format != 'auto' else 'parquet/jsonl/csv'} in UTF-8") from e
     if schema is None:
         raise CorpusError(f"corpus {cfg.path!r} is empty (no rows); fix: pass a corpus with rows")
+    label_col = _check_columns(cfg, schema)
+    ds = ds.map_batches(_normalize_batch, batch_format="pandas", **LIGHT,
+                        fn_kwargs=dict(id_col=cfg.id_column, text_col=cfg.text_column, label_col=label_col,
+                                       filters=cfg.filters, task=task))
+    info = CorpusInfo(rows=0, has_label=label_col is not None)
+    if not validate:
+        return (_number_rows(ds) if cfg.id_column is None else ds), info
+    return _validate_rows(cfg, task, ds, label_col, info), info
+
+
+def _check_columns(cfg: CorpusConfig, schema) -> str | None:
+    """The configured columns exist and the text column holds text; returns the gold label column, or None when
+    the corpus has none (gold labels are optional: an unlabelled corpus is the normal case)."""
     cols = list(schema.names)
-    id_col = cfg.id_column
-    label_col = cfg.label_column
-    roles = [("text_column", cfg.text_column)] + ([("id_column", id_col)] if id_col else [])
+    roles = [("text_column", cfg.text_column)] + ([("id_column", cfg.id_column)] if cfg.id_column else [])
     for key, col in roles:
         if col not in cols:
             raise CorpusError(f"corpus {cfg.path!r} has no column {col!r} (corpus.{key}); it has {cols}; "
@@ -237,15 +248,12 @@ def read_corpus(cfg: CorpusConfig, task: Task | None = None, *, validate: bool =
                               f"text; fix: re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
         raise CorpusError(f"column {cfg.text_column!r} of {cfg.path!r} holds {text_type}, not text; fix: point "
                           f"corpus.text_column at the column with the texts")
-    if label_col and label_col not in cols:
-        label_col = None  # gold labels are optional; a corpus without them is the normal unlabelled case
+    return cfg.label_column if not cfg.label_column or cfg.label_column in cols else None
 
-    ds = ds.map_batches(_normalize_batch, batch_format="pandas", **LIGHT,
-                        fn_kwargs=dict(id_col=id_col, text_col=cfg.text_column, label_col=label_col,
-                                       filters=cfg.filters, task=task))
-    info = CorpusInfo(rows=0, has_label=label_col is not None)
-    if not validate:
-        return (_number_rows(ds) if id_col is None else ds), info
+
+def _validate_rows(cfg: CorpusConfig, task: Task | None, ds, label_col: str | None, info: CorpusInfo):
+    """The rows' checks (rows present, texts, gold labels, unique ids) on one read of the source; fills info's
+    rows and label counts, returns the materialized dataset (empty texts dropped with empty_text: drop)."""
     try:
         # One read of the source; every check below runs on these blocks.
         ds = ds.materialize()
@@ -273,18 +281,18 @@ def read_corpus(cfg: CorpusConfig, task: Task | None = None, *, validate: bool =
         ds = ds.map_batches(lambda df: df[df["text"].str.strip() != ""], batch_format="pandas",
                             **LIGHT).materialize()
         info.rows -= int(stats["n_empty"].sum())
-    if id_col is None:
+    if cfg.id_column is None:
         ds = _number_rows(ds).materialize()
     ids = ds.select_columns(["id"]).to_pandas()["id"]
     dup = ids[ids.duplicated()].unique()
     if len(dup):
-        raise CorpusError(f"corpus {cfg.path!r} has {len(dup)} duplicate ids in column {id_col!r} (e.g. "
+        raise CorpusError(f"corpus {cfg.path!r} has {len(dup)} duplicate ids in column {cfg.id_column!r} (e.g. "
                           f"{list(dup[:5])}); fix: make ids unique or set corpus.id_column: null to number "
                           f"the rows")
     if label_col:
         counts = ds.select_columns(["label"]).to_pandas()["label"].value_counts(dropna=True)
         info.label_counts = {str(k): int(v) for k, v in counts.items()}
-    return ds, info
+    return ds
 
 
 def _number_rows(ds):

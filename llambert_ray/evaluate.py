@@ -106,3 +106,30 @@ def throughput(rows: int, seconds: float, devices: float, device: str = "cpu",
             "device": device, "devices": float(devices), "device_seconds_per_1k": per_1k,
             "usd_per_1k": per_1k * usd_per_device_hour / 3600 if per_1k is not None and usd_per_device_hour
             else None}
+
+
+def predict_gold(test_ds, model_dirs: dict[str, Any], label_cfg) -> pd.DataFrame:
+    """Each model's predictions on the gold test rows (a Ray Dataset with id, text, label): the labelling
+    stage's columns (id, label, gold, error, prob_<class>..) plus `variant`, the model_dirs key."""
+    from llambert_ray.label import label_dataset
+
+    frames = []
+    for variant, model_dir in model_dirs.items():
+        preds = label_dataset(test_ds, model_dir, label_cfg).to_pandas()
+        preds["variant"] = variant
+        frames.append(preds)
+    return pd.concat(frames, ignore_index=True)
+
+
+def gold_metrics(preds: pd.DataFrame, labels: list[str]) -> dict[str, Any]:
+    """classification_metrics of predictions from predict_gold (or label_dataset) against their gold column;
+    rows the classifier could not process (`error`) are counted as failed, not as wrong."""
+    return classification_metrics(preds["gold"], preds["label"], labels, failed=preds.get("error"))
+
+
+def evaluate_on_corpus(corpus_cfg, task, model_dir, label_cfg) -> dict[str, Any]:
+    """The metrics of one model folder on a gold-labelled corpus (`llambert train --eval`)."""
+    from llambert_ray.data import read_corpus
+
+    ds, _ = read_corpus(corpus_cfg, task)
+    return gold_metrics(predict_gold(ds, {"model": model_dir}, label_cfg), task.labels)

@@ -3,6 +3,10 @@
 One run directory per run (`runs/<name>/`): annotations.parquet, models/<variant>/model, labels.parquet,
 metrics.json, report.md / report.html, plots/*.png and manifest.json. Every stage records the hash of the config
 it ran with; a rerun skips the stages whose hash and outputs are unchanged, so an interrupted run resumes.
+
+`run_pipeline` is the paper's flow, one stage function a line. Each stage says what its hash covers and which
+files it writes, and hands its work, `(config, run) -> record`, to `_run_stage`: the one place that skips, hashes,
+times and counts device-seconds. `Run` holds what stages share: the corpus read once, its sample, the test split.
 """
 
 from __future__ import annotations
@@ -13,12 +17,15 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from llambert_ray.config import RunConfig, config_hash
+from llambert_ray.tasks import Task
 
 
 class Manifest:
@@ -58,68 +65,376 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _stage(manifest: Manifest, name: str, stage_hash: str, outputs: list[Path], fn: Callable[[], dict[str, Any]],
-           log: Callable[[str], None]) -> bool:
-    """Run fn unless the stage is done for this hash; fn returns info to record. True if it ran."""
-    if manifest.done(name, stage_hash, outputs):
-        log(f"[{name}] up to date (hash {stage_hash}), skipped")
-        return False
-    log(f"[{name}] running")
+@dataclass
+class Run:
+    """One pipeline run: what every stage reads (the config, the task, the corpus read once, its seeded sample,
+    the gold test split) and what earlier stages leave for later ones (annotations, model folders)."""
+
+    cfg: RunConfig  # what the stages run: annotate.device resolved
+    written: RunConfig  # the config as written: what the stage hashes cover
+    task: Task
+    manifest: Manifest
+    log: Callable[[str], None]
+    corpus: Any  # the whole corpus, a Ray Dataset
+    corpus_rows: int
+    test_df: pd.DataFrame | None  # the sampled gold test split; None without one, or without gold labels
+    llm_on_test: bool  # the LLM also labels evaluate.llm_test_sample test rows
+    started: float
+    annotations: pd.DataFrame | None = None
+    extra_df: pd.DataFrame | None = None
+    model_dirs: dict[str, Path] = field(default_factory=dict)
+
+    def path(self, name: str) -> Path:
+        return self.cfg.run_dir / name
+
+    def hash_of(self, stage: str) -> str | None:
+        return self.manifest.data["stages"].get(stage, {}).get("hash")
+
+    def log_lines(self, lines: list[str], indent: str = "  ") -> None:
+        for line in lines:
+            self.log(indent + line)
+
+    @cached_property
+    def sample(self):
+        """The seeded sample of the corpus the LLM annotates (select.strategy random)."""
+        from llambert_ray.data import sample_corpus
+
+        return sample_corpus(self.corpus, self.cfg.corpus)
+
+
+StageWork = Callable[[RunConfig, Run], dict[str, Any]]
+
+
+def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, preflight: bool = True) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline for cfg; returns the metrics (also in run_dir/metrics.json).
+    With preflight (the default), `llambert preflight`'s checks run first and a failure stops the run before any
+    stage (PreflightError)."""
+    run = _open_run(cfg, log, preflight)
+    annotate_stage(run)  # the LLM labels a seeded sample of the corpus (and the extra rows)
+    for variant in run.cfg.train.variants:  # the encoder learns from those labels (and/or gold), per variant
+        train_stage(run, variant)
+    label_stage(run)  # the first variant's model labels the whole corpus
+    evaluate_stage(run)  # every variant on the gold test split
+    return _finish(run)
+
+
+def _run_stage(run: Run, name: str, key: tuple[Any, ...], outputs: list[Path], work: StageWork) -> None:
+    """Run `work` unless the manifest has `name` done for the same hash of `key` with its outputs present.
+    `work` returns the record (rows, tokens, summary..; seconds, else the wall time is taken); the devices the
+    stage reserves and their device-seconds are added here, and the record goes into the manifest."""
+    stage_hash = config_hash(*key)
+    if run.manifest.done(name, stage_hash, outputs):
+        run.log(f"[{name}] up to date (hash {stage_hash}), skipped")
+        return
+    run.log(f"[{name}] running")
     t0 = time.time()
-    info = fn()
-    info.setdefault("seconds", time.time() - t0)
-    manifest.record(name, stage_hash, **info)
-    log(f"[{name}] done in {info['seconds']:.1f}s")
-    return True
+    record = work(run.cfg, run)
+    record.setdefault("seconds", time.time() - t0)
+    device, devices = _reserved_devices(run.cfg, name)
+    record.update(device=device, device_seconds=record["seconds"] * devices)
+    run.manifest.record(name, stage_hash, **record)
+    run.log(f"[{name}] done in {record['seconds']:.1f}s")
 
 
-def _annotate_active(cfg: RunConfig, task, corpus_ds, run_dir: Path, ann_path: Path, device: str,
-                     ann_devices: float, log: Callable[[str], None]) -> dict[str, Any]:
-    """The annotate stage with select.strategy active: corpus.sample LLM calls spent in select.rounds rounds, each
-    round's rows chosen by a probe on encoder embeddings (llambert_ray.active). Writes annotations.parquet and
-    active_rounds.json (the probe's test accuracy after each round, when the run has a gold test split)."""
+# ------------------------------------------------------------------------------------------ opening a run
+def _open_run(cfg: RunConfig, log: Callable[[str], None], preflight: bool) -> Run:
+    """Check the inputs (seconds, before Ray starts), start Ray, run the preflight, read the corpus and the test
+    split: once per run, for every stage."""
+    from llambert_ray.data import read_corpus
+    from llambert_ray.ray_env import init_ray, resolve_device
+
+    task = _check_inputs(cfg)
+    started = time.time()
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(cfg.run_dir, cfg)
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=cfg.run_dir / "logs")
+    if preflight:
+        from llambert_ray.preflight import preflight_or_raise
+
+        preflight_or_raise(cfg, log=log)
+    # device: auto on an autoscaling cluster whose GPU groups are at 0: the run's other stages say whether it is a
+    # GPU run. The engine gets the resolved device; the stage hashes keep the config as written.
+    device = resolve_device(cfg.annotate.device, gpu_elsewhere=cfg.train.use_gpu or cfg.label.gpus_per_actor > 0)
+    written, cfg = cfg, cfg.model_copy(update={"annotate": cfg.annotate.model_copy(update={"device": device})})
+    test_df = _read_test_split(cfg, task, log)  # first: the LLM may label a sample of it in the same engine call
+    corpus, info = read_corpus(cfg.corpus, task)
+    llm_on_test = cfg.evaluate.llm_test_sample is not None and test_df is not None
+    return Run(cfg=cfg, written=written, task=task, manifest=manifest, log=log, corpus=corpus,
+               corpus_rows=info.rows, test_df=test_df, llm_on_test=llm_on_test, started=started)
+
+
+def _check_inputs(cfg: RunConfig) -> Task:
+    """A wrong path, task, model or mode fails here, in seconds, before Ray starts. Returns the task."""
+    from llambert_ray.annotate import make_plan
+    from llambert_ray.data import check_corpus_path
+    from llambert_ray.models import resolve_model
+    from llambert_ray.ray_env import is_local
+    from llambert_ray.tasks import load_task
+
+    task = load_task(cfg.task)
+    # Every stage's model, resolved before the first stage: a bad encoder name must not stop the run after the
+    # LLM annotation has been paid for. (`llambert preflight` also checks they load on the nodes that load them.)
+    local = is_local(cfg.cluster.address)
+    llm = resolve_model(cfg.annotate.model, check_hub=local)
+    for ref in dict.fromkeys([cfg.train.model, cfg.select.model or cfg.train.model]):
+        resolve_model(ref, check_hub=local)
+    if ("llm+extra" in cfg.train.variants) and cfg.extra is None:
+        from llambert_ray.train import TrainError
+
+        raise TrainError("variant 'llm+extra' needs an `extra:` corpus section; fix: add it or drop the variant")
+    if cfg.evaluate.llm_test_sample is not None and cfg.test is not None and cfg.select.strategy == "active":
+        from llambert_ray.config import ConfigError
+
+        raise ConfigError("evaluate.llm_test_sample needs select.strategy random (the test rows ride in the one "
+                          "engine call of the random sample); fix: drop one of the two")
+    for section in ("corpus", "test", "extra"):
+        check_corpus_path(getattr(cfg, section), f"{section}.path")
+    make_plan(task, cfg.annotate, llm)  # bad task/mode; loads the LLM's tokenizer (score mode): last
+    return task
+
+
+def _read_test_split(cfg: RunConfig, task: Task, log: Callable[[str], None]) -> pd.DataFrame | None:
+    """The sampled gold test split as a frame; None without a `test:` section or without gold labels."""
+    from llambert_ray.data import read_corpus, sample_corpus
+
+    if cfg.test is None:
+        return None
+    test_ds, _ = read_corpus(cfg.test, task)
+    test_df = sample_corpus(test_ds, cfg.test).to_pandas()
+    if "label" not in test_df or test_df["label"].isna().all():
+        log("[evaluate] the test split has no gold labels; classifier accuracy is not measured")
+        return None
+    return test_df
+
+
+# ------------------------------------------------------------------------------------------ the stages
+ANNOTATIONS, TEST_ANNOTATIONS, EXTRA_ANNOTATIONS = ("annotations.parquet", "test_annotations.parquet",
+                                                    "annotations_extra.parquet")
+LABELS, TEST_PREDICTIONS = "labels.parquet", "test_predictions.parquet"
+
+
+def annotate_stage(run: Run) -> None:
+    """The LLM labels the seeded sample (select.strategy active: rows a probe picks, in rounds), with
+    evaluate.llm_test_sample also that many test rows in the same engine call; then the extra rows."""
+    from llambert_ray.data import read_parquet_frame
+
+    cfg, written, task_hash = run.cfg, run.written, config_hash(run.task)
+    key = (cfg.corpus, written.annotate, task_hash)
+    if cfg.select.strategy == "active":
+        _run_stage(run, "annotate", (*key, cfg.select, cfg.select.model or cfg.train.model),
+                   [run.path(ANNOTATIONS)], _annotate_active)
+    elif run.llm_on_test:
+        _run_stage(run, "annotate", (*key, cfg.test, cfg.evaluate.llm_test_sample),
+                   [run.path(ANNOTATIONS), run.path(TEST_ANNOTATIONS)], _annotate_with_test)
+    else:
+        _run_stage(run, "annotate", key, [run.path(ANNOTATIONS)], _annotate_sample)
+    run.annotations = read_parquet_frame(run.path(ANNOTATIONS))
+    if cfg.extra is not None:
+        _run_stage(run, "annotate_extra", (cfg.extra, written.annotate, task_hash), [run.path(EXTRA_ANNOTATIONS)],
+                   _annotate_extra)
+        run.extra_df = read_parquet_frame(run.path(EXTRA_ANNOTATIONS))
+
+
+def train_stage(run: Run, variant: str) -> None:
+    """Fine-tune the encoder for one of the paper's variants into models/<variant>/model."""
+    vdir = run.path("models") / variant.replace("+", "_")
+    key = (run.cfg.train.model_copy(update={"variants": [variant]}), run.hash_of("annotate"),
+           run.hash_of("annotate_extra"))
+    _run_stage(run, f"train[{variant}]", key, [vdir / "model"],
+               lambda cfg, run: _train_variant(cfg, run, variant, vdir))
+    run.model_dirs[variant] = vdir / "model"
+
+
+def label_stage(run: Run) -> None:
+    """The first variant's model labels every row of the corpus into labels.parquet."""
+    cfg = run.cfg
+    key = (cfg.label, cfg.corpus.model_copy(update={"sample": None, "fraction": None}),
+           run.hash_of(f"train[{cfg.train.variants[0]}]"))
+    _run_stage(run, "label", key, [run.path(LABELS)], _label_corpus)
+
+
+def evaluate_stage(run: Run) -> None:
+    """Every variant's predictions on the gold test split (test_predictions.parquet), when there is one."""
+    if run.test_df is None:
+        return
+    cfg = run.cfg
+    key = (cfg.test, run.hash_of("label"), *[run.hash_of(f"train[{v}]") for v in cfg.train.variants])
+    _run_stage(run, "evaluate", key, [run.path(TEST_PREDICTIONS)], _predict_test)
+
+
+# ------------------------------------------------------------------------------------------ the stages' work
+def _annotate_rows(cfg: RunConfig, run: Run, ds, path: Path) -> dict[str, Any]:
+    from llambert_ray.annotate import annotate
+    from llambert_ray.data import write_parquet
+
+    # answers stream into the cache as they come, so an interrupted run resumes without redoing them
+    df, s = annotate(ds, run.task, cfg.annotate, cache_dir=run.path("cache") / "annotate")
+    write_parquet(df, path)
+    run.log_lines(s.lines())
+    return {"rows": s.rows_in, "tokens": s.prompt_tokens, "seconds": s.seconds, "summary": s.to_dict()}
+
+
+def _annotate_sample(cfg: RunConfig, run: Run) -> dict[str, Any]:
+    return _annotate_rows(cfg, run, run.sample, run.path(ANNOTATIONS))
+
+
+def _annotate_extra(cfg: RunConfig, run: Run) -> dict[str, Any]:
+    from llambert_ray.data import read_corpus, sample_corpus
+
+    assert cfg.extra is not None and run.annotations is not None
+    ds, _ = read_corpus(cfg.extra, run.task)
+    rows = sample_corpus(ds, cfg.extra, exclude=set(run.annotations["id"]))
+    return _annotate_rows(cfg, run, rows, run.path(EXTRA_ANNOTATIONS))
+
+
+def _annotate_with_test(cfg: RunConfig, run: Run) -> dict[str, Any]:
+    """The sample and the LLM's test rows in one engine call (one engine start), written apart."""
+    import ray
+
+    from llambert_ray.annotate import annotate, apply_offsets, apply_prior_calibration
+    from llambert_ray.data import sample_ids, write_parquet
+
+    assert cfg.test is not None and run.test_df is not None and cfg.evaluate.llm_test_sample is not None
+    test_df, labels = run.test_df, run.task.labels
+    test_rows = test_df[test_df["id"].isin(set(sample_ids(
+        test_df["id"], n=min(cfg.evaluate.llm_test_sample, len(test_df)), seed=cfg.test.seed)))]
+    sample = run.sample.to_pandas()
+    both = pd.concat([sample, test_rows[sample.columns.intersection(test_rows.columns)]],
+                     ignore_index=True).drop_duplicates("id")
+    prior = cfg.annotate.calibration == "prior" and cfg.annotate.mode == "score"
+    # prior calibration is fitted on the annotated sample alone, then the same offsets label the test rows
+    acfg = cfg.annotate.model_copy(update={"calibration": "none"}) if prior else cfg.annotate
+    df, s = annotate(ray.data.from_pandas(both), run.task, acfg, cache_dir=run.path("cache") / "annotate")
+    ann, test_ann = df[df["id"].isin(set(sample["id"]))].copy(), df[df["id"].isin(set(test_rows["id"]))].copy()
+    offsets = s.calibration
+    if prior:
+        ann, offsets = apply_prior_calibration(ann, labels, cfg.annotate.label_prior)
+        if offsets:
+            test_ann = apply_offsets(test_ann, labels, offsets)
+    write_parquet(ann.reset_index(drop=True), run.path(ANNOTATIONS))
+    write_parquet(test_ann.reset_index(drop=True), run.path(TEST_ANNOTATIONS))
+    run.log_lines(s.lines())
+    acc = _llm_accuracy(run, ann, test_ann, offsets)
+    return {"rows": s.rows_in, "tokens": s.prompt_tokens, "seconds": s.seconds,
+            "annotated_rows": len(ann), "test_rows": len(test_ann),
+            "summary": {**s.to_dict(), "calibration": offsets, "accuracy": acc.get("annotated"),
+                        "test_accuracy": acc.get("test"),
+                        "label_counts": {str(k): int(v) for k, v in ann["llm_label"].value_counts().items()}}}
+
+
+def _llm_accuracy(run: Run, ann: pd.DataFrame, test_ann: pd.DataFrame, offsets) -> dict[str, Any]:
+    """The LLM's accuracy against gold on its annotated rows and its test rows, logged."""
+    from llambert_ray.evaluate import classification_metrics
+
+    acc = {name: classification_metrics(part["label"], part["llm_label"], run.task.labels)["accuracy"]
+           for name, part in (("annotated", ann), ("test", test_ann)) if "label" in part}
+    run.log(f"  of these: {len(ann)} rows to train on, {len(test_ann)} test rows; LLM accuracy vs gold "
+            + ", ".join(f"{k} {v:.2%}" for k, v in acc.items() if v is not None)
+            + (f" (calibration offsets {({k: round(v, 3) for k, v in offsets.items()})})" if offsets else ""))
+    return acc
+
+
+def _annotate_active(cfg: RunConfig, run: Run) -> dict[str, Any]:
+    """select.strategy active: corpus.sample LLM calls spent in select.rounds rounds, each round's rows chosen by
+    a probe on encoder embeddings (llambert_ray.active). Writes annotations.parquet and active_rounds.json (the
+    probe's test accuracy after each round, when the run has a gold test split)."""
     import ray
 
     from llambert_ray.active import embed, run_rounds
     from llambert_ray.annotate import annotate
-    from llambert_ray.data import read_corpus, sample_corpus, write_parquet
+    from llambert_ray.data import sample_corpus, write_parquet
     from llambert_ray.models import resolve_model
 
     sel = cfg.select
-    pool_ds = corpus_ds if sel.pool_rows is None else sample_corpus(
-        corpus_ds, cfg.corpus.model_copy(update={"sample": sel.pool_rows, "fraction": None}))
+    pool_ds = run.corpus if sel.pool_rows is None else sample_corpus(
+        run.corpus, cfg.corpus.model_copy(update={"sample": sel.pool_rows, "fraction": None}))
     encoder = resolve_model(sel.model or cfg.train.model)
-    log(f"  embedding the candidate pool with {sel.model or cfg.train.model}")
+    run.log(f"  embedding the candidate pool with {sel.model or cfg.train.model}")
     ids, x = embed(pool_ds, encoder, sel)
     x_test = y_test = None
-    if cfg.test is not None:
-        test_ds, _ = read_corpus(cfg.test, task)
-        test_ds = sample_corpus(test_ds, cfg.test)
-        if "label" in test_ds.columns():
-            t_ids, x_test = embed(test_ds, encoder, sel)
-            gold = test_ds.select_columns(["id", "label"]).to_pandas().set_index("id")["label"]
-            y_test = gold.loc[t_ids].tolist()
+    if run.test_df is not None:
+        t_ids, x_test = embed(ray.data.from_pandas(run.test_df[["id", "text"]]), encoder, sel)
+        y_test = run.test_df.set_index("id")["label"].loc[t_ids].tolist()
     pool = pool_ds.to_pandas().set_index("id")
     summaries = []
 
     def llm(round_ids: list[Any]):
         sub = ray.data.from_pandas(pool.loc[round_ids].reset_index())
-        df, s = annotate(sub, task, cfg.annotate, cache_dir=run_dir / "cache" / "annotate")
-        for line in s.lines():
-            log("    " + line)
+        df, s = annotate(sub, run.task, cfg.annotate, cache_dir=run.path("cache") / "annotate")
+        run.log_lines(s.lines(), "    ")
         summaries.append(s)
         return df
 
     budget = cfg.corpus.sample or len(ids)
-    answers, result = run_rounds(ids, x, task.labels, budget, sel, llm, x_test=x_test, y_test=y_test,
-                                 seed=cfg.corpus.seed, log=log)
-    write_parquet(answers.sort_values("id", kind="stable").reset_index(drop=True), ann_path)
-    (run_dir / "active_rounds.json").write_text(json.dumps(result.to_dict(), indent=2))
-    secs = sum(s.seconds for s in summaries)
-    return {"rows": len(answers), "tokens": sum(s.prompt_tokens for s in summaries), "device": device,
-            "device_seconds": secs * ann_devices, "seconds": secs, "rounds": result.to_dict()["rounds"],
+    answers, result = run_rounds(ids, x, run.task.labels, budget, sel, llm, x_test=x_test, y_test=y_test,
+                                 seed=cfg.corpus.seed, log=run.log)
+    write_parquet(answers.sort_values("id", kind="stable").reset_index(drop=True), run.path(ANNOTATIONS))
+    run.path("active_rounds.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return {"rows": len(answers), "tokens": sum(s.prompt_tokens for s in summaries),
+            "seconds": sum(s.seconds for s in summaries), "rounds": result.to_dict()["rounds"],
             "summary": {"rows_in": len(answers), "labelled": sum(s.labelled for s in summaries),
                         "failed": sum(s.failed for s in summaries), "strategy": "active"}}
+
+
+def _train_variant(cfg: RunConfig, run: Run, variant: str, vdir: Path) -> dict[str, Any]:
+    from llambert_ray.train import fit_variant
+
+    if variant == "combined" and "llm" in run.model_dirs and run.extra_df is None:
+        results, reuses = [_continue_from_llm(cfg, run, vdir)], {"reuses": "train[llm]"}
+    else:
+        _, results = fit_variant(variant, run.annotations, run.task.labels, cfg.train, vdir, extra=run.extra_df,
+                                 log=run.log)
+        reuses = {}
+    return {"rows": sum(r.rows for r in results), "seconds": sum(r.seconds for r in results),
+            "stages": [r.to_dict() for r in results], **reuses}
+
+
+def _continue_from_llm(cfg: RunConfig, run: Run, vdir: Path):
+    """combined's first stage is the llm variant itself (same rows, same config): continue from its model."""
+    from llambert_ray.train import fit, variant_stages
+
+    gold = variant_stages("gold", run.annotations)[0][1]
+    run.log(f"  combined: stage 1/2 = the llm variant's model; stage 2/2 on {len(gold)} gold-labelled rows")
+    r = fit(gold, run.task.labels, cfg.train, vdir / "stage2", init_model=str(run.model_dirs["llm"].resolve()),
+            name="combined-stage2")
+    shutil.rmtree(vdir / "model", ignore_errors=True)
+    os.replace(r.model_dir, vdir / "model")
+    if not cfg.train.keep_checkpoints:  # as fit_variant: the stage's checkpoints go once the model is in
+        shutil.rmtree(vdir / "stage2", ignore_errors=True)
+    return r
+
+
+def _label_corpus(cfg: RunConfig, run: Run) -> dict[str, Any]:
+    from llambert_ray.label import label
+
+    s = label(run.corpus, run.model_dirs[cfg.train.variants[0]], cfg.label, run.path(LABELS))
+    run.log_lines(s.lines())
+    return {"rows": s.rows, "failed": s.failed, "seconds": s.seconds, "summary": s.to_dict()}
+
+
+def _predict_test(cfg: RunConfig, run: Run) -> dict[str, Any]:
+    import ray
+
+    from llambert_ray.data import write_parquet
+    from llambert_ray.evaluate import predict_gold
+
+    assert run.test_df is not None
+    test_ds = ray.data.from_pandas(run.test_df[["id", "text", "label"]])
+    write_parquet(predict_gold(test_ds, run.model_dirs, cfg.label), run.path(TEST_PREDICTIONS))
+    return {"rows": len(run.test_df) * len(run.model_dirs)}
+
+
+# ------------------------------------------------------------------------------------------ accounting
+def _reserved_devices(cfg: RunConfig, stage: str) -> tuple[str, float]:
+    """The device kind a stage runs on and how many it reserves from Ray while it runs (the manifest's
+    device_seconds = these x its seconds): an engine's GPUs (TP) or CPUs x replicas; a training worker's GPU or
+    CPUs x workers; a labelling actor's GPUs or CPUs x actors (label, and evaluate on the test split)."""
+    a, t, lab = cfg.annotate, cfg.train, cfg.label
+    if stage.startswith("annotate"):
+        return a.device, (a.tensor_parallel_size if a.device == "gpu" else a.cpus_per_engine) * a.concurrency
+    if stage.startswith("train"):
+        return ("gpu", t.workers) if t.use_gpu else ("cpu", t.workers * t.cpus_per_worker)
+    return ("gpu" if lab.gpus_per_actor else "cpu"), (lab.gpus_per_actor or lab.cpus_per_actor) * lab.concurrency
 
 
 def _busy_devices(cfg: RunConfig, stage: str, device: str) -> float:
@@ -176,258 +491,63 @@ def _labeller_speeds(cfg: RunConfig, stages: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, preflight: bool = True) -> dict[str, Any]:
-    """Run (or resume) the whole pipeline for cfg; returns the metrics (also in run_dir/metrics.json).
-    With preflight (the default), `llambert preflight`'s checks run first and a failure stops the run before any
-    stage (PreflightError)."""
-    from llambert_ray.annotate import annotate, make_plan
-    from llambert_ray.data import (
-        check_corpus_path,
-        read_corpus,
-        read_parquet_frame,
-        sample_corpus,
-        sample_ids,
-        write_parquet,
-    )
-    from llambert_ray.evaluate import classification_metrics, label_issue_summary, label_issues
-    from llambert_ray.label import label, label_dataset
-    from llambert_ray.models import resolve_model
-    from llambert_ray.ray_env import init_ray, is_local, resolve_device
+
+# ------------------------------------------------------------------------------------------ metrics and report
+def _finish(run: Run) -> dict[str, Any]:
+    """metrics.json, label_issues.parquet and the report, from the stages' outputs (whether they ran now or were
+    up to date)."""
     from llambert_ray.report import write_report
-    from llambert_ray.tasks import load_task
-    from llambert_ray.train import fit, fit_variant, variant_stages
 
-    # a wrong path, task, model or mode fails here, in seconds, before Ray starts
-    task = load_task(cfg.task)
-    # Every stage's model, resolved before the first stage: a bad encoder name must not stop the run after the
-    # LLM annotation has been paid for. (`llambert preflight` also checks they load on the nodes that load them.)
-    local = is_local(cfg.cluster.address)
-    llm = resolve_model(cfg.annotate.model, check_hub=local)
-    for ref in dict.fromkeys([cfg.train.model, cfg.select.model or cfg.train.model]):
-        resolve_model(ref, check_hub=local)
-    if ("llm+extra" in cfg.train.variants) and cfg.extra is None:
-        from llambert_ray.train import TrainError
-
-        raise TrainError("variant 'llm+extra' needs an `extra:` corpus section; fix: add it or drop the variant")
-    llm_on_test = cfg.evaluate.llm_test_sample is not None and cfg.test is not None
-    if llm_on_test and cfg.select.strategy == "active":
-        from llambert_ray.config import ConfigError
-
-        raise ConfigError("evaluate.llm_test_sample needs select.strategy random (the test rows ride in the one "
-                          "engine call of the random sample); fix: drop one of the two")
-    for section in ("corpus", "test", "extra"):
-        check_corpus_path(getattr(cfg, section), f"{section}.path")
-    make_plan(task, cfg.annotate, llm)  # bad task/mode; loads the LLM's tokenizer (score mode): last
-    t_run = time.time()
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(run_dir, cfg)
-    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=run_dir / "logs")
-    if preflight:
-        from llambert_ray.preflight import preflight_or_raise
-
-        preflight_or_raise(cfg, log=log)
-    # device: auto on an autoscaling cluster whose GPU groups are at 0: the run's other stages say whether it is a
-    # GPU run. The engine gets the resolved device; the stage hashes keep the config as written.
-    device = resolve_device(cfg.annotate.device, gpu_elsewhere=cfg.train.use_gpu or cfg.label.gpus_per_actor > 0)
-    run_cfg, cfg = cfg, cfg.model_copy(update={"annotate": cfg.annotate.model_copy(update={"device": device})})
-    # devices an annotation engine holds while it runs: GPUs (TP x replicas) or CPUs (per engine x replicas)
-    ann_devices = (cfg.annotate.tensor_parallel_size if device == "gpu" else cfg.annotate.cpus_per_engine) \
-        * cfg.annotate.concurrency
-    task_hash = config_hash(task)
-
-    # ---- the gold test split (read first: the LLM may label a sample of it in the same engine call)
-    test_df = None
-    if cfg.test is not None:
-        test_ds, _ = read_corpus(cfg.test, task)
-        test_df = sample_corpus(test_ds, cfg.test).to_pandas()
-        if test_df["label"].isna().all() if "label" in test_df else True:
-            test_df = None
-            llm_on_test = False
-            log("[evaluate] the test split has no gold labels; classifier accuracy is not measured")
-
-    # ---- annotate the seeded sample (and the extra rows) with the LLM
-    corpus_ds, corpus_info = read_corpus(cfg.corpus, task)
-    ann_path = run_dir / "annotations.parquet"
-    test_ann_path = run_dir / "test_annotations.parquet"
-    ann_hash = config_hash(cfg.corpus, run_cfg.annotate, task_hash)
-
-    def do_annotate(ds, path: Path) -> dict[str, Any]:
-        # answers stream into the cache as they come, so an interrupted run resumes without redoing them
-        df, s = annotate(ds, task, cfg.annotate, cache_dir=run_dir / "cache" / "annotate")
-        write_parquet(df, path)
-        for line in s.lines():
-            log("  " + line)
-        return {"rows": s.rows_in, "tokens": s.prompt_tokens, "device": device,
-                "device_seconds": s.seconds * ann_devices,
-                "seconds": s.seconds, "summary": s.to_dict()}
-
-    def do_annotate_with_test(ds, test_rows: pd.DataFrame) -> dict[str, Any]:
-        """The sample and the LLM's test rows in one engine call (one engine start), written apart."""
-        import ray
-
-        from llambert_ray.annotate import apply_offsets, apply_prior_calibration
-
-        sample = ds.to_pandas()
-        both = pd.concat([sample, test_rows[sample.columns.intersection(test_rows.columns)]],
-                         ignore_index=True).drop_duplicates("id")
-        prior = cfg.annotate.calibration == "prior" and cfg.annotate.mode == "score"
-        # prior calibration is fitted on the annotated sample alone, then the same offsets label the test rows
-        acfg = cfg.annotate.model_copy(update={"calibration": "none"}) if prior else cfg.annotate
-        df, s = annotate(ray.data.from_pandas(both), task, acfg, cache_dir=run_dir / "cache" / "annotate")
-        ann, test_ann = df[df["id"].isin(set(sample["id"]))].copy(), df[df["id"].isin(set(test_rows["id"]))].copy()
-        offsets = s.calibration
-        if prior:
-            ann, offsets = apply_prior_calibration(ann, task.labels, cfg.annotate.label_prior)
-            if offsets:
-                test_ann = apply_offsets(test_ann, task.labels, offsets)
-        write_parquet(ann.reset_index(drop=True), ann_path)
-        write_parquet(test_ann.reset_index(drop=True), test_ann_path)
-        for line in s.lines():
-            log("  " + line)
-        acc = {name: classification_metrics(part["label"], part["llm_label"], task.labels)["accuracy"]
-               for name, part in (("annotated", ann), ("test", test_ann)) if "label" in part}
-        log(f"  of these: {len(ann)} rows to train on, {len(test_ann)} test rows; LLM accuracy vs gold "
-            + ", ".join(f"{k} {v:.2%}" for k, v in acc.items() if v is not None)
-            + (f" (calibration offsets {({k: round(v, 3) for k, v in offsets.items()})})" if offsets else ""))
-        return {"rows": s.rows_in, "tokens": s.prompt_tokens, "device": device,
-                "device_seconds": s.seconds * ann_devices, "seconds": s.seconds,
-                "annotated_rows": len(ann), "test_rows": len(test_ann),
-                "summary": {**s.to_dict(), "calibration": offsets, "accuracy": acc.get("annotated"),
-                            "test_accuracy": acc.get("test"),
-                            "label_counts": {str(k): int(v) for k, v in ann["llm_label"].value_counts().items()}}}
-
-    if cfg.select.strategy == "active":
-        ann_hash = config_hash(cfg.corpus, run_cfg.annotate, task_hash, cfg.select,
-                               cfg.select.model or cfg.train.model)
-        _stage(manifest, "annotate", ann_hash, [ann_path],
-               lambda: _annotate_active(cfg, task, corpus_ds, run_dir, ann_path, device, ann_devices, log), log)
-    elif llm_on_test:
-        assert cfg.test is not None and test_df is not None and cfg.evaluate.llm_test_sample is not None
-        llm_test_ids = set(sample_ids(test_df["id"], n=min(cfg.evaluate.llm_test_sample, len(test_df)),
-                                      seed=cfg.test.seed))
-        ann_hash = config_hash(cfg.corpus, run_cfg.annotate, task_hash, cfg.test, cfg.evaluate.llm_test_sample)
-        _stage(manifest, "annotate", ann_hash, [ann_path, test_ann_path],
-               lambda: do_annotate_with_test(sample_corpus(corpus_ds, cfg.corpus),
-                                             test_df[test_df["id"].isin(llm_test_ids)]), log)
-    else:
-        _stage(manifest, "annotate", ann_hash, [ann_path],
-               lambda: do_annotate(sample_corpus(corpus_ds, cfg.corpus), ann_path), log)
-    annotations = read_parquet_frame(ann_path)
-    extra_df = None
-    if cfg.extra is not None:
-        extra_path = run_dir / "annotations_extra.parquet"
-
-        def extra_rows():
-            ds, _ = read_corpus(cfg.extra, task)
-            return sample_corpus(ds, cfg.extra, exclude=set(annotations["id"]))
-
-        _stage(manifest, "annotate_extra", config_hash(cfg.extra, run_cfg.annotate, task_hash), [extra_path],
-               lambda: do_annotate(extra_rows(), extra_path), log)
-        extra_df = read_parquet_frame(extra_path)
-
-    # ---- train each variant
-    train_workers = cfg.train.workers * (1 if cfg.train.use_gpu else cfg.train.cpus_per_worker)
-    model_dirs: dict[str, Path] = {}
-    for variant in cfg.train.variants:
-        vdir = run_dir / "models" / variant.replace("+", "_")
-        v_hash = config_hash(cfg.train.model_copy(update={"variants": [variant]}), ann_hash,
-                             manifest.data["stages"].get("annotate_extra", {}).get("hash"))
-
-        def do_train(vdir=vdir, variant=variant) -> dict[str, Any]:
-            reuses = {}
-            if variant == "combined" and "llm" in model_dirs and extra_df is None:
-                # combined's first stage is the llm variant itself (same rows, same config): continue from it
-                gold = variant_stages("gold", annotations)[0][1]
-                log(f"  combined: stage 1/2 = the llm variant's model; stage 2/2 on {len(gold)} gold-labelled rows")
-                r = fit(gold, task.labels, cfg.train, vdir / "stage2", init_model=str(model_dirs["llm"].resolve()),
-                        name="combined-stage2")
-                shutil.rmtree(vdir / "model", ignore_errors=True)
-                os.replace(r.model_dir, vdir / "model")
-                if not cfg.train.keep_checkpoints:  # as fit_variant: the stage's checkpoints go once the model is in
-                    shutil.rmtree(vdir / "stage2", ignore_errors=True)
-                results, reuses = [r], {"reuses": "train[llm]"}
-            else:
-                _, results = fit_variant(variant, annotations, task.labels, cfg.train, vdir, extra=extra_df, log=log)
-            secs = sum(r.seconds for r in results)
-            return {"rows": sum(r.rows for r in results), "seconds": secs,
-                    "device": "gpu" if cfg.train.use_gpu else "cpu", "device_seconds": secs * train_workers,
-                    "stages": [r.to_dict() for r in results], **reuses}
-
-        _stage(manifest, f"train[{variant}]", v_hash, [vdir / "model"], do_train, log)
-        model_dirs[variant] = vdir / "model"
-
-    # ---- label the whole corpus with the first variant's model
-    primary = cfg.train.variants[0]
-    labels_path = run_dir / "labels.parquet"
-    label_hash = config_hash(cfg.label, cfg.corpus.model_copy(update={"sample": None, "fraction": None}),
-                             manifest.data["stages"][f"train[{primary}]"]["hash"])
-
-    def do_label() -> dict[str, Any]:
-        s = label(corpus_ds, model_dirs[primary], cfg.label, labels_path)
-        for line in s.lines():
-            log("  " + line)
-        per_actor = cfg.label.gpus_per_actor if cfg.label.gpus_per_actor else cfg.label.cpus_per_actor
-        return {"rows": s.rows, "failed": s.failed, "seconds": s.seconds,
-                "device": "gpu" if cfg.label.gpus_per_actor else "cpu",
-                "device_seconds": s.seconds * per_actor * cfg.label.concurrency, "summary": s.to_dict()}
-
-    _stage(manifest, "label", label_hash, [labels_path], do_label, log)
-
-    # ---- evaluate: the LLM on its annotated rows (and its test rows), each classifier on the test split
-    metrics: dict[str, Any] = {"task": task.name, "llm_model": cfg.annotate.model, "encoder": cfg.train.model,
-                               "corpus_rows": corpus_info.rows, "annotated_rows": len(annotations), "variants": {}}
-    if "label" in annotations and annotations["label"].notna().any():
-        metrics["llm"] = classification_metrics(annotations["label"], annotations["llm_label"], task.labels)
-    test_ann = read_parquet_frame(test_ann_path) if llm_on_test else None
-    if test_ann is not None:
-        metrics["llm_test"] = classification_metrics(test_ann["label"], test_ann["llm_label"], task.labels)
-        metrics["variants_on_llm_test"] = {}
-    if test_df is not None:
-        eval_hash = config_hash(cfg.test, label_hash, *[manifest.data["stages"][f"train[{v}]"]["hash"]
-                                                          for v in cfg.train.variants])
-        eval_path = run_dir / "test_predictions.parquet"
-
-        def do_eval() -> dict[str, Any]:
-            import ray
-
-            frames, t0 = [], time.time()
-            test_ds = ray.data.from_pandas(test_df[["id", "text", "label"]])
-            for variant, mdir in model_dirs.items():
-                preds = label_dataset(test_ds, mdir, cfg.label).to_pandas()
-                preds["variant"] = variant
-                frames.append(preds)
-            write_parquet(pd.concat(frames, ignore_index=True), eval_path)
-            per_actor = cfg.label.gpus_per_actor or cfg.label.cpus_per_actor
-            return {"rows": len(test_df) * len(model_dirs), "seconds": time.time() - t0,
-                    "device": "gpu" if cfg.label.gpus_per_actor else "cpu",
-                    "device_seconds": (time.time() - t0) * per_actor * cfg.label.concurrency}
-
-        _stage(manifest, "evaluate", eval_hash, [eval_path], do_eval, log)
-        preds = read_parquet_frame(eval_path)
-        for variant in cfg.train.variants:
-            p = preds[preds["variant"] == variant]
-            metrics["variants"][variant] = classification_metrics(p["gold"], p["label"], task.labels,
-                                                                  failed=p.get("error"))
-            if test_ann is not None:  # the same rows the LLM labelled: the paper's like-for-like comparison
-                p = p[p["id"].isin(set(test_ann["id"]))]
-                metrics["variants_on_llm_test"][variant] = classification_metrics(
-                    p["gold"], p["label"], task.labels, failed=p.get("error"))
+    cfg, manifest = run.cfg, run.manifest
+    metrics = _quality_metrics(run)
     metrics["labels_summary"] = manifest.data["stages"]["label"].get("summary")
     metrics["speed"] = _labeller_speeds(cfg, manifest.data["stages"])
-    metrics["run"] = {"seconds": time.time() - t_run, "stages_ran": list(manifest.ran),
+    metrics["run"] = {"seconds": time.time() - run.started, "stages_ran": list(manifest.ran),
                       "stages_reused": [st for st in manifest.data["stages"] if st not in manifest.ran],
                       "aims": cfg.evaluate.model_dump(exclude={"llm_test_sample"})}
-    # ---- label issues: LLM labels the trained classifier contradicts with confidence
-    issues = None
-    try:
-        issues = label_issues(annotations, read_parquet_frame(labels_path), task.labels)
-    except ValueError as e:  # a model trained with other label names than the task's: nothing to compare
-        log(f"[label issues] skipped: {e}")
-    if issues is not None:
-        write_parquet(issues, run_dir / "label_issues.parquet")
-        metrics["label_issues"] = label_issue_summary(issues, annotations)
-    report = write_report(run_dir, metrics, manifest.data, annotations, issues=issues)
-    metrics["report"] = str(report)
+    issues = _label_issues(run, metrics)
+    metrics["report"] = str(write_report(cfg.run_dir, metrics, manifest.data, run.annotations, issues=issues))
     manifest.save()
     return metrics
+
+
+def _quality_metrics(run: Run) -> dict[str, Any]:
+    """The LLM on its annotated rows (and its test rows), each classifier on the test split and, beside the LLM,
+    on the same test rows the LLM labelled (the paper's like-for-like comparison)."""
+    from llambert_ray.data import read_parquet_frame
+    from llambert_ray.evaluate import classification_metrics, gold_metrics
+
+    cfg, ann, labels = run.cfg, run.annotations, run.task.labels
+    assert ann is not None
+    metrics: dict[str, Any] = {"task": run.task.name, "llm_model": cfg.annotate.model, "encoder": cfg.train.model,
+                               "corpus_rows": run.corpus_rows, "annotated_rows": len(ann), "variants": {}}
+    if "label" in ann and ann["label"].notna().any():
+        metrics["llm"] = classification_metrics(ann["label"], ann["llm_label"], labels)
+    test_ann = read_parquet_frame(run.path(TEST_ANNOTATIONS)) if run.llm_on_test else None
+    if test_ann is not None:
+        metrics["llm_test"] = classification_metrics(test_ann["label"], test_ann["llm_label"], labels)
+        metrics["variants_on_llm_test"] = {}
+    if run.test_df is None:
+        return metrics
+    preds = read_parquet_frame(run.path(TEST_PREDICTIONS))
+    for variant in cfg.train.variants:
+        p = preds[preds["variant"] == variant]
+        metrics["variants"][variant] = gold_metrics(p, labels)
+        if test_ann is not None:
+            metrics["variants_on_llm_test"][variant] = gold_metrics(p[p["id"].isin(set(test_ann["id"]))], labels)
+    return metrics
+
+
+def _label_issues(run: Run, metrics: dict[str, Any]) -> pd.DataFrame | None:
+    """LLM labels the trained classifier contradicts with confidence: label_issues.parquet and their summary."""
+    from llambert_ray.data import read_parquet_frame, write_parquet
+    from llambert_ray.evaluate import label_issue_summary, label_issues
+
+    try:
+        issues = label_issues(run.annotations, read_parquet_frame(run.path(LABELS)), run.task.labels)
+    except ValueError as e:  # a model trained with other label names than the task's: nothing to compare
+        run.log(f"[label issues] skipped: {e}")
+        return None
+    write_parquet(issues, run.path("label_issues.parquet"))
+    metrics["label_issues"] = label_issue_summary(issues, run.annotations)
+    return issues

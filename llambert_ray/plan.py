@@ -157,112 +157,132 @@ def plan_run(cfg: RunConfig, task: Task, *, hardware: dict[str, Any], gpu: str =
              rows: int | None = None, mean_chars: float | None = None,
              measured: dict[str, Any] | None = None) -> Plan:
     """Estimate every stage of `llambert run` for cfg (see the module doc for where the numbers come from)."""
-    devices, util, params = hardware["devices"], hardware["utilization"], hardware["models"]
-    if gpu not in devices:
-        raise ConfigError(f"--gpu {gpu!r} is not in the hardware table; fix: use one of {sorted(devices)}")
-    plan = Plan()
+    if gpu not in hardware["devices"]:
+        raise ConfigError(f"--gpu {gpu!r} is not in the hardware table; fix: use one of {sorted(hardware['devices'])}")
     n, texts = corpus_stats(cfg.corpus, rows=rows)
     if mean_chars is not None:
         texts = ["x" * int(mean_chars)] * 8
     if not texts:
         raise ConfigError("plan has no texts to measure lengths on; fix: pass --mean-chars C")
+    est = _Estimator(hardware, gpu, measured)
+    ann_rows, extra_rows, per_prompt, style, shots = est.annotate(cfg, task, texts, n, rows)
+    enc_tok = TokenCounter(cfg.train.model)
+    enc_per_row = est.train(cfg.train, enc_tok, texts, ann_rows, extra_rows)
+    est.label(cfg, enc_tok, texts, n)
+    a, t = cfg.annotate, cfg.train
+    est.plan.notes.append(f"corpus {n:,} rows; mean {per_prompt:,.0f} prompt tokens per row for {a.model} "
+                          f"({style}, {shots} shots, {a.mode} mode); {enc_per_row:,.0f} tokens per row for {t.model}")
+    return est.plan
 
-    def model_params(ref: str) -> float:
-        if ref in params:
-            return float(params[ref])
+
+class _Estimator:
+    """Builds a Plan stage by stage: rates from the hardware table (or a measured run's manifest)."""
+
+    def __init__(self, hardware: dict[str, Any], gpu: str, measured: dict[str, Any] | None):
+        self.devices, self.util, self.params = hardware["devices"], hardware["utilization"], hardware["models"]
+        self.gpu, self.measured, self.plan = gpu, measured or {}, Plan()
+
+    def model_params(self, ref: str) -> float:
+        if ref in self.params:
+            return float(self.params[ref])
         raise ConfigError(f"model {ref!r} is not in the hardware table's `models:`; fix: add its non-embedding "
                           f"parameter count there (or pass --hardware with your own table)")
 
-    def rate(phase: str, device: str, ref: str, mult: float) -> tuple[float, str]:
-        d = devices[device]
-        u = float((d.get("utilization") or {}).get(phase, util[phase]))
+    def rate(self, phase: str, device: str, ref: str, mult: float) -> tuple[float, str]:
+        """Tokens per device-second: the device's peak FLOP/s x utilization over mult x the model's parameters."""
+        d = self.devices[device]
+        u = float((d.get("utilization") or {}).get(phase, self.util[phase]))
         flops = float(d["peak_tflops"]) * 1e12 * u
-        return flops / (mult * model_params(ref)), f"{u:.0%} of {d['peak_tflops']} TFLOP/s ({phase})"
+        return flops / (mult * self.model_params(ref)), f"{u:.0%} of {d['peak_tflops']} TFLOP/s ({phase})"
 
-    def add(stage: str, nrows: int, tokens: float, device: str, ndev: float, tps: float, basis: str) -> None:
-        dev_h = tokens / tps / 3600 if tps > 0 else 0.0
-        price = float(devices[device]["usd_per_hour"])
-        plan.stages.append(StagePlan(stage, nrows, int(tokens), device, ndev, tps, dev_h, dev_h / max(ndev, 1e-9),
-                                     dev_h * price, basis))
+    def measured_stage(self, stage: str) -> dict[str, Any] | None:
+        return self.measured.get("stages", {}).get(stage)
 
-    def measured_rate(stage: str, per: str) -> float | None:
-        st = (measured or {}).get("stages", {}).get(stage)
+    def measured_rate(self, stage: str, per: str) -> float | None:
+        st = self.measured_stage(stage)
         if not st or not st.get("device_seconds"):
             return None
         return float(st.get(per) or 0) / float(st["device_seconds"]) or None
 
-    # -- annotate: prompts rendered exactly as the engine gets them
-    a = cfg.annotate
-    defaults = task.defaults_for(a.model)
-    style, shots = a.prompt_style or defaults["prompt_style"], a.shots if a.shots is not None else defaults["shots"]
-    llm_tok = TokenCounter(a.model)
-    if style == "chat":
-        prompt_tokens = [llm_tok.count_chat(task.chat_messages(t, shots, a.max_text_chars, a.truncate)) for t in texts]
-    else:
-        prompt_tokens = [llm_tok.count(task.completion_prompt(t, shots, a.max_text_chars, a.truncate)) for t in texts]
-    per_prompt = min(_mean(prompt_tokens, 0), a.max_model_len)
-    out_tokens = 1 if a.mode == "score" else a.max_new_tokens
-    llm_gpu = a.device == "gpu"
-    a_dev = gpu if llm_gpu else "cpu-core"
-    a_ndev = (a.tensor_parallel_size * a.pipeline_parallel_size if llm_gpu else a.cpus_per_engine) * a.concurrency
-    if not llm_tok.exact:
-        plan.notes.append(f"{a.model}: tokenizer not available offline, tokens estimated at "
-                          f"{CHARS_PER_TOKEN:g} characters per token")
-    ann_rows = planned_rows(cfg.corpus, n)
-    jobs = [("annotate", ann_rows)]
-    extra_rows = 0
-    if cfg.extra is not None:
-        en, _ = corpus_stats(cfg.extra, rows=rows)
-        extra_rows = planned_rows(cfg.extra, en)
-        jobs.append(("annotate_extra", extra_rows))
-    for stage, nrows in jobs:
-        pre, basis_p = rate("prefill", a_dev, a.model, 2)
-        dec, _ = rate("decode", a_dev, a.model, 2)
-        m = measured_rate(stage, "tokens") or measured_rate("annotate", "tokens")
-        tokens = nrows * (per_prompt + out_tokens)
-        if m:  # tokens per device-second of the whole stage as run
-            tps, basis = m, "measured"
-        else:  # time = prompt tokens / prefill rate + output tokens / decode rate, as one blended rate
-            secs = nrows * (per_prompt / pre + out_tokens / dec)
-            tps, basis = (tokens / secs if secs else 0.0), basis_p + f"; {out_tokens} output tok/row at decode"
-        add(stage, nrows, tokens, a_dev, a_ndev, tps, basis)
+    def add(self, stage: str, nrows: int, tokens: float, device: str, ndev: float, tps: float, basis: str) -> None:
+        dev_h = tokens / tps / 3600 if tps > 0 else 0.0
+        price = float(self.devices[device]["usd_per_hour"])
+        self.plan.stages.append(StagePlan(stage, nrows, int(tokens), device, ndev, tps, dev_h,
+                                          dev_h / max(ndev, 1e-9), dev_h * price, basis))
 
-    # -- train: encoder tokens per row, every variant, every epoch
-    t = cfg.train
-    enc_tok = TokenCounter(t.model)
-    enc_per_row = _mean([min(enc_tok.count(x) + 2, t.max_length) for x in texts], 0)
-    t_dev = gpu if t.use_gpu else "cpu-core"
-    t_ndev = t.workers * (1 if t.use_gpu else t.cpus_per_worker)
-    rows_for = {"gold": ann_rows, "llm": ann_rows, "llm+extra": ann_rows + extra_rows, "combined": 2 * ann_rows}
-    for variant in t.variants:
-        nrows = rows_for[variant]
-        tokens = nrows * t.epochs * enc_per_row
-        st = (measured or {}).get("stages", {}).get(f"train[{variant}]")
-        if st and st.get("device_seconds"):  # samples (rows x epochs) per device-second as that run trained
-            samples = sum(r["rows"] * r["epochs"] for r in st.get("stages", [])) or st["rows"]
-            tps, basis = samples / st["device_seconds"] * enc_per_row, "measured (samples/device-s)"
+    def annotate(self, cfg: RunConfig, task: Task, texts: list[str], n: int, rows: int | None):
+        """annotate (and annotate_extra): prompts rendered exactly as the engine gets them. Returns (annotated
+        rows, extra rows, mean prompt tokens, prompt style, shots)."""
+        a = cfg.annotate
+        defaults = task.defaults_for(a.model)
+        style = a.prompt_style or defaults["prompt_style"]
+        shots = a.shots if a.shots is not None else defaults["shots"]
+        llm_tok = TokenCounter(a.model)
+        if style == "chat":
+            counts = [llm_tok.count_chat(task.chat_messages(t, shots, a.max_text_chars, a.truncate)) for t in texts]
         else:
-            tps, basis = rate("train", t_dev, t.model, 6)
-        add(f"train[{variant}]", nrows, tokens, t_dev, t_ndev, tps, basis)
+            counts = [llm_tok.count(task.completion_prompt(t, shots, a.max_text_chars, a.truncate)) for t in texts]
+        per_prompt = min(_mean(counts, 0), a.max_model_len)
+        out_tokens = 1 if a.mode == "score" else a.max_new_tokens
+        llm_gpu = a.device == "gpu"
+        dev = self.gpu if llm_gpu else "cpu-core"
+        ndev = (a.tensor_parallel_size * a.pipeline_parallel_size if llm_gpu else a.cpus_per_engine) * a.concurrency
+        if not llm_tok.exact:
+            self.plan.notes.append(f"{a.model}: tokenizer not available offline, tokens estimated at "
+                                   f"{CHARS_PER_TOKEN:g} characters per token")
+        ann_rows, extra_rows = planned_rows(cfg.corpus, n), 0
+        jobs = [("annotate", ann_rows)]
+        if cfg.extra is not None:
+            en, _ = corpus_stats(cfg.extra, rows=rows)
+            extra_rows = planned_rows(cfg.extra, en)
+            jobs.append(("annotate_extra", extra_rows))
+        for stage, nrows in jobs:
+            pre, basis_p = self.rate("prefill", dev, a.model, 2)
+            dec, _ = self.rate("decode", dev, a.model, 2)
+            m = self.measured_rate(stage, "tokens") or self.measured_rate("annotate", "tokens")
+            tokens = nrows * (per_prompt + out_tokens)
+            if m:  # tokens per device-second of the whole stage as run
+                tps, basis = m, "measured"
+            else:  # time = prompt tokens / prefill rate + output tokens / decode rate, as one blended rate
+                secs = nrows * (per_prompt / pre + out_tokens / dec)
+                tps, basis = (tokens / secs if secs else 0.0), basis_p + f"; {out_tokens} output tok/row at decode"
+            self.add(stage, nrows, tokens, dev, ndev, tps, basis)
+        return ann_rows, extra_rows, per_prompt, style, shots
 
-    # -- label the whole corpus, evaluate every variant on the test split
-    lab = cfg.label
-    l_dev = gpu if lab.gpus_per_actor else "cpu-core"
-    l_ndev = (lab.gpus_per_actor or lab.cpus_per_actor) * lab.concurrency
-    label_per_row = _mean([min(enc_tok.count(x) + 2, lab.max_length) for x in texts], 0)
-    m = measured_rate("label", "rows")
-    tps, basis = (m * label_per_row, "measured (rows/device-s)") if m else rate("infer", l_dev, t.model, 2)
-    add("label", n, n * label_per_row, l_dev, l_ndev, tps, basis)
-    if cfg.test is not None:
+    def train(self, t, enc_tok: TokenCounter, texts: list[str], ann_rows: int, extra_rows: int) -> float:
+        """train[variant]: encoder tokens per row, every variant, every epoch. Returns tokens per row."""
+        enc_per_row = _mean([min(enc_tok.count(x) + 2, t.max_length) for x in texts], 0)
+        dev = self.gpu if t.use_gpu else "cpu-core"
+        ndev = t.workers * (1 if t.use_gpu else t.cpus_per_worker)
+        rows_for = {"gold": ann_rows, "llm": ann_rows, "llm+extra": ann_rows + extra_rows, "combined": 2 * ann_rows}
+        for variant in t.variants:
+            nrows = rows_for[variant]
+            st = self.measured_stage(f"train[{variant}]")
+            if st and st.get("device_seconds"):  # samples (rows x epochs) per device-second as that run trained
+                samples = sum(r["rows"] * r["epochs"] for r in st.get("stages", [])) or st["rows"]
+                tps, basis = samples / st["device_seconds"] * enc_per_row, "measured (samples/device-s)"
+            else:
+                tps, basis = self.rate("train", dev, t.model, 6)
+            self.add(f"train[{variant}]", nrows, nrows * t.epochs * enc_per_row, dev, ndev, tps, basis)
+        return enc_per_row
+
+    def label(self, cfg: RunConfig, enc_tok: TokenCounter, texts: list[str], n: int) -> None:
+        """label the whole corpus; evaluate every variant on the test split."""
+        lab = cfg.label
+        dev = self.gpu if lab.gpus_per_actor else "cpu-core"
+        ndev = (lab.gpus_per_actor or lab.cpus_per_actor) * lab.concurrency
+        per_row = _mean([min(enc_tok.count(x) + 2, lab.max_length) for x in texts], 0)
+        m = self.measured_rate("label", "rows")
+        tps, basis = (m * per_row, "measured (rows/device-s)") if m else self.rate("infer", dev, cfg.train.model, 2)
+        self.add("label", n, n * per_row, dev, ndev, tps, basis)
+        if cfg.test is None:
+            return
         try:
             tn, _ = corpus_stats(cfg.test)
-            test_rows = planned_rows(cfg.test, tn) * len(t.variants)
-            add("evaluate", test_rows, test_rows * label_per_row, l_dev, l_ndev, tps, basis)
+            test_rows = planned_rows(cfg.test, tn) * len(cfg.train.variants)
+            self.add("evaluate", test_rows, test_rows * per_row, dev, ndev, tps, basis)
         except ConfigError as e:
-            plan.notes.append(f"evaluate not estimated: {e}")
-    plan.notes.append(f"corpus {n:,} rows; mean {per_prompt:,.0f} prompt tokens per row for {a.model} "
-                      f"({style}, {shots} shots, {a.mode} mode); {enc_per_row:,.0f} tokens per row for {t.model}")
-    return plan
+            self.plan.notes.append(f"evaluate not estimated: {e}")
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:

@@ -336,63 +336,20 @@ def _active_rounds(manifest: dict[str, Any]) -> dict[str, Any] | None:
 def write_report(run_dir: str | Path, metrics: dict[str, Any], manifest: dict[str, Any],
                  annotations: pd.DataFrame | None = None, issues: pd.DataFrame | None = None) -> Path:
     """Write report.md, report.html and plots/*.png into run_dir; returns the Markdown path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     run_dir = Path(run_dir)
-    plots = run_dir / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    images: list[tuple[str, str]] = []
-    rows = headline_rows(metrics)
-    if _plot_cost_accuracy(metrics, plots / "cost_accuracy.png"):
-        images.append(("Test accuracy against cost per 1,000 rows", "plots/cost_accuracy.png"))
-    if rows:
-        _plot_variants(rows, plots / "variants.png")
-        images.append(("Accuracy by labeller", "plots/variants.png"))
-    if metrics.get("llm", {}).get("confusion"):
-        _plot_confusion(metrics["llm"], "LLM labels vs gold", plots / "confusion_llm_labels.png")
-        images.append(("LLM labels vs gold", "plots/confusion_llm_labels.png"))
-    for variant, m in metrics.get("variants", {}).items():
-        safe = variant.replace("+", "_")
-        _plot_confusion(m, f"{variant} vs gold (test)", plots / f"confusion_{safe}.png")
-        images.append((f"{variant} classifier vs gold", f"plots/confusion_{safe}.png"))
-    if annotations is not None and _plot_confidence(annotations, plots / "llm_confidence.png"):
-        images.append(("LLM confidence", "plots/llm_confidence.png"))
     active = _active_rounds(manifest)
-    if active and any(r.get("probe_accuracy") is not None for r in active["rounds"]):
-        from llambert_ray.active import plot_curves
-
-        plot_curves([{**active, "name": "active selection (probe on embeddings)"}], plots / "active_selection.png")
-        images.append(("Active selection: accuracy vs LLM calls", "plots/active_selection.png"))
-
+    images = _write_plots(run_dir / "plots", metrics, annotations, active)
     md = [f"# llambert-ray report: {manifest.get('name', run_dir.name)}", "",
           f"Task `{metrics.get('task')}`; LLM `{metrics.get('llm_model')}`; encoder `{metrics.get('encoder')}`; "
           f"config hash `{manifest.get('config_hash')}`.", ""]
-    if story_table(metrics):
-        md += ["## The comparison", "",
-               "Accuracy against gold labels; speed and cost as measured in this run: the LLM's annotate call "
-               "(its rows and test rows together, engine start included) and the encoder labelling the whole "
-               "corpus (actor start included). Cost per 1,000 rows = wall seconds x the CPU cores (or GPUs) the "
-               "stage computed on, per 1,000 rows; USD at the hardware table's price. Every encoder variant is the "
-               "same model, so it labels at the same speed.", "", story_table(metrics), ""]
-        md += [f"- {x}" for x in story_sentences(metrics)] + ["", "### Aims", "",
-                                                              "| aim | verdict | measured |", "|---|---|---|"]
-        md += [f"| {a['aim']} | **{a['status']}** | {a['measured']} |" for a in check_aims(metrics)] + [""]
-        if any(t == "Test accuracy against cost per 1,000 rows" for t, _ in images):
-            md += ["![Test accuracy against cost per 1,000 rows](plots/cost_accuracy.png)", ""]
+    md += _comparison_section(metrics, images)
     md += ["## Headline", "", headline_table(metrics), ""]
     llm = metrics.get("llm") or {}
     if llm:
         md += ["## LLM labels", "",
                f"{llm.get('rows', 0)} annotated rows with gold labels; accuracy {_pct(llm.get('accuracy'))}, "
                f"dropped (unparseable) {_pct(llm.get('dropped'))}.", ""]
-    per_class = ["## Per-class metrics", "", "| labeller | class | precision | recall | F1 | support |",
-                 "|---|---|---:|---:|---:|---:|"]
-    for name, m in [("LLM", llm)] + list(metrics.get("variants", {}).items()):
-        for lab, c in (m.get("per_class") or {}).items():
-            per_class.append(f"| {name} | {lab} | {_pct(c['precision'])} | {_pct(c['recall'])} | "
-                             f"{_pct(c['f1'])} | {c['support']} |")
-    md += per_class + ["", "## Cost", "", cost_table(manifest), ""]
+    md += _per_class_section(metrics) + ["", "## Cost", "", cost_table(manifest), ""]
     if metrics.get("labels_summary"):
         s = metrics["labels_summary"]
         failed = (f" {s['failed']} rows failed (label empty, reason in the `error` column)."
@@ -413,6 +370,66 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], manifest: dict[st
     (run_dir / "report.html").write_text(_to_html("\n".join(md), manifest.get("name", run_dir.name)))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     return run_dir / "report.md"
+
+
+def _write_plots(plots: Path, metrics: dict[str, Any], annotations: pd.DataFrame | None,
+                 active: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The report's plots; returns (title, path relative to the run folder) of each one drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    plots.mkdir(parents=True, exist_ok=True)
+    images: list[tuple[str, str]] = []
+    rows = headline_rows(metrics)
+    if _plot_cost_accuracy(metrics, plots / "cost_accuracy.png"):
+        images.append(("Test accuracy against cost per 1,000 rows", "plots/cost_accuracy.png"))
+    if rows:
+        _plot_variants(rows, plots / "variants.png")
+        images.append(("Accuracy by labeller", "plots/variants.png"))
+    if metrics.get("llm", {}).get("confusion"):
+        _plot_confusion(metrics["llm"], "LLM labels vs gold", plots / "confusion_llm_labels.png")
+        images.append(("LLM labels vs gold", "plots/confusion_llm_labels.png"))
+    for variant, m in metrics.get("variants", {}).items():
+        safe = variant.replace("+", "_")
+        _plot_confusion(m, f"{variant} vs gold (test)", plots / f"confusion_{safe}.png")
+        images.append((f"{variant} classifier vs gold", f"plots/confusion_{safe}.png"))
+    if annotations is not None and _plot_confidence(annotations, plots / "llm_confidence.png"):
+        images.append(("LLM confidence", "plots/llm_confidence.png"))
+    if active and any(r.get("probe_accuracy") is not None for r in active["rounds"]):
+        from llambert_ray.active import plot_curves
+
+        plot_curves([{**active, "name": "active selection (probe on embeddings)"}], plots / "active_selection.png")
+        images.append(("Active selection: accuracy vs LLM calls", "plots/active_selection.png"))
+    return images
+
+
+def _comparison_section(metrics: dict[str, Any], images: list[tuple[str, str]]) -> list[str]:
+    """The LLM against the encoder: accuracy, speed and cost, the story and the aims (empty without them)."""
+    table = story_table(metrics)
+    if not table:
+        return []
+    md = ["## The comparison", "",
+          "Accuracy against gold labels; speed and cost as measured in this run: the LLM's annotate call "
+          "(its rows and test rows together, engine start included) and the encoder labelling the whole "
+          "corpus (actor start included). Cost per 1,000 rows = wall seconds x the CPU cores (or GPUs) the "
+          "stage computed on, per 1,000 rows; USD at the hardware table's price. Every encoder variant is the "
+          "same model, so it labels at the same speed.", "", table, ""]
+    md += [f"- {x}" for x in story_sentences(metrics)] + ["", "### Aims", "",
+                                                          "| aim | verdict | measured |", "|---|---|---|"]
+    md += [f"| {a['aim']} | **{a['status']}** | {a['measured']} |" for a in check_aims(metrics)] + [""]
+    if any(t == "Test accuracy against cost per 1,000 rows" for t, _ in images):
+        md += ["![Test accuracy against cost per 1,000 rows](plots/cost_accuracy.png)", ""]
+    return md
+
+
+def _per_class_section(metrics: dict[str, Any]) -> list[str]:
+    md = ["## Per-class metrics", "", "| labeller | class | precision | recall | F1 | support |",
+          "|---|---|---:|---:|---:|---:|"]
+    for name, m in [("LLM", metrics.get("llm") or {})] + list(metrics.get("variants", {}).items()):
+        for lab, c in (m.get("per_class") or {}).items():
+            md.append(f"| {name} | {lab} | {_pct(c['precision'])} | {_pct(c['recall'])} | "
+                      f"{_pct(c['f1'])} | {c['support']} |")
+    return md
 
 
 def _to_html(md: str, title: str) -> str:

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from llambert_ray.config import TrainConfig
+from llambert_ray.data import check_corpus_path, read_corpus
 from llambert_ray.models import cache_dir, local_model_dir, resolve_model
 from llambert_ray.progress import Progress
 from llambert_ray.ray_env import torch_threads, worker_env
@@ -107,86 +109,35 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
 
     # DeepSpeed's ZeRO collectives call deprecated torch.distributed names on every step.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    import deepspeed
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        get_constant_schedule_with_warmup,
-        get_linear_schedule_with_warmup,
-    )
 
     cfg = TrainConfig(**config["train"])
     labels: list[str] = config["labels"]
     label2id = {lab: i for i, lab in enumerate(labels)}
-    use_gpu = cfg.use_gpu
     torch.set_num_threads(torch_threads(cfg.cpus_per_worker))
     torch.manual_seed(cfg.seed)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    world = ray.train.get_context().get_world_size()
     # Ray Train's device for this worker: with CUDA_VISIBLE_DEVICES set per worker, the local rank is not the
     # index of the worker's GPU.
-    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
-
-    model_path = local_model_dir(config["model_path"])  # an s3:// / gs:// encoder: copied once per node
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id,
-        ignore_mismatched_sizes=True)
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     steps_per_epoch = max(1, config["rows"] // world // (cfg.batch_size * cfg.grad_accum))
-    total_steps = steps_per_epoch * cfg.epochs
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
-         "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
-    warmup = int(cfg.warmup_ratio * total_steps)
-    scheduler = (get_constant_schedule_with_warmup(optimizer, warmup) if cfg.lr_schedule == "constant"
-                 else get_linear_schedule_with_warmup(optimizer, warmup, total_steps))
-    use_bf16 = cfg.bf16 if cfg.bf16 is not None else use_gpu
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=_deepspeed_config(cfg, use_bf16))
-
-    start_epoch, history = 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag="ds")
-            start_epoch = int((client or {}).get("epoch", -1)) + 1
-            history = list((client or {}).get("history", []))
+    use_bf16 = cfg.bf16 if cfg.bf16 is not None else cfg.use_gpu
+    engine, tok = _deepspeed_engine(cfg, config["model_path"], labels, steps_per_epoch * cfg.epochs, use_bf16)
+    start_epoch, history = _restore(engine)
 
     def encode(texts: list[str]) -> dict[str, Any]:
         enc = tok(texts, truncation=True, max_length=cfg.max_length, padding=True, return_tensors="pt")
         return {k: v.to(device) for k, v in enc.items()}
 
     train_shard = ray.train.get_dataset_shard("train")
-    tally = config.get("progress")
     eval_shard = ray.train.get_dataset_shard("eval") if config["has_eval"] else None
-    micro_per_epoch = steps_per_epoch * cfg.grad_accum
     for epoch in range(start_epoch, cfg.epochs):
-        engine.train()
-        t0, seen, loss_sum, micro = time.time(), 0, 0.0, 0
-        for batch in train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="pandas", drop_last=True,
-                                              local_shuffle_buffer_size=max(4 * cfg.batch_size, 256),
-                                              local_shuffle_seed=cfg.seed + epoch):
-            if micro >= micro_per_epoch:  # every rank takes the same number of steps (collectives must match)
-                break
-            enc = encode(batch["text"].tolist())
-            y = torch.tensor([label2id[v] for v in batch["label"]], device=device)
-            loss = engine(**enc, labels=y).loss
-            engine.backward(loss)
-            engine.step()
-            loss_sum += float(loss.detach())
-            seen += len(batch)
-            micro += 1
-            if tally is not None:
-                tally(batch)  # the driver's progress line (an async call to its counter actor)
+        t0 = time.time()
+        seen, micro, loss_sum = _train_epoch(engine, train_shard, encode, label2id, device, cfg, epoch,
+                                             steps_per_epoch * cfg.grad_accum, config.get("progress"))
         # start_epoch: where this attempt began (> 0: restored from the checkpoint of epoch start_epoch - 1,
         # after a worker failure or a rerun), so the history shows whether and where training resumed.
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(micro, 1),
@@ -200,9 +151,87 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag="ds", client_state={"epoch": epoch, "history": history})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-    # The final HF model, saved by rank 0 and reported as the last checkpoint. Under ZeRO-3 DeepSpeed gathers the
-    # partitions layer by layer onto rank 0's CPU (what HF's Trainer saves through; every rank takes part, it is a
-    # collective). Saved in fp32 whatever the training dtype: the labelling side picks its own.
+    _report_final_model(engine, tok, cfg, labels, history)
+
+
+def _deepspeed_engine(cfg: TrainConfig, model_ref: str, labels: list[str], total_steps: int, use_bf16: bool):
+    """The classifier (a fresh head over `labels`), AdamW and the LR schedule wrapped by DeepSpeed; and the
+    tokenizer."""
+    import deepspeed
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        get_constant_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
+    model_path = local_model_dir(model_ref)  # an s3:// / gs:// encoder: copied once per node
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={lab: i for i, lab in enumerate(labels)}, ignore_mismatched_sizes=True)
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+         "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = (get_constant_schedule_with_warmup(optimizer, warmup) if cfg.lr_schedule == "constant"
+                 else get_linear_schedule_with_warmup(optimizer, warmup, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=_deepspeed_config(cfg, use_bf16))
+    return engine, tok
+
+
+def _restore(engine) -> tuple[int, list[dict[str, Any]]]:
+    """(first epoch to run, history so far): from Ray Train's latest checkpoint when this attempt resumes."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return 0, []
+    with ckpt.as_directory() as d:
+        _, client = engine.load_checkpoint(d, tag="ds")
+    return int((client or {}).get("epoch", -1)) + 1, list((client or {}).get("history", []))
+
+
+def _train_epoch(engine, shard, encode, label2id, device, cfg: TrainConfig, epoch: int, micro_per_epoch: int,
+                 tally) -> tuple[int, int, float]:
+    """One epoch over this worker's shard: (rows seen, micro-batches, summed loss)."""
+    import torch
+
+    engine.train()
+    seen, loss_sum, micro = 0, 0.0, 0
+    for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pandas", drop_last=True,
+                                    local_shuffle_buffer_size=max(4 * cfg.batch_size, 256),
+                                    local_shuffle_seed=cfg.seed + epoch):
+        if micro >= micro_per_epoch:  # every rank takes the same number of steps (collectives must match)
+            break
+        enc = encode(batch["text"].tolist())
+        y = torch.tensor([label2id[v] for v in batch["label"]], device=device)
+        loss = engine(**enc, labels=y).loss
+        engine.backward(loss)
+        engine.step()
+        loss_sum += float(loss.detach())
+        seen += len(batch)
+        micro += 1
+        if tally is not None:
+            tally(batch)  # the driver's progress line (an async call to its counter actor)
+    return seen, micro, loss_sum
+
+
+def _report_final_model(engine, tok, cfg: TrainConfig, labels: list[str], history: list[dict[str, Any]]) -> None:
+    """The final HF model, saved by rank 0 and reported as the last checkpoint. Under ZeRO-3 DeepSpeed gathers the
+    partitions layer by layer onto rank 0's CPU (what HF's Trainer saves through; every rank takes part, it is a
+    collective). Saved in fp32 whatever the training dtype: the labelling side picks its own."""
+    import ray.train
+    import torch.distributed as dist
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     state = (engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3
              else engine.module_state_dict() if rank == 0 else None)
     with tempfile.TemporaryDirectory() as d:
@@ -298,6 +327,16 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
     with bar:
         result = trainer.fit()
     seconds = time.time() - t0
+    model_dir = _copy_final_model(result, output_dir, name)
+    history = json.loads((model_dir / FINAL_MARKER).read_text()).get("history", [])
+    metrics = {"history": history, **(history[-1] if history else {})}
+    sps = [m["samples_per_s"] for m in history if "samples_per_s" in m]
+    return TrainResult(model_dir=str(model_dir), rows=len(train), epochs=cfg.epochs, seconds=seconds,
+                       samples_per_s=float(sum(sps) / len(sps)) if sps else math.nan, metrics=metrics)
+
+
+def _copy_final_model(result, output_dir: Path, name: str) -> Path:
+    """The final model (the last checkpoint _train_loop reported) copied to OUTPUT_DIR/model, atomically."""
     if result.checkpoint is None:
         raise RuntimeError(f"training {name!r} finished without a model checkpoint: {result.error}")
     model_dir = output_dir / "model"
@@ -309,11 +348,7 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
         shutil.copytree(d, tmp)
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
-    history = json.loads((model_dir / FINAL_MARKER).read_text()).get("history", [])
-    metrics = {"history": history, **(history[-1] if history else {})}
-    sps = [m["samples_per_s"] for m in history if "samples_per_s" in m]
-    return TrainResult(model_dir=str(model_dir), rows=len(train), epochs=cfg.epochs, seconds=seconds,
-                       samples_per_s=float(sum(sps) / len(sps)) if sps else math.nan, metrics=metrics)
+    return model_dir
 
 
 def fit_variant(variant: str, annotations: pd.DataFrame, labels: list[str], cfg: TrainConfig,
@@ -345,7 +380,6 @@ def fit_variant(variant: str, annotations: pd.DataFrame, labels: list[str], cfg:
 def read_training_frame(path: str | Path, task) -> pd.DataFrame:
     """Annotations from `llambert annotate` as they are, or any gold-labelled corpus as (id, text, label)."""
     from llambert_ray.config import CorpusConfig
-    from llambert_ray.data import read_corpus
 
     p = Path(path)
     if p.exists() and (p.suffix == ".parquet" or p.is_dir()):
@@ -360,10 +394,12 @@ def read_training_frame(path: str | Path, task) -> pd.DataFrame:
 
 
 def train_from_files(cfg, train_path: str | Path, output: str | Path, *, extra_path: str | None = None,
-                     eval_path: str | None = None) -> tuple[TrainResult, dict[str, Any] | None]:
-    """The `llambert train` command: train cfg.train.variants[0] from files, optionally evaluate on gold."""
+                     eval_path: str | None = None, evaluate: Callable[[Path], dict[str, Any]] | None = None
+                     ) -> tuple[TrainResult, dict[str, Any] | None]:
+    """The `llambert train` command: train cfg.train.variants[0] from files. With eval_path (checked before Ray
+    starts), `evaluate(model_dir)` scores the model on it: the caller's, as evaluating needs the labelling stage,
+    which comes after this one."""
     from llambert_ray.config import CorpusConfig
-    from llambert_ray.data import check_corpus_path, read_corpus
     from llambert_ray.ray_env import init_ray, is_local, require_shared_path
     from llambert_ray.tasks import load_task
 
@@ -383,14 +419,7 @@ def train_from_files(cfg, train_path: str | Path, output: str | Path, *, extra_p
                           seconds=sum(r.seconds for r in results),
                           samples_per_s=float(pd.Series([r.samples_per_s for r in results]).mean()),
                           metrics={"stages": [r.to_dict() for r in results]})
-    metrics = None
-    if eval_path:
-        from llambert_ray.evaluate import classification_metrics
-        from llambert_ray.label import label_dataset
-
-        ds, _ = read_corpus(CorpusConfig(path=eval_path), task)
-        preds = label_dataset(ds, model_dir, cfg.label).to_pandas()
-        metrics = classification_metrics(preds["gold"], preds["label"], task.labels, failed=preds.get("error"))
+    metrics = evaluate(model_dir) if eval_path and evaluate else None
     Path(output, "train_summary.json").write_text(json.dumps({**summary.to_dict(), "eval": metrics}, indent=2,
                                                              default=str))
     return summary, metrics

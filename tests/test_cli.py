@@ -186,3 +186,32 @@ def test_set_reaches_the_config_of_every_command_and_a_wrong_key_says_which_are_
         res = runner.invoke(app, [*cmd, "-c", demo, "--set", "train.epoch=5"])
         assert res.exit_code == 2, (cmd, res.output)
         assert "train has no key 'epoch'; valid keys: " in res.output and "epochs" in res.output, (cmd, res.output)
+
+
+def test_a_jobs_preflight_checks_the_config_its_stage_runs(monkeypatch, tmp_path):
+    """jobs/*.py: the preflight sees the job's flags and --set items, not only its --config file."""
+    import sys
+    from pathlib import Path
+
+    import llambert_ray.preflight as preflight
+    import llambert_ray.ray_env as ray_env
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "jobs"))
+    from _entry import job_args
+
+    seen = []
+
+    def stop(cfg, log=print):
+        seen.append(cfg)
+        raise preflight.PreflightError("preflight failed; nothing was run")
+
+    monkeypatch.setattr(ray_env, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(preflight, "preflight_or_raise", stop)
+    (tmp_path / "c.yaml").write_text("annotate: {shots: 1}\n")
+    args = job_args("annotate", ["--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "out"),
+                                 "--sample", "7", "--set", "annotate.shots=3"])
+    assert args[-3:] == ["--address", "auto", "--preflight"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "preflight failed" in res.output
+    assert seen[0].annotate.shots == 3 and seen[0].corpus.sample == 7 and seen[0].cluster.address == "auto"
+    assert job_args("evaluate", ["--input", "x"]) == ["evaluate", "--input", "x"]
