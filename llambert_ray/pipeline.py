@@ -83,6 +83,8 @@ class Run:
     annotations: pd.DataFrame | None = None
     extra_df: pd.DataFrame | None = None
     model_dirs: dict[str, Path] = field(default_factory=dict)
+    engine: Any = None  # annotate.engine_lifetime run: the one engine every annotation call of the run uses
+    engine_runs: int = 0  # per-call engines started (each annotate() attempt that reached the engine)
 
     def path(self, name: str) -> Path:
         return self.cfg.run_dir / name
@@ -216,23 +218,42 @@ LABELS, TEST_PREDICTIONS = "labels.parquet", "test_predictions.parquet"
 def annotate_stage(run: Run) -> None:
     """The LLM labels the seeded sample (select.strategy active: rows a probe picks, in rounds), with
     evaluate.llm_test_sample also that many test rows in the same engine call; then the extra rows."""
+    from llambert_ray.annotate import run_engine
     from llambert_ray.data import read_parquet_frame
 
     cfg, written, task_hash = run.cfg, run.written, config_hash(run.task)
-    key = (cfg.corpus, written.annotate, task_hash)
-    if cfg.select.strategy == "active":
-        _run_stage(run, "annotate", (*key, cfg.select, cfg.select.model or cfg.train.model),
-                   [run.path(ANNOTATIONS)], _annotate_active)
-    elif run.llm_on_test:
-        _run_stage(run, "annotate", (*key, cfg.test, cfg.evaluate.llm_test_sample),
-                   [run.path(ANNOTATIONS), run.path(TEST_ANNOTATIONS)], _annotate_with_test)
-    else:
-        _run_stage(run, "annotate", key, [run.path(ANNOTATIONS)], _annotate_sample)
-    run.annotations = read_parquet_frame(run.path(ANNOTATIONS))
-    if cfg.extra is not None:
-        _run_stage(run, "annotate_extra", (cfg.extra, written.annotate, task_hash), [run.path(EXTRA_ANNOTATIONS)],
-                   _annotate_extra)
-        run.extra_df = read_parquet_frame(run.path(EXTRA_ANNOTATIONS))
+    # how the engine runs, not what it answers: left out of the stage hashes
+    how = {"engine_lifetime": "call", "tokenize_in_engine": True}
+    key = (cfg.corpus, written.annotate.model_copy(update=how), task_hash)
+    with run_engine(cfg.annotate) as run.engine:
+        if cfg.select.strategy == "active":
+            _run_stage(run, "annotate", (*key, cfg.select, cfg.select.model or cfg.train.model),
+                       [run.path(ANNOTATIONS)], _annotate_active)
+        elif run.llm_on_test:
+            _run_stage(run, "annotate", (*key, cfg.test, cfg.evaluate.llm_test_sample),
+                       [run.path(ANNOTATIONS), run.path(TEST_ANNOTATIONS)], _annotate_with_test)
+        else:
+            _run_stage(run, "annotate", key, [run.path(ANNOTATIONS)], _annotate_sample)
+        run.annotations = read_parquet_frame(run.path(ANNOTATIONS))
+        if cfg.extra is not None:
+            _run_stage(run, "annotate_extra", (cfg.extra, key[1], task_hash), [run.path(EXTRA_ANNOTATIONS)],
+                       _annotate_extra)
+            run.extra_df = read_parquet_frame(run.path(EXTRA_ANNOTATIONS))
+        starts = run.engine.starts if run.engine is not None else run.engine_runs
+    if {"annotate", "annotate_extra"} & set(run.manifest.ran):
+        # the model loads this many times for the run's annotation calls (1 with engine_lifetime run)
+        run.manifest.data["engine_starts"] = {"lifetime": cfg.annotate.engine_lifetime, "starts": starts}
+        run.manifest.save()
+
+
+def _annotate(cfg: RunConfig, run: Run, ds, acfg=None):
+    """One annotate() call of the run: its cache, its engine (the run's, or one of its own)."""
+    from llambert_ray.annotate import annotate
+
+    df, s = annotate(ds, run.task, acfg or cfg.annotate, cache_dir=run.path("cache") / "annotate",
+                     engine=run.engine)
+    run.engine_runs += s.attempts if run.engine is None else 0
+    return df, s
 
 
 def train_stage(run: Run, variant: str) -> None:
@@ -264,11 +285,10 @@ def evaluate_stage(run: Run) -> None:
 
 # ------------------------------------------------------------------------------------------ the stages' work
 def _annotate_rows(cfg: RunConfig, run: Run, ds, path: Path) -> dict[str, Any]:
-    from llambert_ray.annotate import annotate
     from llambert_ray.data import write_parquet
 
     # answers stream into the cache as they come, so an interrupted run resumes without redoing them
-    df, s = annotate(ds, run.task, cfg.annotate, cache_dir=run.path("cache") / "annotate")
+    df, s = _annotate(cfg, run, ds)
     write_parquet(df, path)
     run.log_lines(s.lines())
     return {"rows": s.rows_in, "tokens": s.prompt_tokens, "seconds": s.seconds, "summary": s.to_dict()}
@@ -291,7 +311,7 @@ def _annotate_with_test(cfg: RunConfig, run: Run) -> dict[str, Any]:
     """The sample and the LLM's test rows in one engine call (one engine start), written apart."""
     import ray
 
-    from llambert_ray.annotate import annotate, apply_offsets, apply_prior_calibration
+    from llambert_ray.annotate import apply_offsets, apply_prior_calibration
     from llambert_ray.data import sample_ids, write_parquet
 
     assert cfg.test is not None and run.test_df is not None and cfg.evaluate.llm_test_sample is not None
@@ -304,7 +324,7 @@ def _annotate_with_test(cfg: RunConfig, run: Run) -> dict[str, Any]:
     prior = cfg.annotate.calibration == "prior" and cfg.annotate.mode == "score"
     # prior calibration is fitted on the annotated sample alone, then the same offsets label the test rows
     acfg = cfg.annotate.model_copy(update={"calibration": "none"}) if prior else cfg.annotate
-    df, s = annotate(ray.data.from_pandas(both), run.task, acfg, cache_dir=run.path("cache") / "annotate")
+    df, s = _annotate(cfg, run, ray.data.from_pandas(both), acfg)
     ann, test_ann = df[df["id"].isin(set(sample["id"]))].copy(), df[df["id"].isin(set(test_rows["id"]))].copy()
     offsets = s.calibration
     if prior:
@@ -341,7 +361,6 @@ def _annotate_active(cfg: RunConfig, run: Run) -> dict[str, Any]:
     import ray
 
     from llambert_ray.active import embed, run_rounds
-    from llambert_ray.annotate import annotate
     from llambert_ray.data import sample_corpus, write_parquet
     from llambert_ray.models import resolve_model
 
@@ -360,7 +379,7 @@ def _annotate_active(cfg: RunConfig, run: Run) -> dict[str, Any]:
 
     def llm(round_ids: list[Any]):
         sub = ray.data.from_pandas(pool.loc[round_ids].reset_index())
-        df, s = annotate(sub, run.task, cfg.annotate, cache_dir=run.path("cache") / "annotate")
+        df, s = _annotate(cfg, run, sub)
         run.log_lines(s.lines(), "    ")
         summaries.append(s)
         return df

@@ -51,6 +51,7 @@ label: {{batch_size: 16, max_length: 48, cpus_per_actor: 0.5}}
     # 32 + 6 rows in one engine call (here the test split is the corpus itself: a row in both is asked once)
     assert stages["annotate"]["rows"] == len(set(ann["id"]) | set(test_ann["id"]))
     assert stages["annotate"]["test_rows"] == 6
+    assert json.loads((run_dir / "manifest.json").read_text())["engine_starts"] == {"lifetime": "call", "starts": 1}
     assert stages["annotate"]["summary"]["calibration"]  # prior offsets, fitted on the 32 annotated rows
     assert stages["train[combined]"]["reuses"] == "train[llm]"
     assert metrics["speed"]["llm"]["rows_per_s"] > 0 and metrics["speed"]["encoder"]["rows_per_s"] > 0
@@ -89,7 +90,7 @@ def test_active_selection_run(ray_local, tweets_frame, tmp_path):
         "name": "active", "output_dir": str(tmp_path / "runs"), "task": "tweet-sentiment",
         "corpus": {"path": str(tmp_path / "pool.parquet"), "sample": 24, "seed": 0},
         "test": {"path": str(tmp_path / "test.parquet")},
-        "annotate": {"batch_size": 8},
+        "annotate": {"batch_size": 8, "engine_lifetime": "run"},
         "select": {"strategy": "active", "rounds": 2, "max_length": 48, "embed_batch_size": 32,
                    "cpus_per_actor": 0.5},
         "train": {"variants": ["llm"], "epochs": 1, "batch_size": 8, "max_length": 48, "workers": 1,
@@ -99,8 +100,11 @@ def test_active_selection_run(ray_local, tweets_frame, tmp_path):
     run_dir = tmp_path / "runs" / "active"
     ann = pd.read_parquet(run_dir / "annotations.parquet")
     assert len(ann) == 24 and ann["id"].is_unique and set(ann["id"]) <= set(pool["id"])
-    rounds = json.loads((run_dir / "manifest.json").read_text())["stages"]["annotate"]["rounds"]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    rounds = manifest["stages"]["annotate"]["rounds"]
     assert [r["llm_calls"] for r in rounds] == [12, 24]
+    # both rounds asked the one engine of the run (Ray Serve LLM): the model loaded once, not once a round
+    assert manifest["engine_starts"] == {"lifetime": "run", "starts": 1}
     assert all(r["probe_accuracy"] is not None for r in rounds)
     assert (run_dir / "plots" / "active_selection.png").exists()
     assert "## Active selection" in (run_dir / "report.md").read_text()
