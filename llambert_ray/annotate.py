@@ -264,6 +264,7 @@ class VLLMEngine:
 
 
 SERVED_APP = "llambert-llm"  # the Serve application of a run-long engine
+ROW_ID = "_llambert_row_id"  # a row's id on its way through the served engine's stage
 
 
 def openai_request(plan: PromptPlan, text: str) -> tuple[str, str, dict[str, Any]]:
@@ -367,10 +368,12 @@ class ServedVLLMEngine(VLLMEngine):
 
         def pre(row: dict[str, Any]) -> dict[str, Any]:
             method, dtype, body = openai_request(plan, row["text"])
-            return {"method": method, "dtype": dtype, "request_kwargs": body}
+            # the stage merges the response into the row, and an OpenAI response has an `id` of its own
+            return {"method": method, "dtype": dtype, "request_kwargs": body, ROW_ID: row["id"]}
 
         def finish(row: dict[str, Any]) -> dict[str, Any]:
-            out = {k: row[k] for k in ("id", "text", "label") if k in row}
+            out = {k: row[k] for k in ("text", "label") if k in row}
+            out["id"] = row[ROW_ID]
             text, logprobs, tokens = openai_answer(row)
             out.update(plan.result(text, logprobs, row.get("__inference_error__") or None))
             out["prompt_tokens"] = tokens
