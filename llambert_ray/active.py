@@ -103,6 +103,23 @@ class Probe:
         return out
 
 
+def cross_val_proba(x: np.ndarray, y: np.ndarray, n_classes: int, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Out-of-sample class probabilities: each row's from a Probe fitted on the other folds (stratified where each
+    label has enough rows), so a row's own (possibly wrong) label never shapes its probabilities."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    counts = np.bincount(y, minlength=n_classes)
+    split = (StratifiedKFold(folds, shuffle=True, random_state=seed) if counts[counts > 0].min() >= folds
+             else KFold(folds, shuffle=True, random_state=seed))
+    out = np.zeros((len(y), n_classes))
+    for tr, te in split.split(x, y):
+        if len(np.unique(y[tr])) < 2:  # a fold with one label: its prior is all there is to say
+            out[te] = np.bincount(y[tr], minlength=n_classes) / len(tr)
+            continue
+        out[te] = Probe.fit(x[tr], y[tr], n_classes).proba(x[te])
+    return out
+
+
 def select_next(x: np.ndarray, proba: np.ndarray, taken: np.ndarray, k: int, *, diversity: bool = True,
                 candidates_factor: int = 4) -> np.ndarray:
     """Indices of the next k pool rows: smallest probe margin, spread by farthest-point selection."""

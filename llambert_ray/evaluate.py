@@ -84,6 +84,52 @@ def label_issues(annotations: pd.DataFrame, predictions: pd.DataFrame, labels: l
     return out.drop(columns=cols)
 
 
+def cv_label_issues(annotations: pd.DataFrame, x: np.ndarray, labels: list[str], folds: int = 5,
+                    seed: int = 0) -> pd.DataFrame:
+    """LLM labels likely wrong, judged on out-of-sample probabilities: a probe (active.Probe: softmax regression on
+    frozen encoder embeddings `x`, one row per annotations row) is cross-validated over `folds` folds of the LLM
+    labels, and cleanlab's confident learning (`cleanlab.filter.find_label_issues`) flags the rows whose label the
+    held-out probe contradicts. Returns the flagged rows (id, text, llm_label, llm_confidence, label when present,
+    classifier_label = the probe's, p_llm_label), most doubtful first; same columns as label_issues."""
+    from cleanlab.filter import find_label_issues
+
+    from llambert_ray.active import cross_val_proba
+
+    keep = [c for c in ["id", "text", "llm_label", "llm_confidence", "label"] if c in annotations]
+    ok = annotations["llm_label"].isin(labels).to_numpy()
+    df = annotations.loc[ok, keep].reset_index(drop=True)
+    empty = df.iloc[:0].assign(classifier_label=pd.Series(dtype=str), p_llm_label=pd.Series(dtype=float))
+    given = df["llm_label"].map({c: i for i, c in enumerate(labels)}).to_numpy()
+    present = np.unique(given)
+    if len(df) < 2 * folds or len(present) < 2:
+        return empty
+    # cleanlab wants every class it is given to occur: work in the labels that do, then map back
+    proba = cross_val_proba(np.asarray(x)[ok], np.searchsorted(present, given), len(present), folds, seed)
+    ranked = find_label_issues(np.searchsorted(present, given), proba, return_indices_ranked_by="self_confidence")
+    if not len(ranked):
+        return empty
+    out = df.iloc[ranked].copy()
+    out["classifier_label"] = [labels[present[i]] for i in proba[ranked].argmax(1)]
+    out["p_llm_label"] = proba[ranked, np.searchsorted(present, given[ranked])]
+    return out.reset_index(drop=True)
+
+
+def screen_llm_labels(annotations: pd.DataFrame, issues: pd.DataFrame, action: str) -> pd.DataFrame:
+    """The annotations to train on after label-issue screening (train.label_issues): `keep` them all, `drop` the
+    flagged rows, or `relabel` them with the probe's label (llm_label_before keeps the LLM's)."""
+    if action == "keep" or issues.empty:
+        return annotations
+    flagged = annotations["id"].isin(set(issues["id"]))
+    if action == "drop":
+        return annotations[~flagged].reset_index(drop=True)
+    if action != "relabel":
+        raise ValueError(f"train.label_issues {action!r}: use keep, drop or relabel")
+    out = annotations.copy()
+    out["llm_label_before"] = out["llm_label"]
+    out.loc[flagged, "llm_label"] = out.loc[flagged, "id"].map(issues.set_index("id")["classifier_label"])
+    return out
+
+
 def label_issue_summary(issues: pd.DataFrame, annotations: pd.DataFrame) -> dict[str, Any]:
     """How many LLM labels were flagged and, where gold exists, how often a flag points at a real LLM error."""
     labelled = annotations["llm_label"].notna()

@@ -466,3 +466,67 @@ def test_a_row_the_real_engine_rejects_is_one_failed_row_and_is_retried(ray_loca
     df2, s2 = annotate(ray.data.from_items(rows), TASK, AnnotateConfig(max_model_len=256, batch_size=4),
                        engine=again, cache_dir=out / ".annotate_cache")
     assert again.rows == 1 and s2.cached == 8 and s2.failed == 0 and len(df2) == 9
+
+
+def test_prompt_key_covers_the_rows_text_and_its_own_examples():
+    from llambert_ray.annotate import SHOTS_COLUMN, _answer_keys, prompt_keys
+
+    rows = pd.DataFrame({"id": ["a", "a", "a"], "text": ["good", "bad", "good"],
+                         SHOTS_COLUMN: ['[{"text": "x", "label": "positive"}]'] * 2 + ['[]']})
+    k = prompt_keys(rows)
+    assert k.nunique() == 3  # same id: another text, or other examples, is another key
+    assert prompt_keys(rows.drop(columns=[SHOTS_COLUMN])).iloc[0] == prompt_keys(rows[["id", "text"]]).iloc[0]
+    old = pd.DataFrame({"id": ["a"], "llm_label": ["positive"]})  # a part cached before keys existed
+    assert _answer_keys(old).iloc[0] not in set(_answer_keys(rows.assign(prompt_key=k)))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_row_whose_text_changed_is_asked_again(ray_local, tmp_path):
+    import ray
+
+    from llambert_ray.annotate import annotate
+    from llambert_ray.config import AnnotateConfig
+
+    rows = pd.DataFrame({"id": [f"r{i}" for i in range(6)], "text": [f"text {i}" for i in range(6)]})
+    cfg, cache = AnnotateConfig(mode="generate", batch_size=4), tmp_path / "cache"
+    annotate(ray.data.from_pandas(rows), TASK, cfg, engine=CountingEngine(), cache_dir=cache)
+    changed = rows.copy()
+    changed.loc[2, "text"] = "an edited text"
+    again = CountingEngine()
+    df, s = annotate(ray.data.from_pandas(changed), TASK, cfg, engine=again, cache_dir=cache)
+    assert again.rows == 1 and s.cached == 5 and len(df) == 6 and df["id"].is_unique
+    assert df.loc[df["id"] == "r2", "text"].item() == "an edited text"
+
+
+def _skewed_scores(n, rng, bias):
+    """Label log-probabilities of a biased scorer: the right label's score + 1 + noise, plus `bias` per label."""
+    labels = ["a", "b", "c"]
+    y = rng.integers(0, 3, n)
+    s = rng.normal(0, 1.0, (n, 3)) + np.eye(3)[y] * 1.5 + np.asarray(bias)
+    rows = []
+    for i in range(n):
+        raw = {lab: float(v) for lab, v in zip(labels, s[i], strict=True)}
+        rows.append({"id": f"g{i:04d}", "label": labels[y[i]], "llm_raw": json.dumps(raw),
+                     "llm_label": labels[int(s[i].argmax())], "llm_confidence": 0.5})
+    return pd.DataFrame(rows), labels
+
+
+def test_gold_calibration_undoes_a_label_bias_fitted_on_few_gold_rows():
+    from llambert_ray.annotate import apply_gold_calibration, apply_offsets
+    from llambert_ray.evaluate import classification_metrics
+
+    rng = np.random.default_rng(0)
+    gold, labels = _skewed_scores(100, rng, [2.0, 0.0, -0.5])
+    rows, _ = _skewed_scores(2000, rng, [2.0, 0.0, -0.5])
+    before = classification_metrics(rows["label"], rows["llm_label"], labels)["accuracy"]
+    out, offsets, report = apply_gold_calibration(rows.copy(), gold, labels)
+    after = classification_metrics(out["label"], out["llm_label"], labels)["accuracy"]
+    assert after > before + 0.15, (before, after)
+    assert offsets["a"] > offsets["b"] > offsets["c"]
+    assert report["held_out"] == 50 and report["after"]["accuracy"] > report["before"]["accuracy"]
+    # with a temperature: the same labels up to the fit's noise, and the offsets re-apply to other rows
+    out_t, off_t, _ = apply_gold_calibration(rows.copy(), gold, labels, temperature=True)
+    assert off_t["temperature"] > 0
+    assert (apply_offsets(rows.copy(), labels, off_t)["llm_label"] == out_t["llm_label"]).all()
+    assert classification_metrics(out_t["label"], out_t["llm_label"], labels)["accuracy"] > before + 0.15
