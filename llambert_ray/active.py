@@ -76,6 +76,26 @@ def embed(ds, model_path: str, cfg: SelectConfig) -> tuple[np.ndarray, np.ndarra
     return out["id"].to_numpy(), np.stack(out["embedding"].to_numpy()).astype(np.float32)
 
 
+Embed = Callable[[pd.DataFrame], np.ndarray]  # rows (id, text) -> L2-normalised embeddings, one per row, in order
+
+
+def embed_rows(model: str, max_length: int = 128) -> Embed:
+    """Embeddings of rows by an encoder (a packaged name or folder) in a Ray Data actor (embed), in row order."""
+    import ray
+
+    from llambert_ray.models import resolve_model
+
+    path = resolve_model(model)
+    cfg = SelectConfig(max_length=max_length)
+
+    def run(rows: pd.DataFrame) -> np.ndarray:
+        ids, x = embed(ray.data.from_pandas(rows[["id", "text"]].astype({"id": str})), path, cfg)
+        pos = pd.Series(np.arange(len(ids)), index=ids)
+        return x[pos[rows["id"].astype(str)].to_numpy()]
+
+    return run
+
+
 # ------------------------------------------------------------------------------------------ the probe
 @dataclass
 class Probe:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -128,6 +130,26 @@ def screen_llm_labels(annotations: pd.DataFrame, issues: pd.DataFrame, action: s
     out["llm_label_before"] = out["llm_label"]
     out.loc[flagged, "llm_label"] = out.loc[flagged, "id"].map(issues.set_index("id")["classifier_label"])
     return out
+
+
+def screen_for_training(annotations: pd.DataFrame, task: Any, cfg: Any, run_dir: str | Path,
+                        log: Callable[[str], None] = print) -> pd.DataFrame:
+    """The pipeline's hook for train.label_issues (drop / relabel; keep does nothing): embeds the annotated rows
+    with the encoder, runs cv_label_issues, writes RUN_DIR/label_issues_cv.parquet and returns the rows to train
+    on. task: a Task; cfg: the RunConfig."""
+    if cfg.train.label_issues == "keep":
+        return annotations
+    from llambert_ray.active import embed_rows
+
+    ok = annotations[annotations["llm_label"].isin(task.labels)].reset_index(drop=True)
+    x = embed_rows(cfg.select.model or cfg.train.model, cfg.select.max_length)(ok)
+    issues = cv_label_issues(ok, x, task.labels, cfg.train.label_issue_folds, cfg.train.seed)
+    issues.to_parquet(Path(run_dir) / "label_issues_cv.parquet")
+    s = label_issue_summary(issues, ok)
+    log(f"  label issues (cross-validated probe + cleanlab): {s['flagged']} of {s['annotated']} LLM labels flagged"
+        + (f", {s['flag_precision']:.1%} of them wrong vs gold (LLM error rate {s['llm_error_rate']:.1%})"
+           if s.get("flag_precision") is not None else "") + f"; train.label_issues: {cfg.train.label_issues}")
+    return screen_llm_labels(annotations, issues, cfg.train.label_issues)
 
 
 def label_issue_summary(issues: pd.DataFrame, annotations: pd.DataFrame) -> dict[str, Any]:

@@ -10,16 +10,15 @@ column (JSON), which the prompt and the row's cache key both include. The same g
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
+from llambert_ray.active import Embed, embed_rows
 from llambert_ray.annotate import SHOTS_COLUMN, resolved_shots
-from llambert_ray.config import AnnotateConfig
+from llambert_ray.config import AnnotateConfig, RunConfig
 from llambert_ray.tasks import Task
-
-Embed = Callable[[pd.DataFrame], np.ndarray]  # rows (id, text) -> L2-normalised embeddings, one row each
 
 
 def nearest_gold(x_rows: np.ndarray, row_ids: Sequence, x_gold: np.ndarray, gold_ids: Sequence,
@@ -74,25 +73,6 @@ def attach_gold_shots(rows: pd.DataFrame, gold: pd.DataFrame, k: int, labels: li
     return out
 
 
-def encoder_embed(model: str, max_length: int = 128) -> Embed:
-    """Embeddings of rows by an encoder (a packaged name or folder) in a Ray Data actor (active.embed), in row order."""
-    import ray
-
-    from llambert_ray.active import embed
-    from llambert_ray.config import SelectConfig
-    from llambert_ray.models import resolve_model
-
-    path = resolve_model(model)
-    cfg = SelectConfig(max_length=max_length)
-
-    def run(rows: pd.DataFrame) -> np.ndarray:
-        ids, x = embed(ray.data.from_pandas(rows[["id", "text"]].astype({"id": str})), path, cfg)
-        pos = pd.Series(np.arange(len(ids)), index=ids)
-        return x[pos[rows["id"].astype(str)].to_numpy()]
-
-    return run
-
-
 def with_gold(rows: pd.DataFrame, corpus: pd.DataFrame, task: Task, cfg: AnnotateConfig, *, encoder: str,
               seed: int = 0, exclude: set[str] | None = None,
               embed: Embed | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -103,8 +83,24 @@ def with_gold(rows: pd.DataFrame, corpus: pd.DataFrame, task: Task, cfg: Annotat
     gold = gold_rows(corpus, cfg.gold_rows, seed=seed, exclude=exclude)
     if cfg.shots_from == "gold-knn":
         shots = resolved_shots(task, cfg)
-        embed = embed or encoder_embed(encoder)
+        embed = embed or embed_rows(encoder)
         x_gold = embed(gold)
         rows = attach_gold_shots(rows, gold, shots, task.labels, embed, x_gold)
         gold = attach_gold_shots(gold, gold, shots, task.labels, embed, x_gold)
     return rows, gold
+
+
+def gold_for_annotate(ds, corpus_ds, task: Task, cfg: RunConfig):
+    """The pipeline's hook: (the rows to annotate, as a Ray Dataset, with llm_shots under gold-knn; the gold rows
+    for annotate(gold=...) or None). Gold rows come from cfg.corpus's label column (keep test rows out of it)."""
+    import ray
+
+    if cfg.annotate.shots_from != "gold-knn" and cfg.annotate.calibration != "gold":
+        return ds, None
+    corpus = corpus_ds.to_pandas() if "label" in corpus_ds.columns() else pd.DataFrame(columns=["id", "text", "label"])
+    rows, gold = with_gold(ds.to_pandas(), corpus, task, cfg.annotate, encoder=cfg.select.model or cfg.train.model,
+                           seed=cfg.corpus.seed)
+    if gold is None or gold.empty:
+        raise ValueError("annotate.shots_from gold-knn / calibration gold need gold labels in the corpus's label "
+                         "column, and it has none; fix: a labelled corpus, or shots_from: fixed / another calibration")
+    return ray.data.from_pandas(rows), gold

@@ -254,7 +254,10 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, prefligh
 
     def do_annotate(ds, path: Path) -> dict[str, Any]:
         # answers stream into the cache as they come, so an interrupted run resumes without redoing them
-        df, s = annotate(ds, task, cfg.annotate, cache_dir=run_dir / "cache" / "annotate")
+        from llambert_ray.gold import gold_for_annotate  # #17: gold-knn shots / calibration gold
+
+        ds, gold = gold_for_annotate(ds, corpus_ds, task, cfg)
+        df, s = annotate(ds, task, cfg.annotate, cache_dir=run_dir / "cache" / "annotate", gold=gold)
         write_parquet(df, path)
         for line in s.lines():
             log("  " + line)
@@ -274,7 +277,10 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, prefligh
         prior = cfg.annotate.calibration == "prior" and cfg.annotate.mode == "score"
         # prior calibration is fitted on the annotated sample alone, then the same offsets label the test rows
         acfg = cfg.annotate.model_copy(update={"calibration": "none"}) if prior else cfg.annotate
-        df, s = annotate(ray.data.from_pandas(both), task, acfg, cache_dir=run_dir / "cache" / "annotate")
+        from llambert_ray.gold import gold_for_annotate  # #17: gold-knn shots / calibration gold
+
+        both_ds, gold = gold_for_annotate(ray.data.from_pandas(both), corpus_ds, task, cfg)
+        df, s = annotate(both_ds, task, acfg, cache_dir=run_dir / "cache" / "annotate", gold=gold)
         ann, test_ann = df[df["id"].isin(set(sample["id"]))].copy(), df[df["id"].isin(set(test_rows["id"]))].copy()
         offsets = s.calibration
         if prior:
@@ -314,6 +320,9 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, prefligh
         _stage(manifest, "annotate", ann_hash, [ann_path],
                lambda: do_annotate(sample_corpus(corpus_ds, cfg.corpus), ann_path), log)
     annotations = read_parquet_frame(ann_path)
+    from llambert_ray.evaluate import screen_for_training  # #17: train.label_issues (drop / relabel)
+
+    annotations = screen_for_training(annotations, task, cfg, run_dir, log)
     extra_df = None
     if cfg.extra is not None:
         extra_path = run_dir / "annotations_extra.parquet"
