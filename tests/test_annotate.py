@@ -530,3 +530,56 @@ def test_gold_calibration_undoes_a_label_bias_fitted_on_few_gold_rows():
     assert off_t["temperature"] > 0
     assert (apply_offsets(rows.copy(), labels, off_t)["llm_label"] == out_t["llm_label"]).all()
     assert classification_metrics(out_t["label"], out_t["llm_label"], labels)["accuracy"] > before + 0.15
+
+
+NEWS = [  # written for these tests: 4 per topic
+    ("The prime minister resigned after losing a vote of no confidence in parliament.", "world"),
+    ("Peace talks between the two neighbouring countries collapsed on Tuesday.", "world"),
+    ("The United Nations sent aid to the region after the earthquake.", "world"),
+    ("Voters in the capital elected a new mayor in a tight race.", "world"),
+    ("The striker signed a four-year contract with the league champions.", "sports"),
+    ("She won the marathon in record time despite the heat.", "sports"),
+    ("The team lost its third match in a row and sacked its coach.", "sports"),
+    ("The tennis final was delayed by rain for two hours.", "sports"),
+    ("The retailer's quarterly profit rose 12 % on strong online sales.", "business"),
+    ("Oil prices fell as stock markets worried about slower growth.", "business"),
+    ("The two banks agreed to merge in a deal worth 30 billion dollars.", "business"),
+    ("Unemployment dropped to its lowest level in a decade, the ministry said.", "business"),
+    ("Researchers sequenced the genome of a rare deep-sea fish.", "science"),
+    ("The new telescope captured images of galaxies formed soon after the Big Bang.", "science"),
+    ("A software update fixes a security flaw in millions of routers.", "science"),
+    ("Physicists measured the mass of the particle with greater precision.", "science"),
+]
+
+
+@pytest.mark.ray
+@pytest.mark.llm
+@pytest.mark.timeout(1200)
+def test_four_label_topic_task_with_gold_knn_and_gold_calibration_on_real_vllm(ray_local, tmp_path):
+    """The news-topic preset (4 labels) through the real engine: each row's shots are its nearest gold rows
+    (MiniLM embeddings), the gold rows are scored too and calibrate the labels; the prompts hold the neighbours."""
+    import ray
+
+    from llambert_ray.annotate import SHOTS_COLUMN, annotate
+    from llambert_ray.config import AnnotateConfig
+    from llambert_ray.gold import with_gold
+
+    task = load_task("news-topic")
+    df = pd.DataFrame([{"id": f"n{i:02d}", "text": t, "label": lab} for i, (t, lab) in enumerate(NEWS)])
+    gold_ids = {f"n{i:02d}" for i in range(16) if i % 2 == 0}  # 2 gold rows per topic
+    rows = df[~df["id"].isin(gold_ids)].reset_index(drop=True)
+    corpus = df.assign(label=[lab if i in gold_ids else None for i, lab in zip(df["id"], df["label"], strict=True)])
+    cfg = AnnotateConfig(shots_from="gold-knn", shots=4, calibration="gold", gold_rows=8, batch_size=8)
+    rows, gold = with_gold(rows, corpus, task, cfg, encoder="minilm-l6")
+    assert len(gold) == 8 and set(gold["id"]) == gold_ids
+    for own_id, shots in zip(gold["id"], gold[SHOTS_COLUMN], strict=True):
+        picked = json.loads(shots)
+        assert len(picked) == 4 and {s["label"] for s in picked} == set(task.labels)
+        assert df.set_index("id").loc[own_id, "text"] not in [s["text"] for s in picked]  # never itself
+    out, s = annotate(ray.data.from_pandas(rows), task, cfg, gold=gold, cache_dir=tmp_path / "cache")
+    assert len(out) == 8 and set(out["id"]) == set(rows["id"]) and out["llm_error"].isna().all()
+    assert out["llm_label"].isin(task.labels).all() and set(json.loads(out["llm_raw"].iloc[0])) == set(task.labels)
+    assert s.calibration is not None and set(task.labels) <= set(s.calibration)
+    assert s.calibration_report and s.calibration_report["held_out"] == 4
+    assert s.accuracy is not None and s.accuracy >= 0.5, s.lines()  # 4 labels: chance is 25 %
+    assert (out["prompt_tokens"] > 80).all()  # the instruction, 4 neighbours and the row
