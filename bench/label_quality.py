@@ -134,7 +134,7 @@ def markdown(results: dict, args: dict) -> str:
         for setting, cals in r["settings"].items():
             for cal, m in cals.items():
                 li = m["label_issues"]
-                xr = f"{li['flag_vs_random']:.2f}" if li.get("flag_vs_random") else ""
+                xr = f"{li['flag_vs_random']:.2f}" if li.get("flag_vs_random") is not None else ""
                 lines.append(f"| {setting} | {cal} | {_pct(m['accuracy'])} | {_pct(m['macro_f1'])} | "
                              f"{li['flagged']} | {_pct(li.get('flag_precision'))} | {_pct(li.get('llm_error_rate'))} "
                              f"| {xr} |")
