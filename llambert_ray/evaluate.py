@@ -61,9 +61,8 @@ def label_issues(annotations: pd.DataFrame, predictions: pd.DataFrame, labels: l
     is flagged when, among the classes whose predicted probability reaches that class's threshold (the mean
     probability the classifier gives the class on rows the LLM gave it), the most probable one is not the LLM's
     label. Flagged rows are ranked by the probability of the LLM's label (lowest first). The classifier has seen
-    these rows in training, so this finds the grossest issues, not all of them (out-of-sample probabilities
-    would find more).
-    """
+    these rows in training, so this finds the grossest issues, not all of them: cv_label_issues judges each row on
+    out-of-sample probabilities instead (train.label_issues: drop / relabel uses it before training)."""
     cols = [f"prob_{c}" for c in labels]
     missing = [c for c in ["id", *cols] if c not in predictions]
     if missing or "llm_label" not in annotations:

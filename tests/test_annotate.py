@@ -583,3 +583,17 @@ def test_four_label_topic_task_with_gold_knn_and_gold_calibration_on_real_vllm(r
     assert s.calibration_report and s.calibration_report["held_out"] == 4
     assert s.accuracy is not None and s.accuracy >= 0.5, s.lines()  # 4 labels: chance is 25 %
     assert (out["prompt_tokens"] > 80).all()  # the instruction, 4 neighbours and the row
+
+
+def test_gold_calibration_needs_score_mode_and_gold_rows():
+    from llambert_ray.annotate import AnnotationError, annotate, make_plan
+    from llambert_ray.config import AnnotateConfig
+
+    with pytest.raises(AnnotationError, match="only score mode"):
+        make_plan(TASK, AnnotateConfig(mode="generate", calibration="gold"))
+    with pytest.raises(AnnotationError, match="needs gold-labelled rows"):
+        annotate(None, TASK, AnnotateConfig(calibration="gold"), engine=CountingEngine())
+    # gold-knn needs no fixed examples of the task, and takes two per label when shots is not set
+    plan = make_plan(TASK.model_copy(update={"examples": []}), AnnotateConfig(shots_from="gold-knn",
+                                                                               model="smollm2-135m-instruct"))
+    assert plan.shots == 2
