@@ -676,7 +676,10 @@ def annotate_corpus(cfg: RunConfig, output_dir: str | Path) -> AnnotationSummary
     require_shared_path(output_dir, "--output")
     ds, _ = read_corpus(cfg.corpus, task)
     subset = sample_corpus(ds, cfg.corpus)
-    df, summary = annotate(subset, task, cfg.annotate, cache_dir=out / ".annotate_cache")
+    from llambert_ray.gold import gold_for_annotate  # gold imports this module
+
+    subset, gold = gold_for_annotate(subset, ds, task, cfg)
+    df, summary = annotate(subset, task, cfg.annotate, cache_dir=out / ".annotate_cache", gold=gold)
     write_parquet(df, out / "annotations.parquet")
     (out / "annotate_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return summary
