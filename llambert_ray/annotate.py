@@ -331,7 +331,15 @@ class AnnotationSummary:
                 + (f"; {self.attempts} attempts ({self.resent} rows sent again after a failed run)"
                    if self.attempts > 1 else ""),
                 f"  {self.rows_per_s:.2f} rows/s, {self.prompt_tokens_per_s:.0f} prompt tokens/s; "
-                f"labels {self.label_counts}"]
+                f"labels {self.label_counts}"] + self._calibration_lines()
+
+    def _calibration_lines(self) -> list[str]:
+        r = self.calibration_report
+        if not r:
+            return []
+        b, a = r["before"], r["after"]
+        return [f"  gold calibration, on {r['held_out']} held-out gold rows: accuracy {b['accuracy']:.2%} -> "
+                f"{a['accuracy']:.2%}, macro F1 {b['macro_f1']:.2%} -> {a['macro_f1']:.2%}"]
 
 
 def plan_hash(plan: PromptPlan, model: str) -> str:
