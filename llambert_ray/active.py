@@ -76,6 +76,26 @@ def embed(ds, model_path: str, cfg: SelectConfig) -> tuple[np.ndarray, np.ndarra
     return out["id"].to_numpy(), np.stack(out["embedding"].to_numpy()).astype(np.float32)
 
 
+Embed = Callable[[pd.DataFrame], np.ndarray]  # rows (id, text) -> L2-normalised embeddings, one per row, in order
+
+
+def embed_rows(model: str, max_length: int = 128) -> Embed:
+    """Embeddings of rows by an encoder (a packaged name or folder) in a Ray Data actor (embed), in row order."""
+    import ray
+
+    from llambert_ray.models import resolve_model
+
+    path = resolve_model(model)
+    cfg = SelectConfig(max_length=max_length)
+
+    def run(rows: pd.DataFrame) -> np.ndarray:
+        ids, x = embed(ray.data.from_pandas(rows[["id", "text"]].astype({"id": str})), path, cfg)
+        pos = pd.Series(np.arange(len(ids)), index=ids)
+        return x[pos[rows["id"].astype(str)].to_numpy()]
+
+    return run
+
+
 # ------------------------------------------------------------------------------------------ the probe
 @dataclass
 class Probe:
@@ -101,6 +121,23 @@ class Probe:
         out = np.zeros((len(x), self.n_classes))
         out[:, self.model.classes_] = self.model.predict_proba(x)
         return out
+
+
+def cross_val_proba(x: np.ndarray, y: np.ndarray, n_classes: int, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Out-of-sample class probabilities: each row's from a Probe fitted on the other folds (stratified where each
+    label has enough rows), so a row's own (possibly wrong) label never shapes its probabilities."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    counts = np.bincount(y, minlength=n_classes)
+    split = (StratifiedKFold(folds, shuffle=True, random_state=seed) if counts[counts > 0].min() >= folds
+             else KFold(folds, shuffle=True, random_state=seed))
+    out = np.zeros((len(y), n_classes))
+    for tr, te in split.split(x, y):
+        if len(np.unique(y[tr])) < 2:  # a fold with one label: its prior is all there is to say
+            out[te] = np.bincount(y[tr], minlength=n_classes) / len(tr)
+            continue
+        out[te] = Probe.fit(x[tr], y[tr], n_classes).proba(x[te])
+    return out
 
 
 def select_next(x: np.ndarray, proba: np.ndarray, taken: np.ndarray, k: int, *, diversity: bool = True,

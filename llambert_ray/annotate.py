@@ -32,9 +32,15 @@ from llambert_ray.config import AnnotateConfig, RunConfig
 from llambert_ray.models import local_model_dir, resolve_model
 from llambert_ray.progress import Progress
 from llambert_ray.ray_env import LIGHT, cpu_bind_ranges, resolve_device, worker_env
-from llambert_ray.tasks import OTHER, Task, TaskError
+from llambert_ray.tasks import OTHER, Example, Task, TaskError
 
 OUTPUT_COLUMNS = ["llm_label", "llm_confidence", "llm_raw", "llm_error", "prompt_tokens"]
+# A row's own few-shot examples (gold-knn: llambert_ray.gold.attach_gold_shots), JSON [{text, label}, ...]
+SHOTS_COLUMN = "llm_shots"
+# What a cached answer was given for: a hash of the row's text and its own examples (the model and the rest of the
+# prompt are in the cache folder's name), so a row whose text changed under the same id is asked again.
+PROMPT_KEY = "prompt_key"
+_GOLD_PREFIX = "__llambert_gold_"
 # Content-free inputs for contextual calibration (Zhao et al., 2021): the LLM's label preference on them is
 # its bias, independent of any row.
 CONTENT_FREE_TEXTS = ["N/A", "[MASK]", "", "..."]
@@ -63,13 +69,15 @@ class PromptPlan:
     label_token_ids: dict[str, int] = field(default_factory=dict)  # score mode: first answer token per label
     truncate: str = "head"
 
-    def request(self, text: str) -> dict[str, Any]:
-        """The prompt (or chat messages) and sampling params for one row."""
+    def request(self, text: str, examples: list[Example] | None = None) -> dict[str, Any]:
+        """The prompt (or chat messages) and sampling params for one row; `examples` (the row's own, gold-knn)
+        replace the task's fixed ones."""
         if self.style == "chat":
             req: dict[str, Any] = {"messages": self.task.chat_messages(text, self.shots, self.max_text_chars,
-                                                                             self.truncate)}
+                                                                             self.truncate, examples)}
         else:
-            req = {"prompt": self.task.completion_prompt(text, self.shots, self.max_text_chars, self.truncate)}
+            req = {"prompt": self.task.completion_prompt(text, self.shots, self.max_text_chars, self.truncate,
+                                                         examples)}
         if self.mode == "score":
             sp = {"max_tokens": 1, "temperature": 0.0, "logprob_token_ids": list(self.label_token_ids.values())}
         elif self.mode == "choice":
@@ -115,15 +123,22 @@ class PromptPlan:
         return out
 
 
+def resolved_shots(task: Task, cfg: AnnotateConfig) -> int:
+    """Few-shot examples per prompt: annotate.shots, else the task's default for the model; gold-knn with none
+    set takes two per label."""
+    shots = cfg.shots if cfg.shots is not None else task.defaults_for(cfg.model)["shots"]
+    return shots or 2 * len(task.labels) if cfg.shots_from == "gold-knn" and cfg.shots is None else shots
+
+
 def make_plan(task: Task, cfg: AnnotateConfig, model_path: str | None = None) -> PromptPlan:
     """Resolve the prompt style, shots and (score mode) answer token ids for this task and model."""
-    defaults = task.defaults_for(cfg.model)
-    style = cfg.prompt_style or defaults["prompt_style"]
-    shots = cfg.shots if cfg.shots is not None else defaults["shots"]
-    try:
-        task.pick_examples(shots)
-    except TaskError as e:
-        raise AnnotationError(str(e)) from None
+    style = cfg.prompt_style or task.defaults_for(cfg.model)["prompt_style"]
+    shots = resolved_shots(task, cfg)
+    if cfg.shots_from != "gold-knn":  # gold-knn's examples come from the gold rows, not the task's list
+        try:
+            task.pick_examples(shots)
+        except TaskError as e:
+            raise AnnotationError(str(e)) from None
     warning = task.prompt_warning(cfg.model, style, shots)
     if warning and (cfg.model, task.name, style, shots) not in _warned:
         _warned.add((cfg.model, task.name, style, shots))  # make_plan runs before Ray and again in the stage
@@ -134,6 +149,9 @@ def make_plan(task: Task, cfg: AnnotateConfig, model_path: str | None = None) ->
         token_ids = label_token_ids(task, style, local_model_dir(model_path or cfg.model, tokenizer_only=True))
     if cfg.calibration == "prior":
         _prior_vector(task.labels, cfg.label_prior)  # a bad prior fails here, before any LLM call
+    if cfg.calibration == "gold" and cfg.mode != "score":
+        raise AnnotationError("annotate.calibration gold fits offsets to label log-probabilities, which only score "
+                              "mode has; fix: annotate.mode: score, or another calibration")
     return PromptPlan(task=task, mode=cfg.mode, style=style, shots=shots, max_text_chars=cfg.max_text_chars,
                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                       label_token_ids=token_ids, truncate=cfg.truncate)
@@ -154,6 +172,29 @@ def label_token_ids(task: Task, style: str, model_path: str) -> dict[str, int]:
         raise AnnotationError(f"labels {list(ids)} share a first answer token under this tokenizer, so score "
                               f"mode cannot tell them apart; fix: use --mode choice or distinct verbalizers")
     return ids
+
+
+def row_examples(row: dict[str, Any]) -> list[Example] | None:
+    """A row's own few-shot examples (its SHOTS_COLUMN), None when it has none (the task's fixed ones apply)."""
+    raw = row.get(SHOTS_COLUMN)
+    if not isinstance(raw, str) or not raw:
+        return None
+    return [Example(**e) for e in json.loads(raw)]
+
+
+def prompt_keys(rows: pd.DataFrame) -> pd.Series:
+    """Per row: a hash of what its prompt holds beside the shared parts (its text and its own examples)."""
+    import hashlib
+
+    shots = rows[SHOTS_COLUMN] if SHOTS_COLUMN in rows else pd.Series("", index=rows.index)
+    return pd.Series([hashlib.sha256(json.dumps([str(t), s if isinstance(s, str) else ""]).encode()).hexdigest()[:16]
+                      for t, s in zip(rows["text"], shots, strict=True)], index=rows.index, dtype=object)
+
+
+def _answer_keys(df: pd.DataFrame) -> pd.Series:
+    """(id, prompt key) per row; an answer cached without a key (an older cache) matches no row."""
+    keys = df[PROMPT_KEY] if PROMPT_KEY in df else pd.Series(None, index=df.index, dtype=object)
+    return pd.Series(list(zip(df["id"], keys, strict=True)), index=df.index, dtype=object)
 
 
 # -------------------------------------------------------------------------------------------- engines
@@ -246,13 +287,13 @@ class VLLMEngine:
         from ray.data.llm import build_processor
 
         def pre(row: dict[str, Any]) -> dict[str, Any]:
-            return plan.request(row["text"])
+            return plan.request(row["text"], row_examples(row))
 
         def finish(row: dict[str, Any]) -> dict[str, Any]:
             # A step of its own after the processor, not its `postprocess`: Ray Data LLM passes a row the engine
             # failed on (`__inference_error__` set, e.g. a prompt longer than max_model_len) around postprocess, with
             # its request fields and without our columns. Here every row becomes the same documented columns.
-            out = {k: row[k] for k in ("id", "text", "label") if k in row}
+            out = {k: row[k] for k in ("id", "text", "label", PROMPT_KEY) if k in row}
             out.update(plan.result(row.get("generated_text"), row.get("logprobs"),
                                    row.get("__inference_error__") or None))
             out["prompt_tokens"] = int(row.get("num_input_tokens") or 0)
@@ -267,9 +308,10 @@ SERVED_APP = "llambert-llm"  # the Serve application of a run-long engine
 ROW_ID = "_llambert_row_id"  # a row's id on its way through the served engine's stage
 
 
-def openai_request(plan: PromptPlan, text: str) -> tuple[str, str, dict[str, Any]]:
+def openai_request(plan: PromptPlan, text: str, examples: list[Example] | None = None
+                   ) -> tuple[str, str, dict[str, Any]]:
     """One row's engine request as vLLM's OpenAI API takes it: (deployment method, request class, fields)."""
-    req = plan.request(text)
+    req = plan.request(text, examples)
     sp = req.pop("sampling_params")
     body: dict[str, Any] = {"model": SERVED_APP, "max_tokens": sp["max_tokens"], "temperature": sp["temperature"],
                             "stream": False}
@@ -367,12 +409,12 @@ class ServedVLLMEngine(VLLMEngine):
             concurrency=1, should_continue_on_error=True, dtype_mapping=DTYPES)
 
         def pre(row: dict[str, Any]) -> dict[str, Any]:
-            method, dtype, body = openai_request(plan, row["text"])
+            method, dtype, body = openai_request(plan, row["text"], row_examples(row))
             # the stage merges the response into the row, and an OpenAI response has an `id` of its own
             return {"method": method, "dtype": dtype, "request_kwargs": body, ROW_ID: row["id"]}
 
         def finish(row: dict[str, Any]) -> dict[str, Any]:
-            out = {k: row[k] for k in ("text", "label") if k in row}
+            out = {k: row[k] for k in ("text", "label", PROMPT_KEY) if k in row}
             out["id"] = row[ROW_ID]
             text, logprobs, tokens = openai_answer(row)
             out.update(plan.result(text, logprobs, row.get("__inference_error__") or None))
@@ -418,6 +460,7 @@ class AnnotationSummary:
     cached: int = 0  # rows whose answers were reused from the cache of an earlier (interrupted) run
     attempts: int = 1  # engine runs (> 1: a run failed, the rows it left were sent again; 0: all were cached)
     resent: int = 0  # rows sent to the engine again after a failed run
+    calibration_report: dict[str, Any] | None = None  # calibration gold: before / after on held-out gold rows
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -431,7 +474,15 @@ class AnnotationSummary:
                 + (f"; {self.attempts} attempts ({self.resent} rows sent again after a failed run)"
                    if self.attempts > 1 else ""),
                 f"  {self.rows_per_s:.2f} rows/s, {self.prompt_tokens_per_s:.0f} prompt tokens/s; "
-                f"labels {self.label_counts}"]
+                f"labels {self.label_counts}"] + self._calibration_lines()
+
+    def _calibration_lines(self) -> list[str]:
+        r = self.calibration_report
+        if not r:
+            return []
+        b, a = r["before"], r["after"]
+        return [f"  gold calibration, on {r['held_out']} held-out gold rows: accuracy {b['accuracy']:.2%} -> "
+                f"{a['accuracy']:.2%}, macro F1 {b['macro_f1']:.2%} -> {a['macro_f1']:.2%}"]
 
 
 def plan_hash(plan: PromptPlan, model: str) -> str:
@@ -463,7 +514,7 @@ def read_cache(folder: Path, *, errors: bool = False, parts: list[Path] | None =
         ok = df["llm_error"].isna()
         # engine failures are retried, not reused; kept (errors=True), a success outranks any error
         df = pd.concat([df[~ok], df[ok]]) if errors else df[ok]
-    return df.drop_duplicates("id", keep="last")
+    return df.drop_duplicates(["id", PROMPT_KEY] if PROMPT_KEY in df else "id", keep="last")
 
 
 def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, folder: Path, chunk: int,
@@ -474,12 +525,13 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
     so far cached, when a run fails having answered nothing new or the attempts are used up."""
     import ray
 
-    done = set(read_cache(folder)["id"])  # answered before, successfully (earlier failures are retried)
+    done = set(_answer_keys(read_cache(folder)))  # answered before, successfully (earlier failures are retried)
+    want = _answer_keys(rows)
     before = set(folder.glob("*.parquet")) if folder.is_dir() else set()
     answered: set = set()  # ids this call got an answer (or a per-row engine error) for
     resent = 0
     for attempt in range(1, attempts + 1):
-        todo = rows[~rows["id"].isin(done | answered)]
+        todo = rows[~want.isin(done | answered)]
         if not len(todo):
             return attempt - 1, resent
         if bar is not None:
@@ -499,11 +551,11 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
         except Exception as e:  # what Ray raises when the run failed; the finished chunks are on disk
             error = e
         new = [f for f in folder.glob("*.parquet") if f not in before] if folder.is_dir() else []
-        got = set(read_cache(folder, errors=True, parts=new)["id"]) if new else set()
+        got = set(_answer_keys(read_cache(folder, errors=True, parts=new))) if new else set()
         progress = len(got - answered)
         answered |= got
         if error is not None:
-            left = int((~rows["id"].isin(done | answered)).sum())
+            left = int((~want.isin(done | answered)).sum())
             log.warning("annotation run %d/%d failed with %s: %s; %d rows answered in it, %d left",
                         attempt, attempts, type(error).__name__, str(error)[:300], progress, left)
             if not progress or attempt == attempts:
@@ -511,7 +563,7 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
                     f"annotation failed ({type(error).__name__}: {str(error)[:300]}) with {left} of {len(rows)} "
                     f"rows unanswered after {attempt} run(s); every answer so far is cached in {folder}, so "
                     f"rerunning the same command resumes from there") from error
-    left = int((~rows["id"].isin(done | answered)).sum())
+    left = int((~want.isin(done | answered)).sum())
     if left:  # every run "succeeded" and rows are still missing: never retry that silently
         raise AnnotationError(f"{left} of {len(rows)} rows got no answer in {attempts} annotation runs; the "
                               f"answers so far are cached in {folder}")
@@ -523,12 +575,13 @@ def _annotate_cached(engine: AnnotationEngine, plan: PromptPlan, ds, cfg: Annota
     """annotate through the answer cache: (answers, rows found cached, engine runs, rows sent again)."""
     folder = cache_dir / plan_hash(plan, cfg.model)
     rows = ds.to_pandas()  # the rows sent to an LLM: a sample, small enough to hold
-    cached = len(set(read_cache(folder)["id"]) & set(rows["id"]))
+    rows[PROMPT_KEY] = prompt_keys(rows)
+    cached = len(set(_answer_keys(read_cache(folder))) & set(_answer_keys(rows)))
     with Progress("annotate", len(rows), done=cached) as bar:
         runs, resent = _run_cached(engine, plan, rows, folder, max(cfg.batch_size * 4, 32), attempts, bar)
         bar.update(len(rows))
     df = read_cache(folder, errors=True)  # this run's per-row failures stay in the output, counted
-    df = df[df["id"].isin(set(rows["id"]))]
+    df = df[_answer_keys(df).isin(set(_answer_keys(rows)))].drop(columns=[PROMPT_KEY])
     meta = rows.set_index("id")
     for col in ("text", "label"):  # keep the input's columns as they are, whatever a part stored
         if col in meta:
@@ -537,7 +590,7 @@ def _annotate_cached(engine: AnnotationEngine, plan: PromptPlan, ds, cfg: Annota
 
 
 def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | None = None,
-             cache_dir: str | Path | None = None, attempts: int = ATTEMPTS):
+             cache_dir: str | Path | None = None, attempts: int = ATTEMPTS, gold: pd.DataFrame | None = None):
     """Label every row of `ds` (columns id, text, label?) with the LLM. Returns (pandas frame, summary).
 
     Rows keep their ids; unparseable answers get llm_label null; engine failures are recorded per row in
@@ -547,6 +600,11 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
     that dies is restarted by Ray Data, which retries its batches; if a run fails anyway after answering some
     rows, the rows it left are sent again (up to `attempts` runs, needs cache_dir). Every input row comes out
     exactly once.
+
+    With cfg.calibration "gold", `gold` (columns id, text, label[, llm_shots]: e.g. llambert_ray.gold.gold_rows)
+    is sent to the LLM with the rows (ids prefixed, left out of the output); per-label offsets are fitted to the
+    LLM's scores on it and applied to every row (summary.calibration; summary.calibration_report: before / after
+    on held-out gold rows).
     """
     model_path = resolve_model(cfg.model)
     plan = make_plan(task, cfg, model_path)
@@ -554,6 +612,11 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
     calibrate = cfg.calibration == "content-free" and plan.mode == "score"
     if calibrate:
         ds = ds.union(_content_free_rows(ds))
+    if cfg.calibration == "gold":
+        if gold is None or gold.empty:
+            raise AnnotationError("annotate.calibration gold needs gold-labelled rows, and none were given; fix: "
+                                  "a corpus with a label column (annotate.gold_rows of them are used)")
+        ds = ds.union(_gold_rows_for(ds, gold))
     t0 = time.time()
     cached, runs, resent = 0, 1, 0
     if cache_dir is None:
@@ -566,7 +629,11 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
     for col in OUTPUT_COLUMNS:
         if col not in df:
             df[col] = None
-    offsets = None
+    offsets = report = None
+    if cfg.calibration == "gold":
+        is_gold = df["id"].astype(str).str.startswith(_GOLD_PREFIX)
+        df, offsets, report = apply_gold_calibration(df[~is_gold].copy(), df[is_gold], task.labels,
+                                                     temperature=cfg.calibration_temperature)
     if calibrate:
         cf = df["id"].astype(str).str.startswith(_CF_PREFIX)
         df, offsets = apply_calibration(df[~cf].copy(), df[cf], task.labels)
@@ -585,7 +652,7 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
         prompt_tokens_per_s=tokens / seconds if seconds else 0.0, mode=plan.mode, style=plan.style,
         shots=plan.shots, model=cfg.model,
         label_counts={str(k): int(v) for k, v in df["llm_label"].value_counts().items()}, accuracy=acc,
-        calibration=offsets, cached=cached, attempts=runs, resent=resent)
+        calibration=offsets, cached=cached, attempts=runs, resent=resent, calibration_report=report)
     return df.sort_values("id", kind="stable").reset_index(drop=True), summary
 
 
@@ -597,6 +664,16 @@ def _content_free_rows(ds):
     rows = [{c: (f"{_CF_PREFIX}{i}" if c == "id" else t if c == "text" else None) for c in cols}
             for i, t in enumerate(CONTENT_FREE_TEXTS)]
     return ray.data.from_pandas(pd.DataFrame(rows, columns=cols).astype("string"))
+
+
+def _gold_rows_for(ds, gold: pd.DataFrame):
+    """The gold rows as extra rows of `ds`: ids prefixed, the same (string) columns (llm_shots kept)."""
+    import ray
+
+    cols = list(dict.fromkeys([*ds.columns(), *(c for c in (SHOTS_COLUMN,) if c in gold)]))
+    g = gold.reindex(columns=cols).copy()
+    g["id"] = _GOLD_PREFIX + gold["id"].astype(str)
+    return ray.data.from_pandas(g.astype("string"))
 
 
 def _label_logsoftmax(raw: str | None, labels: list[str]) -> np.ndarray | None:
@@ -643,8 +720,68 @@ def apply_prior_calibration(df: pd.DataFrame, labels: list[str], prior: dict[str
 
 def apply_offsets(df: pd.DataFrame, labels: list[str], offsets: dict[str, float]) -> pd.DataFrame:
     """Relabel scored rows with calibration offsets fitted on other rows (e.g. those of
-    apply_prior_calibration on the annotated sample: the same correction then holds for any further row)."""
-    return _relabel(df, labels, np.array([offsets[lab] for lab in labels], dtype=float))
+    apply_prior_calibration on the annotated sample: the same correction then holds for any further row); a
+    "temperature" key (gold calibration) divides the scores first."""
+    return _relabel(df, labels, np.array([offsets[lab] for lab in labels], dtype=float),
+                    float(offsets.get("temperature", 1.0)))
+
+
+def fit_gold_offsets(scores: np.ndarray, gold: np.ndarray, n_labels: int, *, temperature: bool = False,
+                     l2: float = 1e-2) -> tuple[np.ndarray, float]:
+    """Per-label offsets b (and, with `temperature`, T) minimising the cross-entropy of softmax(scores / T - b)
+    against the gold label indices, + l2 * |b|^2. scores: rows x labels label log-probabilities."""
+    from scipy.optimize import minimize
+
+    onehot = np.eye(n_labels)[gold]
+
+    def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
+        b, log_t = params[:n_labels], (params[n_labels] if temperature else 0.0)
+        t = np.exp(log_t)
+        z = scores / t - b
+        z = z - z.max(1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(1, keepdims=True)
+        nll = -np.mean(np.log(np.clip((p * onehot).sum(1), 1e-12, None)))
+        g_z = (p - onehot) / len(scores)  # d loss / d z
+        grad = np.concatenate([-g_z.sum(0) + 2 * l2 * b,
+                               [-(g_z * scores / t).sum()] if temperature else []])
+        return nll + l2 * float(b @ b), grad
+
+    x0 = np.zeros(n_labels + (1 if temperature else 0))
+    res = minimize(loss, x0, jac=True, method="L-BFGS-B")
+    b = res.x[:n_labels] - res.x[:n_labels].mean()
+    return b, float(np.exp(res.x[n_labels])) if temperature else 1.0
+
+
+def apply_gold_calibration(df: pd.DataFrame, gold_scored: pd.DataFrame, labels: list[str], *,
+                           temperature: bool = False, holdout: float = 0.5, seed: int = 0):
+    """Fit gold calibration (fit_gold_offsets) on the LLM's scores of gold rows (columns llm_raw, llm_label,
+    label) and relabel `df` with it. Returns (frame, offsets per label (+ "temperature"), report): the report
+    scores the LLM labels before and after on the held-out share of the gold rows, with offsets fitted on the
+    rest; the offsets applied are fitted on all gold rows."""
+    from llambert_ray.evaluate import classification_metrics
+
+    ok = gold_scored[gold_scored["label"].isin(labels) & gold_scored["llm_label"].isin(labels)]
+    ok = ok.sort_values("id", kind="stable").reset_index(drop=True)
+    if ok["label"].nunique() < 2:
+        log.warning("calibration gold: fewer than two labels among %d scored gold rows; left uncalibrated", len(ok))
+        return df, None, None
+    scores = np.stack([_label_logsoftmax(r, labels) for r in ok["llm_raw"]])
+    y = ok["label"].map({lab: i for i, lab in enumerate(labels)}).to_numpy()
+    test = np.random.default_rng(seed).permutation(len(ok))[:int(len(ok) * holdout)]
+    fit_rows = np.setdiff1d(np.arange(len(ok)), test)
+    b, t = fit_gold_offsets(scores[fit_rows], y[fit_rows], len(labels), temperature=temperature)
+    held = ok.iloc[test].copy()
+    before = classification_metrics(held["label"], held["llm_label"], labels)
+    after = classification_metrics(held["label"], _relabel(held.copy(), labels, b, t)["llm_label"], labels)
+    report = {"gold_rows": len(ok), "held_out": len(held),
+              "before": {"accuracy": before["accuracy"], "macro_f1": before["macro_f1"]},
+              "after": {"accuracy": after["accuracy"], "macro_f1": after["macro_f1"]}}
+    b, t = fit_gold_offsets(scores, y, len(labels), temperature=temperature)
+    offsets = {lab: float(o) for lab, o in zip(labels, b, strict=True)}
+    if temperature:
+        offsets["temperature"] = t
+    return _relabel(df, labels, b, t), offsets, report
 
 
 def _prior_vector(labels: list[str], prior: dict[str, float] | None) -> np.ndarray:
@@ -660,8 +797,9 @@ def _prior_vector(labels: list[str], prior: dict[str, float] | None) -> np.ndarr
     return v / v.sum()
 
 
-def _relabel(df: pd.DataFrame, labels: list[str], offset: np.ndarray) -> pd.DataFrame:
-    """Subtract `offset` from each scored row's label log-probabilities and relabel (llm_raw is kept)."""
+def _relabel(df: pd.DataFrame, labels: list[str], offset: np.ndarray, temperature: float = 1.0) -> pd.DataFrame:
+    """Divide each scored row's label log-probabilities by `temperature`, subtract `offset`, relabel (llm_raw is
+    kept)."""
     new_label, new_conf = [], []
     for raw, old_label, old_conf in zip(df["llm_raw"], df["llm_label"], df["llm_confidence"], strict=True):
         v = _label_logsoftmax(raw, labels) if isinstance(old_label, str) else None
@@ -669,7 +807,7 @@ def _relabel(df: pd.DataFrame, labels: list[str], offset: np.ndarray) -> pd.Data
             new_label.append(old_label)
             new_conf.append(old_conf)
             continue
-        v = v - offset
+        v = v / temperature - offset
         p = np.exp(v - v.max())
         p /= p.sum()
         new_label.append(labels[int(p.argmax())])
@@ -696,7 +834,10 @@ def annotate_corpus(cfg: RunConfig, output_dir: str | Path) -> AnnotationSummary
     require_shared_path(output_dir, "--output")
     ds, _ = read_corpus(cfg.corpus, task)
     subset = sample_corpus(ds, cfg.corpus)
-    df, summary = annotate(subset, task, cfg.annotate, cache_dir=out / ".annotate_cache")
+    from llambert_ray.gold import gold_for_annotate  # gold imports this module
+
+    subset, gold = gold_for_annotate(subset, ds, task, cfg)
+    df, summary = annotate(subset, task, cfg.annotate, cache_dir=out / ".annotate_cache", gold=gold)
     write_parquet(df, out / "annotations.parquet")
     (out / "annotate_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return summary

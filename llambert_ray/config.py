@@ -78,11 +78,21 @@ class AnnotateConfig(_Strict):
                                                        "task's default for this model")
     max_new_tokens: int = Field(10, gt=0, description="generate mode: new tokens per answer (paper: 10)")
     temperature: float = Field(0.0, ge=0)
-    calibration: Literal["none", "content-free", "prior"] = Field(
+    shots_from: Literal["fixed", "gold-knn"] = Field(
+        "fixed", description="where a row's few-shot examples come from: fixed = the task's first `shots` "
+                             "examples; gold-knn = the `shots` gold-labelled corpus rows nearest the row in encoder "
+                             "embedding space (balanced across labels where possible, never the row itself)")
+    gold_rows: int = Field(100, gt=0, description="gold-knn / calibration gold: gold-labelled rows available (a "
+                                                  "seeded sample of the corpus rows with a label; test rows are "
+                                                  "never among them)")
+    calibration: Literal["none", "content-free", "prior", "gold"] = Field(
         "none", description="score mode: content-free = subtract the label bias the LLM shows on content-free "
                             "inputs ('N/A', '[MASK]', ...) from every row's label log-probabilities; prior = "
                             "shift them so each label's mean probability over the rows matches label_prior (no "
-                            "extra LLM calls)")
+                            "extra LLM calls); gold = per-label offsets fitted to the LLM's scores on the gold rows "
+                            "(gold_rows of them, also sent to the LLM)")
+    calibration_temperature: bool = Field(False, description="calibration gold: fit a temperature as well as the "
+                                                             "offsets (changes confidences, not labels)")
     label_prior: dict[str, float] | None = Field(
         None, description="calibration: prior: expected share of each label in the corpus; null = equal shares")
     max_text_chars: int = Field(6000, gt=0, description="texts are cut to this many characters (fewer prompt "
@@ -141,6 +151,11 @@ class TrainConfig(_Strict):
     bf16: bool | None = Field(None, description="null = bf16 on GPU, fp32 on CPU")
     seed: int = 0
     min_confidence: float = Field(0.0, ge=0, le=1, description="drop LLM labels below this confidence")
+    label_issues: Literal["keep", "drop", "relabel"] = Field(
+        "keep", description="LLM labels flagged as likely wrong (cleanlab on cross-validated probe probabilities "
+                            "over frozen encoder embeddings): keep them, drop those rows, or relabel them with the "
+                            "probe's label before training")
+    label_issue_folds: int = Field(5, ge=2, description="cross-validation folds for the label-issue probe")
     max_failures: int = Field(2, ge=-1, description="worker failures to recover from (from the last checkpoint)")
     keep_checkpoints: bool = Field(False, description="keep Ray Train's per-epoch checkpoints once the model folder "
                                                       "is written (they are deleted by default: ~5x the model's size)")

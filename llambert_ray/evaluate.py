@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,9 +61,8 @@ def label_issues(annotations: pd.DataFrame, predictions: pd.DataFrame, labels: l
     is flagged when, among the classes whose predicted probability reaches that class's threshold (the mean
     probability the classifier gives the class on rows the LLM gave it), the most probable one is not the LLM's
     label. Flagged rows are ranked by the probability of the LLM's label (lowest first). The classifier has seen
-    these rows in training, so this finds the grossest issues, not all of them (out-of-sample probabilities
-    would find more).
-    """
+    these rows in training, so this finds the grossest issues, not all of them: cv_label_issues judges each row on
+    out-of-sample probabilities instead (train.label_issues: drop / relabel uses it before training)."""
     cols = [f"prob_{c}" for c in labels]
     missing = [c for c in ["id", *cols] if c not in predictions]
     if missing or "llm_label" not in annotations:
@@ -82,6 +83,72 @@ def label_issues(annotations: pd.DataFrame, predictions: pd.DataFrame, labels: l
     df["p_llm_label"] = probs[np.arange(len(df)), given]
     out = df[flagged].sort_values("p_llm_label").reset_index(drop=True)
     return out.drop(columns=cols)
+
+
+def cv_label_issues(annotations: pd.DataFrame, x: np.ndarray, labels: list[str], folds: int = 5,
+                    seed: int = 0) -> pd.DataFrame:
+    """LLM labels likely wrong, judged on out-of-sample probabilities: a probe (active.Probe: softmax regression on
+    frozen encoder embeddings `x`, one row per annotations row) is cross-validated over `folds` folds of the LLM
+    labels, and cleanlab's confident learning (`cleanlab.filter.find_label_issues`) flags the rows whose label the
+    held-out probe contradicts. Returns the flagged rows (id, text, llm_label, llm_confidence, label when present,
+    classifier_label = the probe's, p_llm_label), most doubtful first; same columns as label_issues."""
+    from cleanlab.filter import find_label_issues
+
+    from llambert_ray.active import cross_val_proba
+
+    keep = [c for c in ["id", "text", "llm_label", "llm_confidence", "label"] if c in annotations]
+    ok = annotations["llm_label"].isin(labels).to_numpy()
+    df = annotations.loc[ok, keep].reset_index(drop=True)
+    empty = df.iloc[:0].assign(classifier_label=pd.Series(dtype=str), p_llm_label=pd.Series(dtype=float))
+    given = df["llm_label"].map({c: i for i, c in enumerate(labels)}).to_numpy()
+    present = np.unique(given)
+    if len(df) < 2 * folds or len(present) < 2:
+        return empty
+    # cleanlab wants every class it is given to occur: work in the labels that do, then map back
+    proba = cross_val_proba(np.asarray(x)[ok], np.searchsorted(present, given), len(present), folds, seed)
+    ranked = find_label_issues(np.searchsorted(present, given), proba, return_indices_ranked_by="self_confidence")
+    if not len(ranked):
+        return empty
+    out = df.iloc[ranked].copy()
+    out["classifier_label"] = [labels[present[i]] for i in proba[ranked].argmax(1)]
+    out["p_llm_label"] = proba[ranked, np.searchsorted(present, given[ranked])]
+    return out.reset_index(drop=True)
+
+
+def screen_llm_labels(annotations: pd.DataFrame, issues: pd.DataFrame, action: str) -> pd.DataFrame:
+    """The annotations to train on after label-issue screening (train.label_issues): `keep` them all, `drop` the
+    flagged rows, or `relabel` them with the probe's label (llm_label_before keeps the LLM's)."""
+    if action == "keep" or issues.empty:
+        return annotations
+    flagged = annotations["id"].isin(set(issues["id"]))
+    if action == "drop":
+        return annotations[~flagged].reset_index(drop=True)
+    if action != "relabel":
+        raise ValueError(f"train.label_issues {action!r}: use keep, drop or relabel")
+    out = annotations.copy()
+    out["llm_label_before"] = out["llm_label"]
+    out.loc[flagged, "llm_label"] = out.loc[flagged, "id"].map(issues.set_index("id")["classifier_label"])
+    return out
+
+
+def screen_for_training(annotations: pd.DataFrame, task: Any, cfg: Any, run_dir: str | Path,
+                        log: Callable[[str], None] = print) -> pd.DataFrame:
+    """The pipeline's hook for train.label_issues (drop / relabel; keep does nothing): embeds the annotated rows
+    with the encoder, runs cv_label_issues, writes RUN_DIR/label_issues_cv.parquet and returns the rows to train
+    on. task: a Task; cfg: the RunConfig."""
+    if cfg.train.label_issues == "keep":
+        return annotations
+    from llambert_ray.active import embed_rows
+
+    ok = annotations[annotations["llm_label"].isin(task.labels)].reset_index(drop=True)
+    x = embed_rows(cfg.select.model or cfg.train.model, cfg.select.max_length)(ok)
+    issues = cv_label_issues(ok, x, task.labels, cfg.train.label_issue_folds, cfg.train.seed)
+    issues.to_parquet(Path(run_dir) / "label_issues_cv.parquet")
+    s = label_issue_summary(issues, ok)
+    log(f"  label issues (cross-validated probe + cleanlab): {s['flagged']} of {s['annotated']} LLM labels flagged"
+        + (f", {s['flag_precision']:.1%} of them wrong vs gold (LLM error rate {s['llm_error_rate']:.1%})"
+           if s.get("flag_precision") is not None else "") + f"; train.label_issues: {cfg.train.label_issues}")
+    return screen_llm_labels(annotations, issues, cfg.train.label_issues)
 
 
 def label_issue_summary(issues: pd.DataFrame, annotations: pd.DataFrame) -> dict[str, Any]:

@@ -220,6 +220,7 @@ def annotate_stage(run: Run) -> None:
     evaluate.llm_test_sample also that many test rows in the same engine call; then the extra rows."""
     from llambert_ray.annotate import run_engine
     from llambert_ray.data import read_parquet_frame
+    from llambert_ray.evaluate import screen_for_training
 
     cfg, written, task_hash = run.cfg, run.written, config_hash(run.task)
     # how the engine runs, not what it answers: left out of the stage hashes
@@ -234,7 +235,9 @@ def annotate_stage(run: Run) -> None:
                        [run.path(ANNOTATIONS), run.path(TEST_ANNOTATIONS)], _annotate_with_test)
         else:
             _run_stage(run, "annotate", key, [run.path(ANNOTATIONS)], _annotate_sample)
-        run.annotations = read_parquet_frame(run.path(ANNOTATIONS))
+        # train.label_issues: LLM labels flagged by cross-validated confident learning dropped / relabelled
+        run.annotations = screen_for_training(read_parquet_frame(run.path(ANNOTATIONS)), run.task, cfg,
+                                              cfg.run_dir, run.log)
         if cfg.extra is not None:
             _run_stage(run, "annotate_extra", (cfg.extra, key[1], task_hash), [run.path(EXTRA_ANNOTATIONS)],
                        _annotate_extra)
@@ -249,9 +252,11 @@ def annotate_stage(run: Run) -> None:
 def _annotate(cfg: RunConfig, run: Run, ds, acfg=None):
     """One annotate() call of the run: its cache, its engine (the run's, or one of its own)."""
     from llambert_ray.annotate import annotate
+    from llambert_ray.gold import gold_for_annotate
 
+    ds, gold = gold_for_annotate(ds, run.corpus, run.task, cfg)  # gold-knn shots / calibration gold
     df, s = annotate(ds, run.task, acfg or cfg.annotate, cache_dir=run.path("cache") / "annotate",
-                     engine=run.engine)
+                     engine=run.engine, gold=gold)
     run.engine_runs += s.attempts if run.engine is None else 0
     return df, s
 

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from llambert_ray.config import ConfigError, CorpusConfig, RunConfig
-from llambert_ray.tasks import Task
+from llambert_ray.tasks import Example, Task
 
 HARDWARE = Path(__file__).resolve().parent / "hardware.yaml"
 CHARS_PER_TOKEN = 4.0
@@ -215,13 +215,19 @@ class _Estimator:
         rows, extra rows, mean prompt tokens, prompt style, shots)."""
         a = cfg.annotate
         defaults = task.defaults_for(a.model)
-        style = a.prompt_style or defaults["prompt_style"]
-        shots = a.shots if a.shots is not None else defaults["shots"]
+        from llambert_ray.annotate import resolved_shots
+
+        style, shots = a.prompt_style or defaults["prompt_style"], resolved_shots(task, a)
         llm_tok = TokenCounter(a.model)
+        # gold-knn (#17): a row's examples are gold corpus rows; sampled texts stand in for them (same lengths)
+        shown = ([Example(text=t, label=task.labels[i % len(task.labels)]) for i, t in enumerate(texts[:shots])]
+                 if a.shots_from == "gold-knn" else None)
         if style == "chat":
-            counts = [llm_tok.count_chat(task.chat_messages(t, shots, a.max_text_chars, a.truncate)) for t in texts]
+            counts = [llm_tok.count_chat(task.chat_messages(t, shots, a.max_text_chars, a.truncate, shown))
+                      for t in texts]
         else:
-            counts = [llm_tok.count(task.completion_prompt(t, shots, a.max_text_chars, a.truncate)) for t in texts]
+            counts = [llm_tok.count(task.completion_prompt(t, shots, a.max_text_chars, a.truncate, shown))
+                      for t in texts]
         per_prompt = min(_mean(counts, 0), a.max_model_len)
         out_tokens = 1 if a.mode == "score" else a.max_new_tokens
         llm_gpu = a.device == "gpu"

@@ -124,27 +124,31 @@ class Task(BaseModel):
     def _render(self, template: str, text: str, max_chars: int, truncate: str = "head") -> str:
         return template.replace("{text}", cut_text(text, max_chars, truncate))
 
-    def chat_messages(self, text: str, shots: int = 0, max_chars: int = 6000,
-                      truncate: str = "head") -> list[dict[str, str]]:
-        """System + (few-shot turns) + user message, the paper's chat prompt."""
+    def chat_messages(self, text: str, shots: int = 0, max_chars: int = 6000, truncate: str = "head",
+                      examples: list[Example] | None = None) -> list[dict[str, str]]:
+        """System + (few-shot turns) + user message, the paper's chat prompt. `examples` (e.g. the row's
+        retrieved gold neighbours) replace the task's first `shots` examples."""
         msgs = [{"role": "system", "content": self.system_prompt}]
-        for ex in self.pick_examples(shots):
+        for ex in self.pick_examples(shots) if examples is None else examples:
             msgs.append({"role": "user", "content": self._render(self.user_template, ex.text,
                                                                  self.example_max_chars)})
             msgs.append({"role": "assistant", "content": self.verbalizers[ex.label][0]})
         msgs.append({"role": "user", "content": self._render(self.user_template, text, max_chars, truncate)})
         return msgs
 
-    def completion_prefix(self, shots: int) -> str:
-        """The shared part of every completion prompt (instruction + shots): the engine caches it."""
+    def completion_prefix(self, shots: int, examples: list[Example] | None = None) -> str:
+        """The shared part of every completion prompt (instruction + shots): the engine caches it. `examples`
+        replace the task's first `shots` examples."""
         parts = [self.completion_instruction] if self.completion_instruction else []
-        for ex in self.pick_examples(shots):
+        for ex in self.pick_examples(shots) if examples is None else examples:
             shot = self._render(self.completion_template, ex.text, self.example_max_chars)
             parts.append(f"{shot} {self.verbalizers[ex.label][0]}")
         return "\n\n".join(parts) + ("\n\n" if parts else "")
 
-    def completion_prompt(self, text: str, shots: int = 0, max_chars: int = 6000, truncate: str = "head") -> str:
-        return self.completion_prefix(shots) + self._render(self.completion_template, text, max_chars, truncate)
+    def completion_prompt(self, text: str, shots: int = 0, max_chars: int = 6000, truncate: str = "head",
+                          examples: list[Example] | None = None) -> str:
+        return (self.completion_prefix(shots, examples)
+                + self._render(self.completion_template, text, max_chars, truncate))
 
     def answer_words(self, style: str) -> dict[str, str]:
         """The canonical answer string per label as it follows the prompt (completion: after a space)."""

@@ -554,3 +554,135 @@ def test_one_served_engine_answers_every_call_of_a_run(ray_local, reviews_jsonl)
     assert max(abs(a[k] - b[k]) for a, b in zip(*scores, strict=True) for k in a) < 0.05
     assert len(gen) == 12 and set(gen["id"]) == {r["id"] for r in rows[:12]}
     assert g.labelled + g.dropped + g.failed == 12 and g.labelled >= 6
+
+
+def test_prompt_key_covers_the_rows_text_and_its_own_examples():
+    from llambert_ray.annotate import SHOTS_COLUMN, _answer_keys, prompt_keys
+
+    rows = pd.DataFrame({"id": ["a", "a", "a"], "text": ["good", "bad", "good"],
+                         SHOTS_COLUMN: ['[{"text": "x", "label": "positive"}]'] * 2 + ['[]']})
+    k = prompt_keys(rows)
+    assert k.nunique() == 3  # same id: another text, or other examples, is another key
+    assert prompt_keys(rows.drop(columns=[SHOTS_COLUMN])).iloc[0] == prompt_keys(rows[["id", "text"]]).iloc[0]
+    old = pd.DataFrame({"id": ["a"], "llm_label": ["positive"]})  # a part cached before keys existed
+    assert _answer_keys(old).iloc[0] not in set(_answer_keys(rows.assign(prompt_key=k)))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_row_whose_text_changed_is_asked_again(ray_local, tmp_path):
+    import ray
+
+    from llambert_ray.annotate import annotate
+    from llambert_ray.config import AnnotateConfig
+
+    rows = pd.DataFrame({"id": [f"r{i}" for i in range(6)], "text": [f"text {i}" for i in range(6)]})
+    cfg, cache = AnnotateConfig(mode="generate", batch_size=4), tmp_path / "cache"
+    annotate(ray.data.from_pandas(rows), TASK, cfg, engine=CountingEngine(), cache_dir=cache)
+    changed = rows.copy()
+    changed.loc[2, "text"] = "an edited text"
+    again = CountingEngine()
+    df, s = annotate(ray.data.from_pandas(changed), TASK, cfg, engine=again, cache_dir=cache)
+    assert again.rows == 1 and s.cached == 5 and len(df) == 6 and df["id"].is_unique
+    assert df.loc[df["id"] == "r2", "text"].item() == "an edited text"
+
+
+def _skewed_scores(n, rng, bias):
+    """Label log-probabilities of a biased scorer: the right label's score + 1 + noise, plus `bias` per label."""
+    labels = ["a", "b", "c"]
+    y = rng.integers(0, 3, n)
+    s = rng.normal(0, 1.0, (n, 3)) + np.eye(3)[y] * 1.5 + np.asarray(bias)
+    rows = []
+    for i in range(n):
+        raw = {lab: float(v) for lab, v in zip(labels, s[i], strict=True)}
+        rows.append({"id": f"g{i:04d}", "label": labels[y[i]], "llm_raw": json.dumps(raw),
+                     "llm_label": labels[int(s[i].argmax())], "llm_confidence": 0.5})
+    return pd.DataFrame(rows), labels
+
+
+def test_gold_calibration_undoes_a_label_bias_fitted_on_few_gold_rows():
+    from llambert_ray.annotate import apply_gold_calibration, apply_offsets
+    from llambert_ray.evaluate import classification_metrics
+
+    rng = np.random.default_rng(0)
+    gold, labels = _skewed_scores(100, rng, [2.0, 0.0, -0.5])
+    rows, _ = _skewed_scores(2000, rng, [2.0, 0.0, -0.5])
+    before = classification_metrics(rows["label"], rows["llm_label"], labels)["accuracy"]
+    out, offsets, report = apply_gold_calibration(rows.copy(), gold, labels)
+    after = classification_metrics(out["label"], out["llm_label"], labels)["accuracy"]
+    assert after > before + 0.15, (before, after)
+    assert offsets["a"] > offsets["b"] > offsets["c"]
+    assert report["held_out"] == 50 and report["after"]["accuracy"] > report["before"]["accuracy"]
+    # with a temperature: the same labels up to the fit's noise, and the offsets re-apply to other rows
+    out_t, off_t, _ = apply_gold_calibration(rows.copy(), gold, labels, temperature=True)
+    assert off_t["temperature"] > 0
+    assert (apply_offsets(rows.copy(), labels, off_t)["llm_label"] == out_t["llm_label"]).all()
+    assert classification_metrics(out_t["label"], out_t["llm_label"], labels)["accuracy"] > before + 0.15
+
+
+NEWS = [  # written for these tests: 4 per topic
+    ("The prime minister resigned after losing a vote of no confidence in parliament.", "world"),
+    ("Peace talks between the two neighbouring countries collapsed on Tuesday.", "world"),
+    ("The United Nations sent aid to the region after the earthquake.", "world"),
+    ("Voters in the capital elected a new mayor in a tight race.", "world"),
+    ("The striker signed a four-year contract with the league champions.", "sports"),
+    ("She won the marathon in record time despite the heat.", "sports"),
+    ("The team lost its third match in a row and sacked its coach.", "sports"),
+    ("The tennis final was delayed by rain for two hours.", "sports"),
+    ("The retailer's quarterly profit rose 12 % on strong online sales.", "business"),
+    ("Oil prices fell as stock markets worried about slower growth.", "business"),
+    ("The two banks agreed to merge in a deal worth 30 billion dollars.", "business"),
+    ("Unemployment dropped to its lowest level in a decade, the ministry said.", "business"),
+    ("Researchers sequenced the genome of a rare deep-sea fish.", "science"),
+    ("The new telescope captured images of galaxies formed soon after the Big Bang.", "science"),
+    ("A software update fixes a security flaw in millions of routers.", "science"),
+    ("Physicists measured the mass of the particle with greater precision.", "science"),
+]
+
+
+@pytest.mark.ray
+@pytest.mark.llm
+@pytest.mark.timeout(1200)
+def test_four_label_topic_task_with_gold_knn_and_gold_calibration_on_real_vllm(ray_local, tmp_path):
+    """The news-topic preset (4 labels) through the real engine: each row's shots are its nearest gold rows
+    (MiniLM embeddings), the gold rows are scored too and calibrate the labels; the prompts hold the neighbours."""
+    import ray
+
+    from llambert_ray.annotate import SHOTS_COLUMN, annotate
+    from llambert_ray.config import AnnotateConfig
+    from llambert_ray.gold import with_gold
+
+    task = load_task("news-topic")
+    df = pd.DataFrame([{"id": f"n{i:02d}", "text": t, "label": lab} for i, (t, lab) in enumerate(NEWS)])
+    gold_ids = {f"n{i:02d}" for i in range(16) if i % 2 == 0}  # 2 gold rows per topic
+    rows = df[~df["id"].isin(gold_ids)].reset_index(drop=True)
+    corpus = df.assign(label=[lab if i in gold_ids else None for i, lab in zip(df["id"], df["label"], strict=True)])
+    cfg = AnnotateConfig(shots_from="gold-knn", shots=4, calibration="gold", gold_rows=8, batch_size=8)
+    rows, gold = with_gold(rows, corpus, task, cfg, encoder="minilm-l6")
+    assert len(gold) == 8 and set(gold["id"]) == gold_ids
+    for own_id, shots in zip(gold["id"], gold[SHOTS_COLUMN], strict=True):
+        picked = json.loads(shots)
+        assert len(picked) == 4 and {s["label"] for s in picked} == set(task.labels)
+        assert df.set_index("id").loc[own_id, "text"] not in [s["text"] for s in picked]  # never itself
+    out, s = annotate(ray.data.from_pandas(rows), task, cfg, gold=gold, cache_dir=tmp_path / "cache")
+    assert len(out) == 8 and set(out["id"]) == set(rows["id"]) and out["llm_error"].isna().all()
+    assert out["llm_label"].isin(task.labels).all() and set(json.loads(out["llm_raw"].iloc[0])) == set(task.labels)
+    assert s.calibration is not None and set(task.labels) <= set(s.calibration)
+    assert s.calibration_report and s.calibration_report["held_out"] == 4
+    # no bar on accuracy: the 135M model got 3 of 8 right here (4 labels, chance 25 %; 2026-12-01), too few rows
+    assert s.accuracy is not None and s.label_counts, s.lines()
+    assert (out["prompt_tokens"] > 80).all()  # the instruction, 4 neighbours and the row
+
+
+def test_gold_calibration_needs_score_mode_and_gold_rows():
+    from llambert_ray.annotate import AnnotationError, annotate, make_plan
+    from llambert_ray.config import AnnotateConfig
+
+    with pytest.raises(AnnotationError, match="only score mode"):
+        make_plan(TASK, AnnotateConfig(mode="generate", calibration="gold"))
+    with pytest.raises(AnnotationError, match="needs gold-labelled rows"):
+        annotate(None, TASK, AnnotateConfig(calibration="gold"), engine=CountingEngine())
+    # gold-knn needs no fixed examples of the task, and takes two per label when shots is not set
+    plan = make_plan(TASK.model_copy(update={"examples": []}), AnnotateConfig(shots_from="gold-knn",
+                                                                               model="smollm2-135m-instruct"))
+    assert plan.shots == 2

@@ -67,3 +67,14 @@ def test_bad_set_items_name_the_key(item, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, None, [item])
     assert needle in str(e.value)
+
+
+def test_gold_label_keys_validate():
+    cfg = load_config(None, sets=["annotate.shots_from=gold-knn", "annotate.gold_rows=50", "annotate.calibration=gold",
+                                  "annotate.calibration_temperature=true", "train.label_issues=relabel"])
+    assert (cfg.annotate.shots_from, cfg.annotate.gold_rows, cfg.annotate.calibration) == ("gold-knn", 50, "gold")
+    assert cfg.train.label_issues == "relabel" and cfg.train.label_issue_folds == 5
+    for bad in ["annotate.shots_from=nearest", "annotate.gold_rows=0", "train.label_issues=fix",
+                "train.label_issue_folds=1"]:
+        with pytest.raises(ConfigError):
+            load_config(None, sets=[bad])

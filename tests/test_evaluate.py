@@ -1,3 +1,5 @@
+import numpy as np
+import pandas as pd
 import pytest
 
 from llambert_ray.evaluate import classification_metrics
@@ -50,3 +52,31 @@ def test_failed_rows_are_left_out_and_counted():
     m = classification_metrics(gold, pred, ["a", "b"], failed=err)
     assert m["rows"] == 3 and m["failed"] == 1 and m["accuracy"] == pytest.approx(2 / 3) and m["dropped"] == 0
     assert classification_metrics(gold, pred, ["a", "b"])["failed"] == 0  # no error column: nothing left out
+
+
+def test_cv_label_issues_flag_planted_flips_far_above_the_random_rate():
+    from llambert_ray.evaluate import cv_label_issues, label_issue_summary, screen_llm_labels
+
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c", "d"]
+    n = 400
+    y = rng.integers(0, 4, n)
+    centres = rng.normal(0, 1, (4, 16))
+    x = centres[y] + rng.normal(0, 0.6, (n, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    llm = y.copy()
+    flipped = rng.choice(n, 40, replace=False)  # 10 % of the LLM labels wrong
+    llm[flipped] = (y[flipped] + rng.integers(1, 4, 40)) % 4
+    ann = pd.DataFrame({"id": [f"r{i:03d}" for i in range(n)], "text": "t", "llm_label": [labels[i] for i in llm],
+                        "llm_confidence": 0.9, "label": [labels[i] for i in y]})
+    ann.loc[5, "llm_label"] = None  # an unparseable answer is not judged
+    issues = cv_label_issues(ann, x, labels, folds=5)
+    s = label_issue_summary(issues, ann)
+    assert 20 <= len(issues) <= 80 and "r005" not in set(issues["id"])
+    assert s["flag_precision"] >= 3 * s["llm_error_rate"], s  # random flags would be right 10 % of the time
+    assert (issues["classifier_label"] != issues["llm_label"]).mean() > 0.9
+    dropped = screen_llm_labels(ann, issues, "drop")
+    assert len(dropped) == n - len(issues)
+    fixed = screen_llm_labels(ann, issues, "relabel")
+    assert (fixed["llm_label"] == fixed["label"]).mean() > (ann["llm_label"] == ann["label"]).mean()
+    assert screen_llm_labels(ann, issues, "keep") is ann

@@ -100,3 +100,13 @@ def test_chat_prompts_are_counted_in_tokens_not_keys(corpus):
     cfg = _cfg(corpus, **{"annotate.prompt_style": "chat", "annotate.shots": 0})
     by = {s.stage: s for s in plan_run(cfg, task, hardware=load_hardware()).stages}
     assert by["annotate"].tokens / 60 > 40  # system + user template + review, in tokens
+
+
+def test_gold_knn_prompts_are_counted_with_their_corpus_length_examples(corpus):
+    """gold-knn shots are corpus rows, longer than the task's short written examples: the plan counts them."""
+    task = load_task("mesh-anatomy")  # its written examples are one-word terms; the corpus rows are reviews
+    hw = load_hardware()
+    fixed = {s.stage: s for s in plan_run(_cfg(corpus, **{"annotate.shots": 4}), task, hardware=hw).stages}
+    knn = {s.stage: s for s in plan_run(_cfg(corpus, **{"annotate.shots": 4, "annotate.shots_from": "gold-knn"}),
+                                        task, hardware=hw).stages}
+    assert knn["annotate"].tokens > 1.5 * fixed["annotate"].tokens

@@ -1,0 +1,106 @@
+"""A handful of gold labels put to work before any training: retrieved few-shot demonstrations (gold-knn).
+
+With `annotate.shots_from: gold-knn`, each row's few-shot examples are the `shots` gold-labelled corpus rows most
+similar to it (cosine similarity of the encoder embeddings that active selection uses), taken in turns across labels
+so that no label dominates the context, and never the row itself. They travel with the row in its `llm_shots`
+column (JSON), which the prompt and the row's cache key both include. The same gold rows serve
+`annotate.calibration: gold` (annotate.apply_gold_calibration).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from llambert_ray.active import Embed, embed_rows
+from llambert_ray.annotate import SHOTS_COLUMN, resolved_shots
+from llambert_ray.config import AnnotateConfig, RunConfig
+from llambert_ray.tasks import Task
+
+
+def nearest_gold(x_rows: np.ndarray, row_ids: Sequence, x_gold: np.ndarray, gold_ids: Sequence,
+                 gold_labels: Sequence[str], k: int, labels: list[str]) -> list[list[int]]:
+    """For each row, the indices (into the gold rows) of its k examples: in rounds, each label's next most similar
+    gold row, labels ordered by that row's similarity (so k >= len(labels) covers every label that has gold rows,
+    and a label that runs out leaves its turn to the others); a gold row with the row's own id is never chosen.
+    Each list runs from the least to the most similar example (the nearest one ends up next to the row's text)."""
+    sims = np.asarray(x_rows, dtype=np.float32) @ np.asarray(x_gold, dtype=np.float32).T
+    gold_ids = np.asarray([str(g) for g in gold_ids], dtype=object)
+    gold_labels = np.asarray(gold_labels, dtype=object)
+    out = []
+    for i, rid in enumerate(row_ids):
+        order = np.argsort(-sims[i], kind="stable")
+        order = order[gold_ids[order] != str(rid)]
+        by_label = [order[gold_labels[order] == lab] for lab in labels]
+        chosen: list[int] = []
+        depth = 0
+        while len(chosen) < k:
+            turn = [int(c[depth]) for c in by_label if depth < len(c)]
+            if not turn:
+                break
+            turn.sort(key=lambda j: -sims[i, j])
+            chosen.extend(turn[:k - len(chosen)])
+            depth += 1
+        chosen.sort(key=lambda j: sims[i, j])
+        out.append(chosen)
+    return out
+
+
+def gold_rows(corpus: pd.DataFrame, n: int, seed: int = 0, exclude: set[str] | None = None) -> pd.DataFrame:
+    """A seeded sample of n corpus rows with a gold label (id, text, label; all when fewer), never one of `exclude`
+    (test ids)."""
+    from llambert_ray.data import sample_ids
+
+    has = corpus[corpus["label"].notna()] if "label" in corpus else corpus.iloc[:0]
+    if exclude:
+        has = has[~has["id"].astype(str).isin(exclude)]
+    ids = set(sample_ids(has["id"], n=min(n, len(has)), seed=seed))  # fewer when the corpus has fewer
+    return has[has["id"].astype(str).isin(ids)][["id", "text", "label"]].sort_values("id").reset_index(drop=True)
+
+
+def attach_gold_shots(rows: pd.DataFrame, gold: pd.DataFrame, k: int, labels: list[str], embed: Embed,
+                      gold_embeddings: np.ndarray | None = None) -> pd.DataFrame:
+    """`rows` with an llm_shots column: each row's k nearest gold rows (nearest_gold) as JSON [{text, label}]."""
+    x_gold = embed(gold) if gold_embeddings is None else gold_embeddings
+    picks = nearest_gold(embed(rows), rows["id"].tolist(), x_gold, gold["id"].tolist(), gold["label"].tolist(),
+                         k, labels)
+    texts, labs = gold["text"].tolist(), gold["label"].tolist()
+    out = rows.copy()
+    out[SHOTS_COLUMN] = [json.dumps([{"text": texts[j], "label": labs[j]} for j in p]) for p in picks]
+    return out
+
+
+def with_gold(rows: pd.DataFrame, corpus: pd.DataFrame, task: Task, cfg: AnnotateConfig, *, encoder: str,
+              seed: int = 0, exclude: set[str] | None = None,
+              embed: Embed | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """What annotate needs from the gold rows under `cfg`: (rows, with llm_shots under gold-knn; the gold rows,
+    with their own llm_shots, when gold-knn or calibration gold asks for them, else None). corpus: id, text, label."""
+    if cfg.shots_from != "gold-knn" and cfg.calibration != "gold":
+        return rows, None
+    gold = gold_rows(corpus, cfg.gold_rows, seed=seed, exclude=exclude)
+    if cfg.shots_from == "gold-knn":
+        shots = resolved_shots(task, cfg)
+        embed = embed or embed_rows(encoder)
+        x_gold = embed(gold)
+        rows = attach_gold_shots(rows, gold, shots, task.labels, embed, x_gold)
+        gold = attach_gold_shots(gold, gold, shots, task.labels, embed, x_gold)
+    return rows, gold
+
+
+def gold_for_annotate(ds, corpus_ds, task: Task, cfg: RunConfig):
+    """The pipeline's hook: (the rows to annotate, as a Ray Dataset, with llm_shots under gold-knn; the gold rows
+    for annotate(gold=...) or None). Gold rows come from cfg.corpus's label column (keep test rows out of it)."""
+    import ray
+
+    if cfg.annotate.shots_from != "gold-knn" and cfg.annotate.calibration != "gold":
+        return ds, None
+    corpus = corpus_ds.to_pandas() if "label" in corpus_ds.columns() else pd.DataFrame(columns=["id", "text", "label"])
+    rows, gold = with_gold(ds.to_pandas(), corpus, task, cfg.annotate, encoder=cfg.select.model or cfg.train.model,
+                           seed=cfg.corpus.seed)
+    if gold is None or gold.empty:
+        raise ValueError("annotate.shots_from gold-knn / calibration gold need gold labels in the corpus's label "
+                         "column, and it has none; fix: a labelled corpus, or shots_from: fixed / another calibration")
+    return ray.data.from_pandas(rows), gold
