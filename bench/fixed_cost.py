@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path("bench/results")
+from bench.quantize import save_results, spread
+
 SETTINGS = {"in_engine": True, "ray_data_stages": False}
 
 
@@ -58,10 +58,6 @@ def one_run(corpus: str, rows: int, tokenize_in_engine: bool) -> dict[str, float
     return out
 
 
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
-
-
 def bench_fixed_cost(runs: int = 3, rows: int = 200) -> dict[str, Any]:
     import pandas as pd
 
@@ -85,7 +81,7 @@ def bench_fixed_cost(runs: int = 3, rows: int = 200) -> dict[str, Any]:
                   flush=True)
     res: dict[str, Any] = {"rows": rows, "corpus": "1,000 packaged CrowdFlower tweets", "runs": runs}
     for name, results in per.items():
-        res[name] = {k: _spread([r[k] for r in results]) for k in results[0]}
+        res[name] = {k: spread([r[k] for r in results]) for k in results[0]}
     res["fixed_cost_ratio_stages_vs_in_engine"] = (res["ray_data_stages"]["fixed_cost"]["median"]
                                                    / res["in_engine"]["fixed_cost"]["median"])
     return res
@@ -111,10 +107,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200)
     a = ap.parse_args()
     r = bench_fixed_cost(a.runs, a.rows)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "fixed_cost.json").write_text(json.dumps(r, indent=2))
-    (RESULTS / "fixed_cost.md").write_text(summary_md(r))
-    print(summary_md(r))
+    save_results("fixed_cost", r, summary_md(r))
 
 
 if __name__ == "__main__":

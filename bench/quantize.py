@@ -45,7 +45,15 @@ def trained_encoder(rows: int, out: Path) -> Path:
     return model
 
 
-def _spread(values: list[float]) -> dict[str, float]:
+def save_results(name: str, result: dict[str, Any], markdown: str) -> None:
+    """bench/results/NAME.json and NAME.md, and the Markdown on stdout."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{name}.md").write_text(markdown)
+    print(markdown)
+
+
+def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
@@ -72,7 +80,7 @@ def bench_quantize(rows: int = 2000, runs: int = 3, threads: tuple[int, ...] = (
                 acc = float((np.array(clf.labels)[probs.argmax(1)] == gold).mean())
                 res.setdefault("accuracy", {})[p] = acc
                 print(f"threads {n} run {run + 1} {p}: {rates[p][-1]:.1f} rows/s, accuracy {acc:.2%}", flush=True)
-        res[f"threads_{n}"] = {p: {"rows_per_s": _spread(v)} for p, v in rates.items()}
+        res[f"threads_{n}"] = {p: {"rows_per_s": spread(v)} for p, v in rates.items()}
         res[f"threads_{n}"]["speedup_median"] = (statistics.median(rates["int8"])
                                                  / statistics.median(rates["float32"]))
     res["accuracy_change_points"] = 100 * (res["accuracy"]["int8"] - res["accuracy"]["float32"])
@@ -102,10 +110,7 @@ def main() -> None:
     ap.add_argument("--train-rows", type=int, default=1000)
     a = ap.parse_args()
     r = bench_quantize(a.rows, a.runs, tuple(int(t) for t in a.threads.split(",")), a.train_rows)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quantize.json").write_text(json.dumps(r, indent=2))
-    (RESULTS / "quantize.md").write_text(summary_md(r))
-    print(summary_md(r))
+    save_results("quantize", r, summary_md(r))
 
 
 if __name__ == "__main__":
