@@ -99,7 +99,8 @@ def run_domain(name: str, a) -> dict:
     gold_share = gold["label"].value_counts(normalize=True).reindex(labels).fillna(1e-3).to_dict()
     for setting in ("fixed", "gold-knn"):
         t = df[(df["setting"] == setting) & (df["kind"] == "test")].drop(columns=["setting", "kind"])
-        t = t.set_index("id").loc[test["id"]].reset_index()
+        answered = test["id"].isin(set(t["id"])).to_numpy()  # all rows, unless read back from a cut-short run
+        t = t.set_index("id").loc[test["id"][answered]].reset_index()
         g = df[(df["setting"] == setting) & (df["kind"] == "gold")].drop(columns=["setting", "kind"])
         out = {"none": {**_quality(t, labels), "gold_rows_accuracy": _quality(g, labels)["accuracy"]}}
         prior_df, prior_off = apply_prior_calibration(t.copy(), labels, gold_share)
@@ -107,7 +108,7 @@ def run_domain(name: str, a) -> dict:
         gold_df, gold_off, report = apply_gold_calibration(t.copy(), g, labels)
         out["gold"] = {**_quality(gold_df, labels), "offsets": gold_off, "held_out_gold": report}
         for cal, frame in (("none", t), ("prior", prior_df), ("gold", gold_df)):
-            issues = cv_label_issues(frame, x_test, labels, folds=5)
+            issues = cv_label_issues(frame, x_test[answered], labels, folds=5)
             summ = label_issue_summary(issues, frame)
             summ["flag_vs_random"] = (summ["flag_precision"] / summ["llm_error_rate"]
                                       if summ.get("flag_precision") is not None and summ["llm_error_rate"] else None)
