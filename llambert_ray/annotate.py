@@ -204,6 +204,13 @@ class AnnotationEngine(Protocol):
     def run(self, ds, plan: PromptPlan): ...
 
 
+def engine_devices(cfg: AnnotateConfig, on_gpu: bool) -> float:
+    """Devices the engines reserve while they run (GPUs, or CPUs on a CPU cluster): every replica's placement
+    group, one bundle per TP x PP rank (engine_placement). Used for device-seconds, planned and recorded."""
+    per_rank = 1 if on_gpu else cfg.cpus_per_engine
+    return cfg.tensor_parallel_size * cfg.pipeline_parallel_size * per_rank * cfg.concurrency
+
+
 def engine_placement(cfg: AnnotateConfig, on_gpu: bool) -> dict[str, Any]:
     """The placement group of one engine replica: one bundle per TP x PP worker. With tensor parallelism the
     workers exchange activations every layer, so a replica's bundles are STRICT_PACKed onto one node (Ray's own

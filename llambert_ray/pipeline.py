@@ -451,11 +451,13 @@ def _predict_test(cfg: RunConfig, run: Run) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ accounting
 def _reserved_devices(cfg: RunConfig, stage: str) -> tuple[str, float]:
     """The device kind a stage runs on and how many it reserves from Ray while it runs (the manifest's
-    device_seconds = these x its seconds): an engine's GPUs (TP) or CPUs x replicas; a training worker's GPU or
-    CPUs x workers; a labelling actor's GPUs or CPUs x actors (label, and evaluate on the test split)."""
+    device_seconds = these x its seconds): the engines' placement (annotate.engine_devices); a training worker's
+    GPU or CPUs x workers; a labelling actor's GPUs or CPUs x actors (label, and evaluate on the test split)."""
+    from llambert_ray.annotate import engine_devices
+
     a, t, lab = cfg.annotate, cfg.train, cfg.label
     if stage.startswith("annotate"):
-        return a.device, (a.tensor_parallel_size if a.device == "gpu" else a.cpus_per_engine) * a.concurrency
+        return a.device, engine_devices(a, a.device == "gpu")
     if stage.startswith("train"):
         return ("gpu", t.workers) if t.use_gpu else ("cpu", t.workers * t.cpus_per_worker)
     return ("gpu" if lab.gpus_per_actor else "cpu"), (lab.gpus_per_actor or lab.cpus_per_actor) * lab.concurrency

@@ -215,7 +215,7 @@ class _Estimator:
         rows, extra rows, mean prompt tokens, prompt style, shots)."""
         a = cfg.annotate
         defaults = task.defaults_for(a.model)
-        from llambert_ray.annotate import resolved_shots
+        from llambert_ray.annotate import engine_devices, resolved_shots
 
         style, shots = a.prompt_style or defaults["prompt_style"], resolved_shots(task, a)
         llm_tok = TokenCounter(a.model)
@@ -232,7 +232,7 @@ class _Estimator:
         out_tokens = 1 if a.mode == "score" else a.max_new_tokens
         llm_gpu = a.device == "gpu"
         dev = self.gpu if llm_gpu else "cpu-core"
-        ndev = (a.tensor_parallel_size * a.pipeline_parallel_size if llm_gpu else a.cpus_per_engine) * a.concurrency
+        ndev = engine_devices(a, llm_gpu)
         if not llm_tok.exact:
             self.plan.notes.append(f"{a.model}: tokenizer not available offline, tokens estimated at "
                                    f"{CHARS_PER_TOKEN:g} characters per token")

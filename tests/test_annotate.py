@@ -309,6 +309,17 @@ def test_the_engine_tokenizes_unless_asked_for_ray_data_stages():
     assert enabled(tokenize_in_engine=False) == (True, True)
 
 
+def test_engine_devices_count_every_rank_of_every_replica():
+    """One rule for what the engines reserve, as planned and as recorded: TP x PP ranks per replica, a GPU each
+    on GPU clusters, cpus_per_engine each on CPU ones (their placement groups' bundles)."""
+    from llambert_ray.annotate import engine_devices, engine_placement
+    from llambert_ray.config import AnnotateConfig
+
+    a = AnnotateConfig(tensor_parallel_size=4, pipeline_parallel_size=2, concurrency=2, cpus_per_engine=0.5)
+    assert engine_devices(a, True) == 16 and engine_devices(a, False) == 8
+    assert len(engine_placement(a, True)["bundles"]) * a.concurrency == engine_devices(a, True)
+
+
 def test_tensor_parallel_engine_is_packed_onto_one_node():
     """Ray's default for a GPU engine is a soft PACK of its TP bundles, which can spread a TP=4 engine over 1-GPU
     pods; each replica's bundles must be STRICT_PACKed (one node), on GPU and on CPU, with the accelerator type
