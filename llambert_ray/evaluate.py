@@ -106,7 +106,10 @@ def cv_label_issues(annotations: pd.DataFrame, x: np.ndarray, labels: list[str],
         return empty
     # cleanlab wants every class it is given to occur: work in the labels that do, then map back
     proba = cross_val_proba(np.asarray(x)[ok], np.searchsorted(present, given), len(present), folds, seed)
-    ranked = find_label_issues(np.searchsorted(present, given), proba, return_indices_ranked_by="self_confidence")
+    # n_jobs 1: cleanlab's default forks a pool per call, and forking a driver that runs Ray (its threads hold
+    # locks) hangs the child; a sample's few thousand rows take milliseconds in one process anyway
+    ranked = find_label_issues(np.searchsorted(present, given), proba, return_indices_ranked_by="self_confidence",
+                               n_jobs=1)
     if not len(ranked):
         return empty
     out = df.iloc[ranked].copy()
