@@ -11,8 +11,10 @@
 5. serve     requests/s and p50/p99 with dynamic batching vs batch size 1, same load
 6. quantize  the encoder in int8 vs fp32 on the same reviews: rows/s (median, min, max of 3) and accuracy
              (bench/quantize.py)
+7. fixed_cost  a 200-row annotation call's fixed cost and the engine's work, tokenizing in the engine vs Ray Data's
+             tokenize stages, 3 fresh processes each (bench/fixed_cost.py)
 
-    python -m bench.run [--only ceiling,annotate,label,train,serve,quantize] [--annotate-rows 200] [--label-rows 2000]
+    python -m bench.run [--only ceiling,annotate,label,train,serve,quantize,fixed_cost] [--annotate-rows 200] [--label-rows 2000]
 
 Writes bench/results/bench.json and bench/results/bench.md. Reads IMDb from ../shared/data (development data).
 """
@@ -31,6 +33,8 @@ from typing import Any
 import pandas as pd
 
 from bench.annotate_modes import IMDB
+from bench.fixed_cost import bench_fixed_cost
+from bench.fixed_cost import summary_md as fixed_cost_md
 from bench.quantize import bench_quantize
 from bench.quantize import summary_md as quantize_md
 
@@ -322,12 +326,14 @@ def summary_md(r: dict[str, Any]) -> str:
         lines.append(f"\nbatching: {s['speedup_requests_per_s']:.2f}x requests/s, p99 x{s['p99_ratio']:.2f}\n")
     if "quantize" in r:
         lines.append(quantize_md(r["quantize"]))
+    if "fixed_cost" in r:
+        lines.append(fixed_cost_md(r["fixed_cost"]))
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="ceiling,annotate,label,train,serve,quantize")
+    ap.add_argument("--only", default="ceiling,annotate,label,train,serve,quantize,fixed_cost")
     ap.add_argument("--annotate-rows", type=int, default=200)
     ap.add_argument("--label-rows", type=int, default=2000)
     ap.add_argument("--train-rows", type=int, default=256)
@@ -347,7 +353,7 @@ def main() -> None:
     steps = {"annotate": lambda: bench_annotate(a.annotate_rows, ceil),
              "label": lambda: bench_label(a.label_rows, ceil),
              "train": lambda: bench_train(a.train_rows), "serve": lambda: bench_serve(a.serve_requests),
-             "quantize": lambda: bench_quantize(a.label_rows)}
+             "quantize": lambda: bench_quantize(a.label_rows), "fixed_cost": lambda: bench_fixed_cost()}
     for name, fn in steps.items():
         if name in only:
             res[name] = fn()
