@@ -14,7 +14,8 @@
 7. fixed_cost  a 200-row annotation call's fixed cost and the engine's work, tokenizing in the engine vs Ray Data's
              tokenize stages, 3 fresh processes each (bench/fixed_cost.py)
 
-    python -m bench.run [--only ceiling,annotate,label,train,serve,quantize,fixed_cost] [--annotate-rows 200] [--label-rows 2000]
+    python -m bench.run [--only ceiling,annotate,label,train,serve,quantize,fixed_cost] [--annotate-rows 200]
+                        [--label-rows 2000]
 
 Writes bench/results/bench.json and bench/results/bench.md. Reads IMDb from ../shared/data (development data).
 """
