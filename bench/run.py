@@ -13,9 +13,12 @@
              (bench/quantize.py)
 7. fixed_cost  a 200-row annotation call's fixed cost and the engine's work, tokenizing in the engine vs Ray Data's
              tokenize stages, 3 fresh processes each (bench/fixed_cost.py)
+8. active_cost  an active-selection annotate stage (4 rounds) on one engine, and with an engine per round, against
+             one random call of the same LLM budget: whole-stage wall times, 3 fresh processes each
+             (bench/active_cost.py)
 
-    python -m bench.run [--only ceiling,annotate,label,train,serve,quantize,fixed_cost] [--annotate-rows 200]
-                        [--label-rows 2000]
+    python -m bench.run [--only ceiling,annotate,label,train,serve,quantize,fixed_cost,active_cost]
+                        [--annotate-rows 200] [--label-rows 2000]
 
 Writes bench/results/bench.json and bench/results/bench.md. Reads IMDb from ../shared/data (development data).
 """
@@ -33,6 +36,8 @@ from typing import Any
 
 import pandas as pd
 
+from bench.active_cost import bench_active_cost
+from bench.active_cost import summary_md as active_cost_md
 from bench.annotate_modes import IMDB
 from bench.fixed_cost import bench_fixed_cost
 from bench.fixed_cost import summary_md as fixed_cost_md
@@ -329,12 +334,14 @@ def summary_md(r: dict[str, Any]) -> str:
         lines.append(quantize_md(r["quantize"]))
     if "fixed_cost" in r:
         lines.append(fixed_cost_md(r["fixed_cost"]))
+    if "active_cost" in r:
+        lines.append(active_cost_md(r["active_cost"]))
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="ceiling,annotate,label,train,serve,quantize,fixed_cost")
+    ap.add_argument("--only", default="ceiling,annotate,label,train,serve,quantize,fixed_cost,active_cost")
     ap.add_argument("--annotate-rows", type=int, default=200)
     ap.add_argument("--label-rows", type=int, default=2000)
     ap.add_argument("--train-rows", type=int, default=256)
@@ -354,7 +361,8 @@ def main() -> None:
     steps = {"annotate": lambda: bench_annotate(a.annotate_rows, ceil),
              "label": lambda: bench_label(a.label_rows, ceil),
              "train": lambda: bench_train(a.train_rows), "serve": lambda: bench_serve(a.serve_requests),
-             "quantize": lambda: bench_quantize(a.label_rows), "fixed_cost": lambda: bench_fixed_cost()}
+             "quantize": lambda: bench_quantize(a.label_rows), "fixed_cost": lambda: bench_fixed_cost(),
+             "active_cost": lambda: bench_active_cost()}
     for name, fn in steps.items():
         if name in only:
             res[name] = fn()

@@ -26,7 +26,7 @@ import pandas as pd
 
 from llambert_ray.config import SelectConfig
 from llambert_ray.evaluate import classification_metrics
-from llambert_ray.ray_env import torch_threads
+from llambert_ray.ray_env import from_frames, torch_threads
 
 
 class Embedder:
@@ -81,15 +81,13 @@ Embed = Callable[[pd.DataFrame], np.ndarray]  # rows (id, text) -> L2-normalised
 
 def embed_rows(model: str, max_length: int = 128) -> Embed:
     """Embeddings of rows by an encoder (a packaged name or folder) in a Ray Data actor (embed), in row order."""
-    import ray
-
     from llambert_ray.models import resolve_model
 
     path = resolve_model(model)
     cfg = SelectConfig(max_length=max_length)
 
     def run(rows: pd.DataFrame) -> np.ndarray:
-        ids, x = embed(ray.data.from_pandas(rows[["id", "text"]].astype({"id": str})), path, cfg)
+        ids, x = embed(from_frames(rows[["id", "text"]].astype({"id": str})), path, cfg)
         pos = pd.Series(np.arange(len(ids)), index=ids)
         return x[pos[rows["id"].astype(str)].to_numpy()]
 

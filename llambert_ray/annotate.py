@@ -31,7 +31,7 @@ import pandas as pd
 from llambert_ray.config import AnnotateConfig, RunConfig
 from llambert_ray.models import local_model_dir, resolve_model
 from llambert_ray.progress import Progress
-from llambert_ray.ray_env import LIGHT, cpu_bind_ranges, resolve_device, worker_env
+from llambert_ray.ray_env import LIGHT, cpu_bind_ranges, from_frames, resolve_device, worker_env
 from llambert_ray.tasks import OTHER, Example, Task, TaskError
 
 OUTPUT_COLUMNS = ["llm_label", "llm_confidence", "llm_raw", "llm_error", "prompt_tokens"]
@@ -530,8 +530,6 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
     (an engine actor lost for good, a node gone, ...) after answering some rows, run again on the rows it left
     without an answer, up to `attempts` runs. Returns (runs, rows sent again). Raises AnnotationError, answers
     so far cached, when a run fails having answered nothing new or the attempts are used up."""
-    import ray
-
     done = set(_answer_keys(read_cache(folder)))  # answered before, successfully (earlier failures are retried)
     want = _answer_keys(rows)
     before = set(folder.glob("*.parquet")) if folder.is_dir() else set()
@@ -550,7 +548,7 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
         # one block per chunk, so finished chunks reach the cache while later ones are still in the engine
         blocks = [todo.iloc[i:i + chunk] for i in range(0, len(todo), chunk)]
         try:
-            answers = engine.run(ray.data.from_pandas(blocks), plan)
+            answers = engine.run(from_frames(blocks), plan)
             if bar is not None:
                 answers = bar.count(answers)
             answers.write_parquet(str(folder), ray_remote_args=dict(LIGHT))  # a copy: Ray may add keys to it
@@ -665,22 +663,18 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
 
 def _content_free_rows(ds):
     """The content-free rows, with the same (string) columns as the corpus rows (id, text[, label])."""
-    import ray
-
     cols = ds.columns()
     rows = [{c: (f"{_CF_PREFIX}{i}" if c == "id" else t if c == "text" else None) for c in cols}
             for i, t in enumerate(CONTENT_FREE_TEXTS)]
-    return ray.data.from_pandas(pd.DataFrame(rows, columns=cols).astype("string"))
+    return from_frames(pd.DataFrame(rows, columns=cols).astype("string"))
 
 
 def _gold_rows_for(ds, gold: pd.DataFrame):
     """The gold rows as extra rows of `ds`: ids prefixed, the same (string) columns (llm_shots kept)."""
-    import ray
-
     cols = list(dict.fromkeys([*ds.columns(), *(c for c in (SHOTS_COLUMN,) if c in gold)]))
     g = gold.reindex(columns=cols).copy()
     g["id"] = _GOLD_PREFIX + gold["id"].astype(str)
-    return ray.data.from_pandas(g.astype("string"))
+    return from_frames(g.astype("string"))
 
 
 def _label_logsoftmax(raw: str | None, labels: list[str]) -> np.ndarray | None:
@@ -841,9 +835,9 @@ def annotate_corpus(cfg: RunConfig, output_dir: str | Path) -> AnnotationSummary
     require_shared_path(output_dir, "--output")
     ds, _ = read_corpus(cfg.corpus, task)
     subset = sample_corpus(ds, cfg.corpus)
-    from llambert_ray.gold import gold_for_annotate  # gold imports this module
+    from llambert_ray.gold import gold_for_annotate, run_gold_set  # gold imports this module
 
-    subset, gold = gold_for_annotate(subset, ds, task, cfg)
+    subset, gold = gold_for_annotate(subset, run_gold_set(ds, task, cfg))
     df, summary = annotate(subset, task, cfg.annotate, cache_dir=out / ".annotate_cache", gold=gold)
     write_parquet(df, out / "annotations.parquet")
     (out / "annotate_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))

@@ -185,7 +185,8 @@ class SelectConfig(_Strict):
     strategy: Literal["random", "active"] = Field(
         "random", description="active: rounds of uncertainty + diversity selection by a probe on encoder "
                               "embeddings; the budget is corpus.sample either way")
-    rounds: int = Field(4, ge=1, description="active: LLM rounds (each pays the engine's start-up)")
+    rounds: int = Field(4, ge=1, description="active: LLM rounds (each pays an engine start-up, unless "
+                                             "annotate.engine_lifetime is run)")
     seed_rows: int | None = Field(None, gt=0, description="active: rows of the random first round; "
                                                            "null = budget / rounds")
     diversity: bool = Field(False, description="spread each round over embedding space (farthest-point among the 4x "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,7 @@ import pandas as pd
 from llambert_ray.active import Embed, embed_rows
 from llambert_ray.annotate import SHOTS_COLUMN, resolved_shots
 from llambert_ray.config import AnnotateConfig, RunConfig
+from llambert_ray.ray_env import from_frames
 from llambert_ray.tasks import Task
 
 
@@ -62,10 +64,12 @@ def gold_rows(corpus: pd.DataFrame, n: int, seed: int = 0, exclude: set[str] | N
 
 
 def attach_gold_shots(rows: pd.DataFrame, gold: pd.DataFrame, k: int, labels: list[str], embed: Embed,
-                      gold_embeddings: np.ndarray | None = None) -> pd.DataFrame:
+                      gold_embeddings: np.ndarray | None = None,
+                      row_embeddings: np.ndarray | None = None) -> pd.DataFrame:
     """`rows` with an llm_shots column: each row's k nearest gold rows (nearest_gold) as JSON [{text, label}]."""
     x_gold = embed(gold) if gold_embeddings is None else gold_embeddings
-    picks = nearest_gold(embed(rows), rows["id"].tolist(), x_gold, gold["id"].tolist(), gold["label"].tolist(),
+    x_rows = embed(rows) if row_embeddings is None else row_embeddings
+    picks = nearest_gold(x_rows, rows["id"].tolist(), x_gold, gold["id"].tolist(), gold["label"].tolist(),
                          k, labels)
     texts, labs = gold["text"].tolist(), gold["label"].tolist()
     out = rows.copy()
@@ -73,34 +77,67 @@ def attach_gold_shots(rows: pd.DataFrame, gold: pd.DataFrame, k: int, labels: li
     return out
 
 
+@dataclass
+class GoldSet:
+    """The gold rows annotate uses, made once per run: the rows (id, text, label; under gold-knn each with its own
+    llm_shots) and, under gold-knn, what gives any other row its nearest gold rows (the gold embeddings are kept,
+    so a later call embeds only its own rows)."""
+
+    rows: pd.DataFrame
+    shots: int = 0
+    labels: list[str] = field(default_factory=list)
+    embed: Embed | None = None
+    embeddings: np.ndarray | None = None
+
+    def shots_for(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """`rows` with their llm_shots under gold-knn; as they are otherwise."""
+        if self.embed is None:
+            return rows
+        return attach_gold_shots(rows, self.rows, self.shots, self.labels, self.embed, self.embeddings)
+
+
+def gold_set(corpus: pd.DataFrame, task: Task, cfg: AnnotateConfig, *, encoder: str, seed: int = 0,
+             exclude: set[str] | None = None, embed: Embed | None = None) -> GoldSet | None:
+    """The gold rows `cfg` asks for (gold-knn shots, calibration gold), None when it asks for none. corpus: id,
+    text, label; `exclude`: ids never used as gold (the test split's)."""
+    if cfg.shots_from != "gold-knn" and cfg.calibration != "gold":
+        return None
+    gold = gold_rows(corpus, cfg.gold_rows, seed=seed, exclude=exclude)
+    if cfg.shots_from != "gold-knn" or gold.empty:
+        return GoldSet(gold)
+    shots = resolved_shots(task, cfg)
+    embed = embed or embed_rows(encoder)
+    x_gold = embed(gold)
+    return GoldSet(attach_gold_shots(gold, gold, shots, task.labels, embed, x_gold, x_gold), shots, task.labels,
+                   embed, x_gold)
+
+
 def with_gold(rows: pd.DataFrame, corpus: pd.DataFrame, task: Task, cfg: AnnotateConfig, *, encoder: str,
               seed: int = 0, exclude: set[str] | None = None,
               embed: Embed | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """What annotate needs from the gold rows under `cfg`: (rows, with llm_shots under gold-knn; the gold rows,
     with their own llm_shots, when gold-knn or calibration gold asks for them, else None). corpus: id, text, label."""
-    if cfg.shots_from != "gold-knn" and cfg.calibration != "gold":
-        return rows, None
-    gold = gold_rows(corpus, cfg.gold_rows, seed=seed, exclude=exclude)
-    if cfg.shots_from == "gold-knn":
-        shots = resolved_shots(task, cfg)
-        embed = embed or embed_rows(encoder)
-        x_gold = embed(gold)
-        rows = attach_gold_shots(rows, gold, shots, task.labels, embed, x_gold)
-        gold = attach_gold_shots(gold, gold, shots, task.labels, embed, x_gold)
-    return rows, gold
+    gold = gold_set(corpus, task, cfg, encoder=encoder, seed=seed, exclude=exclude, embed=embed)
+    return (rows, None) if gold is None else (gold.shots_for(rows), gold.rows)
 
 
-def gold_for_annotate(ds, corpus_ds, task: Task, cfg: RunConfig):
-    """The pipeline's hook: (the rows to annotate, as a Ray Dataset, with llm_shots under gold-knn; the gold rows
-    for annotate(gold=...) or None). Gold rows come from cfg.corpus's label column (keep test rows out of it)."""
-    import ray
-
+def run_gold_set(corpus_ds, task: Task, cfg: RunConfig, exclude: set[str] | None = None) -> GoldSet | None:
+    """The gold rows of a run (from cfg.corpus's label column, never an id in `exclude`), or None when the config
+    asks for none. Raises ValueError when it asks for some and the corpus has no gold labels."""
     if cfg.annotate.shots_from != "gold-knn" and cfg.annotate.calibration != "gold":
-        return ds, None
+        return None
     corpus = corpus_ds.to_pandas() if "label" in corpus_ds.columns() else pd.DataFrame(columns=["id", "text", "label"])
-    rows, gold = with_gold(ds.to_pandas(), corpus, task, cfg.annotate, encoder=cfg.select.model or cfg.train.model,
-                           seed=cfg.corpus.seed)
-    if gold is None or gold.empty:
+    gold = gold_set(corpus, task, cfg.annotate, encoder=cfg.select.model or cfg.train.model, seed=cfg.corpus.seed,
+                    exclude=exclude)
+    if gold is None or gold.rows.empty:
         raise ValueError("annotate.shots_from gold-knn / calibration gold need gold labels in the corpus's label "
                          "column, and it has none; fix: a labelled corpus, or shots_from: fixed / another calibration")
-    return ray.data.from_pandas(rows), gold
+    return gold
+
+
+def gold_for_annotate(ds, gold: GoldSet | None):
+    """The pipeline's hook, per annotate() call: (the rows to annotate, as a Ray Dataset, with llm_shots under
+    gold-knn; the gold rows for annotate(gold=...) or None)."""
+    if gold is None:
+        return ds, None
+    return from_frames(gold.shots_for(ds.to_pandas())), gold.rows

@@ -103,6 +103,15 @@ class Run:
 
         return sample_corpus(self.corpus, self.cfg.corpus)
 
+    @cached_property
+    def gold(self):
+        """The run's gold rows for annotate (gold-knn shots, calibration gold), made once for all its annotate
+        calls, never a test row; None when the config asks for none."""
+        from llambert_ray.gold import run_gold_set
+
+        test_ids = None if self.test_df is None else set(self.test_df["id"].astype(str))
+        return run_gold_set(self.corpus, self.task, self.cfg, exclude=test_ids)
+
 
 StageWork = Callable[[RunConfig, Run], dict[str, Any]]
 
@@ -254,7 +263,7 @@ def _annotate(cfg: RunConfig, run: Run, ds, acfg=None):
     from llambert_ray.annotate import annotate
     from llambert_ray.gold import gold_for_annotate
 
-    ds, gold = gold_for_annotate(ds, run.corpus, run.task, cfg)  # gold-knn shots / calibration gold
+    ds, gold = gold_for_annotate(ds, run.gold)  # gold-knn shots / calibration gold
     df, s = annotate(ds, run.task, acfg or cfg.annotate, cache_dir=run.path("cache") / "annotate",
                      engine=run.engine, gold=gold)
     run.engine_runs += s.attempts if run.engine is None else 0
@@ -314,10 +323,9 @@ def _annotate_extra(cfg: RunConfig, run: Run) -> dict[str, Any]:
 
 def _annotate_with_test(cfg: RunConfig, run: Run) -> dict[str, Any]:
     """The sample and the LLM's test rows in one engine call (one engine start), written apart."""
-    import ray
-
     from llambert_ray.annotate import apply_offsets, apply_prior_calibration
     from llambert_ray.data import sample_ids, write_parquet
+    from llambert_ray.ray_env import from_frames
 
     assert cfg.test is not None and run.test_df is not None and cfg.evaluate.llm_test_sample is not None
     test_df, labels = run.test_df, run.task.labels
@@ -329,7 +337,7 @@ def _annotate_with_test(cfg: RunConfig, run: Run) -> dict[str, Any]:
     prior = cfg.annotate.calibration == "prior" and cfg.annotate.mode == "score"
     # prior calibration is fitted on the annotated sample alone, then the same offsets label the test rows
     acfg = cfg.annotate.model_copy(update={"calibration": "none"}) if prior else cfg.annotate
-    df, s = _annotate(cfg, run, ray.data.from_pandas(both), acfg)
+    df, s = _annotate(cfg, run, from_frames(both), acfg)
     ann, test_ann = df[df["id"].isin(set(sample["id"]))].copy(), df[df["id"].isin(set(test_rows["id"]))].copy()
     offsets = s.calibration
     if prior:
@@ -363,11 +371,10 @@ def _annotate_active(cfg: RunConfig, run: Run) -> dict[str, Any]:
     """select.strategy active: corpus.sample LLM calls spent in select.rounds rounds, each round's rows chosen by
     a probe on encoder embeddings (llambert_ray.active). Writes annotations.parquet and active_rounds.json (the
     probe's test accuracy after each round, when the run has a gold test split)."""
-    import ray
-
     from llambert_ray.active import embed, run_rounds
     from llambert_ray.data import sample_corpus, write_parquet
     from llambert_ray.models import resolve_model
+    from llambert_ray.ray_env import from_frames
 
     sel = cfg.select
     pool_ds = run.corpus if sel.pool_rows is None else sample_corpus(
@@ -377,13 +384,13 @@ def _annotate_active(cfg: RunConfig, run: Run) -> dict[str, Any]:
     ids, x = embed(pool_ds, encoder, sel)
     x_test = y_test = None
     if run.test_df is not None:
-        t_ids, x_test = embed(ray.data.from_pandas(run.test_df[["id", "text"]]), encoder, sel)
+        t_ids, x_test = embed(from_frames(run.test_df[["id", "text"]]), encoder, sel)
         y_test = run.test_df.set_index("id")["label"].loc[t_ids].tolist()
     pool = pool_ds.to_pandas().set_index("id")
     summaries = []
 
     def llm(round_ids: list[Any]):
-        sub = ray.data.from_pandas(pool.loc[round_ids].reset_index())
+        sub = from_frames(pool.loc[round_ids].reset_index())
         df, s = _annotate(cfg, run, sub)
         run.log_lines(s.lines(), "    ")
         summaries.append(s)
@@ -437,13 +444,13 @@ def _label_corpus(cfg: RunConfig, run: Run) -> dict[str, Any]:
 
 
 def _predict_test(cfg: RunConfig, run: Run) -> dict[str, Any]:
-    import ray
 
     from llambert_ray.data import write_parquet
     from llambert_ray.evaluate import predict_gold
+    from llambert_ray.ray_env import from_frames
 
     assert run.test_df is not None
-    test_ds = ray.data.from_pandas(run.test_df[["id", "text", "label"]])
+    test_ds = from_frames(run.test_df[["id", "text", "label"]])
     write_parquet(predict_gold(test_ds, run.model_dirs, cfg.label), run.path(TEST_PREDICTIONS))
     return {"rows": len(run.test_df) * len(run.model_dirs)}
 

@@ -29,7 +29,7 @@ from llambert_ray.config import TrainConfig
 from llambert_ray.data import check_corpus_path, read_corpus
 from llambert_ray.models import cache_dir, local_model_dir, resolve_model
 from llambert_ray.progress import Progress
-from llambert_ray.ray_env import torch_threads, worker_env
+from llambert_ray.ray_env import from_frames, torch_threads, worker_env
 
 VARIANTS = ("gold", "llm", "llm+extra", "combined")
 FINAL_MARKER = "llambert_model.json"
@@ -286,7 +286,6 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
     fit again with the same output folder resumes from the latest epoch checkpoint (fit keeps them; fit_variant
     deletes them once the variant's model is written).
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -307,9 +306,9 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
     step_rows = cfg.batch_size * cfg.grad_accum
     bar = Progress(f"train {name}", max(1, len(train) // cfg.workers // step_rows) * step_rows * cfg.workers
                    * cfg.epochs)
-    datasets = {"train": ray.data.from_pandas(train[["text", "label"]].reset_index(drop=True))}
+    datasets = {"train": from_frames(train[["text", "label"]].reset_index(drop=True))}
     if eval_df is not None and len(eval_df):
-        datasets["eval"] = ray.data.from_pandas(eval_df[["text", "label"]].reset_index(drop=True))
+        datasets["eval"] = from_frames(eval_df[["text", "label"]].reset_index(drop=True))
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"train": cfg.model_dump(), "labels": labels, "model_path": model_path,

@@ -84,3 +84,32 @@ def test_attach_gold_shots_puts_each_rows_neighbours_into_its_prompt():
         assert gtext not in [e["text"] for e in json.loads(s)], gid
     r, g = with_gold(rows, corpus, task, AnnotateConfig(), encoder="x", embed=embed)
     assert g is None and SHOTS_COLUMN not in r
+
+
+def test_a_runs_gold_set_embeds_its_gold_rows_once_and_never_takes_a_test_row():
+    """A run makes its gold set once: each later annotate call (each active round) embeds only its own rows."""
+    from llambert_ray.gold import gold_set
+
+    task = load_task("imdb-sentiment")
+    texts = ["great fun", "awful", "superb", "dull", "lovely", "bad"]
+    corpus = pd.DataFrame({"id": [f"g{i}" for i in range(6)], "text": texts,
+                           "label": ["positive", "negative"] * 3})
+    embedded: list[int] = []
+
+    def embed(df):
+        embedded.append(len(df))
+        return _unit([[1.0, float(len(t))] for t in df["text"]])
+
+    cfg = AnnotateConfig(shots_from="gold-knn", shots=2, gold_rows=10)
+    g = gold_set(corpus, task, cfg, encoder="x", exclude={"g4", "g5"}, embed=embed)
+    assert sorted(g.rows["id"]) == ["g0", "g1", "g2", "g3"] and embedded == [4]
+    for n in (1, 2):
+        rows = pd.DataFrame({"id": [f"r{i}" for i in range(n)], "text": ["nice"] * n})
+        out = g.shots_for(rows)
+        assert out[SHOTS_COLUMN].notna().all() and len(out) == n
+        assert out[SHOTS_COLUMN].iloc[0] == with_gold(rows, corpus, task, cfg, encoder="x", exclude={"g4", "g5"},
+                                                      embed=embed)[0][SHOTS_COLUMN].iloc[0]
+    assert embedded == [4, 1, 4, 1, 2, 4, 2]  # the set: the gold rows once, then the rows; with_gold: both
+    assert gold_set(corpus, task, AnnotateConfig(), encoder="x", embed=embed) is None
+    calib = gold_set(corpus, task, AnnotateConfig(calibration="gold", gold_rows=3), encoder="x", embed=embed)
+    assert len(calib.rows) == 3 and calib.shots_for(corpus) is corpus

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from llambert_ray.ray_env import torch_threads, worker_env
 
 
@@ -68,3 +70,23 @@ def test_a_local_ray_that_times_out_starting_says_what_to_do(monkeypatch, tmp_pa
     (line,) = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert "another command" in line and "--address auto" in line and "ray start --head" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.ray
+def test_frames_become_a_dataset_while_an_engine_holds_the_cpus(ray_local):
+    """A run's served engine keeps its CPUs for the whole run: on a 2-CPU machine ray.data.from_pandas then waits
+    forever (its metadata task asks for a whole CPU; CI hung there). from_frames starts no task."""
+    import pandas as pd
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from llambert_ray.ray_env import from_frames
+
+    pg = placement_group([{"CPU": 1.5}])  # what the engine's bundle and replica hold, and more
+    assert pg.wait(60)
+    try:
+        frames = [pd.DataFrame({"id": [f"r{i}", f"s{i}"], "text": ["a", "b"]}) for i in range(3)]
+        out = from_frames(frames).to_pandas()
+        assert len(out) == 6 and out["id"].is_unique
+        assert from_frames(frames[0]).count() == 2
+    finally:
+        remove_placement_group(pg)

