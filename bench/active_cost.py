@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.quantize import save_results, spread
+from bench.quantize import child_result, save_results, spread
 
 SETTINGS = {"random": ("random", "call"), "active_call": ("active", "call"), "active_run": ("active", "run")}
 
@@ -81,12 +78,7 @@ def bench_active_cost(runs: int = 3, budget: int = 400, pool_rows: int = 1000, r
             code = (f"import json; from bench.active_cost import one_run; print('RESULT', json.dumps(one_run("
                     f"{str(pool)!r}, {str(test)!r}, {budget}, {rounds}, {strategy!r}, {lifetime!r}, "
                     f"{str(tmp / f'runs{run}')!r})))")
-            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600,
-                               env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-            if p.returncode or not line:
-                raise RuntimeError(f"run {run} {name} failed ({p.returncode}): {p.stderr[-3000:]}")
-            per[name].append(json.loads(line[0].removeprefix("RESULT ")))
+            per[name].append(child_result(code, f"run {run} {name}"))
             print(f"run {run + 1} {name}: {per[name][-1]}", flush=True)
     res: dict[str, Any] = {"budget": budget, "pool": pool_rows, "rounds": rounds, "runs": runs,
                            "corpus": "packaged CrowdFlower tweets (train split), probe scored on 300 test tweets"}

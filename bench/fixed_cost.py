@@ -15,16 +15,12 @@ Writes bench/results/fixed_cost.json and .md (median, min, max over the runs; th
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.quantize import save_results, spread
+from bench.quantize import child_result, save_results, spread
 
 SETTINGS = {"in_engine": True, "ray_data_stages": False}
 
@@ -73,12 +69,7 @@ def bench_fixed_cost(runs: int = 3, rows: int = 200) -> dict[str, Any]:
         for name, in_engine in SETTINGS.items():
             code = (f"import json; from bench.fixed_cost import one_run; "
                     f"print('RESULT', json.dumps(one_run({str(corpus)!r}, {rows}, {in_engine})))")
-            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
-                               env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-            if p.returncode or not line:
-                raise RuntimeError(f"run {run} {name} failed ({p.returncode}): {p.stderr[-3000:]}")
-            per[name].append(json.loads(line[0].removeprefix("RESULT ")))
+            per[name].append(child_result(code, f"run {run} {name}", timeout=1800))
             print(f"run {run + 1} {name}: " + ", ".join(f"{k} {v:.1f}s" for k, v in per[name][-1].items()),
                   flush=True)
     res: dict[str, Any] = {"rows": rows, "corpus": "1,000 packaged CrowdFlower tweets", "runs": runs}

@@ -53,6 +53,20 @@ def save_results(name: str, result: dict[str, Any], markdown: str) -> None:
     print(markdown)
 
 
+def child_result(code: str, what: str, timeout: int = 3600) -> dict[str, Any]:
+    """Run `code` in a fresh Python process (a fresh local Ray) and return the JSON it prints after 'RESULT '."""
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not line:
+        raise RuntimeError(f"{what} failed ({p.returncode}): {p.stderr[-3000:]}")
+    return json.loads(line[0].removeprefix("RESULT "))
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 

@@ -237,7 +237,8 @@ class _Estimator:
             self.plan.notes.append(f"{a.model}: tokenizer not available offline, tokens estimated at "
                                    f"{CHARS_PER_TOKEN:g} characters per token")
         ann_rows, extra_rows = planned_rows(cfg.corpus, n), 0
-        jobs = [("annotate", ann_rows)]
+        # calibration gold: the gold rows go to the LLM too, once (the run's later calls find them cached)
+        jobs = [("annotate", ann_rows + (min(a.gold_rows, n) if a.calibration == "gold" else 0))]
         if cfg.extra is not None:
             en, _ = corpus_stats(cfg.extra, rows=rows)
             extra_rows = planned_rows(cfg.extra, en)

@@ -22,14 +22,17 @@ LIGHT = {"num_cpus": LIGHT_CPUS}
 
 
 def from_frames(frames: Any):
-    """A Ray Dataset of pandas frames (one block each), as `ray.data.from_pandas` gives, but with no Ray task:
+    """A Ray Dataset of pandas frames or Arrow tables (one block each), as `ray.data.from_pandas` / `from_arrow`
+    give, but with no Ray task:
     from_pandas reads each frame's metadata in a task that asks for a whole CPU, and on a cluster whose CPUs an
     engine holds (a run's served engine on a 2-CPU machine keeps 1.1 of them) that task never starts: the run
     waits forever. `ray.data.from_blocks` reads the metadata in this process."""
     import pandas as pd
+    import pyarrow as pa
     import ray
 
-    return ray.data.from_blocks([frames] if isinstance(frames, pd.DataFrame) else list(frames))
+    one = isinstance(frames, (pd.DataFrame, pa.Table))
+    return ray.data.from_blocks([frames] if one else list(frames))
 
 
 def has_gpu() -> bool:

@@ -110,3 +110,13 @@ def test_gold_knn_prompts_are_counted_with_their_corpus_length_examples(corpus):
     knn = {s.stage: s for s in plan_run(_cfg(corpus, **{"annotate.shots": 4, "annotate.shots_from": "gold-knn"}),
                                         task, hardware=hw).stages}
     assert knn["annotate"].tokens > 1.5 * fixed["annotate"].tokens
+
+
+def test_calibration_gold_counts_its_gold_rows_once(corpus):
+    """calibration gold sends annotate.gold_rows gold rows to the LLM beside the sample (once a run: cached after)."""
+    task, hw = load_task("imdb-sentiment"), load_hardware()
+    plain = {s.stage: s for s in plan_run(_cfg(corpus), task, hardware=hw).stages}
+    gold = {s.stage: s for s in plan_run(_cfg(corpus, **{"annotate.calibration": "gold", "annotate.gold_rows": 10}),
+                                         task, hardware=hw).stages}
+    assert plain["annotate"].rows == 60 and gold["annotate"].rows == 70
+    assert gold["label"].rows == plain["label"].rows

@@ -77,6 +77,7 @@ def test_frames_become_a_dataset_while_an_engine_holds_the_cpus(ray_local):
     """A run's served engine keeps its CPUs for the whole run: on a 2-CPU machine ray.data.from_pandas then waits
     forever (its metadata task asks for a whole CPU; CI hung there). from_frames starts no task."""
     import pandas as pd
+    import pyarrow as pa
     from ray.util.placement_group import placement_group, remove_placement_group
 
     from llambert_ray.ray_env import from_frames
@@ -88,5 +89,6 @@ def test_frames_become_a_dataset_while_an_engine_holds_the_cpus(ray_local):
         out = from_frames(frames).to_pandas()
         assert len(out) == 6 and out["id"].is_unique
         assert from_frames(frames[0]).count() == 2
+        assert from_frames([pa.Table.from_pandas(f) for f in frames]).count() == 6
     finally:
         remove_placement_group(pg)
