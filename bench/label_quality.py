@@ -75,8 +75,8 @@ def run_domain(name: str, a) -> dict:
     shots = resolved_shots(task, cfg)
     fixed_shots = json.dumps([e.model_dump() for e in task.pick_examples(shots)])
     # every row twice, in one engine call: its fixed examples spelled out per row, or its gold-knn ones
-    knn_test = attach_gold_shots(test, gold, shots, labels, embed, x_gold)
-    knn_gold = attach_gold_shots(gold, gold, shots, labels, embed, x_gold)
+    knn_test = attach_gold_shots(test, gold, shots, labels, embed, x_gold, x_test)
+    knn_gold = attach_gold_shots(gold, gold, shots, labels, embed, x_gold, x_gold)
     parts = []
     for setting, t_rows, g_rows in (("fixed", test.assign(**{SHOTS_COLUMN: fixed_shots}),
                                      gold.assign(**{SHOTS_COLUMN: fixed_shots})),

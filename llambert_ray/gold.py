@@ -96,11 +96,16 @@ class GoldSet:
         return attach_gold_shots(rows, self.rows, self.shots, self.labels, self.embed, self.embeddings)
 
 
+def wants_gold(cfg: AnnotateConfig) -> bool:
+    """Whether annotate needs gold rows: gold-knn shots or calibration gold."""
+    return cfg.shots_from == "gold-knn" or cfg.calibration == "gold"
+
+
 def gold_set(corpus: pd.DataFrame, task: Task, cfg: AnnotateConfig, *, encoder: str, seed: int = 0,
              exclude: set[str] | None = None, embed: Embed | None = None) -> GoldSet | None:
     """The gold rows `cfg` asks for (gold-knn shots, calibration gold), None when it asks for none. corpus: id,
     text, label; `exclude`: ids never used as gold (the test split's)."""
-    if cfg.shots_from != "gold-knn" and cfg.calibration != "gold":
+    if not wants_gold(cfg):
         return None
     gold = gold_rows(corpus, cfg.gold_rows, seed=seed, exclude=exclude)
     if cfg.shots_from != "gold-knn" or gold.empty:
@@ -124,7 +129,7 @@ def with_gold(rows: pd.DataFrame, corpus: pd.DataFrame, task: Task, cfg: Annotat
 def run_gold_set(corpus_ds, task: Task, cfg: RunConfig, exclude: set[str] | None = None) -> GoldSet | None:
     """The gold rows of a run (from cfg.corpus's label column, never an id in `exclude`), or None when the config
     asks for none. Raises ValueError when it asks for some and the corpus has no gold labels."""
-    if cfg.annotate.shots_from != "gold-knn" and cfg.annotate.calibration != "gold":
+    if not wants_gold(cfg.annotate):  # before the corpus is pulled into this process
         return None
     corpus = corpus_ds.to_pandas() if "label" in corpus_ds.columns() else pd.DataFrame(columns=["id", "text", "label"])
     gold = gold_set(corpus, task, cfg.annotate, encoder=cfg.select.model or cfg.train.model, seed=cfg.corpus.seed,

@@ -444,7 +444,6 @@ def _label_corpus(cfg: RunConfig, run: Run) -> dict[str, Any]:
 
 
 def _predict_test(cfg: RunConfig, run: Run) -> dict[str, Any]:
-
     from llambert_ray.data import write_parquet
     from llambert_ray.evaluate import predict_gold
     from llambert_ray.ray_env import from_frames

@@ -23,10 +23,9 @@ LIGHT = {"num_cpus": LIGHT_CPUS}
 
 def from_frames(frames: Any):
     """A Ray Dataset of pandas frames or Arrow tables (one block each), as `ray.data.from_pandas` / `from_arrow`
-    give, but with no Ray task:
-    from_pandas reads each frame's metadata in a task that asks for a whole CPU, and on a cluster whose CPUs an
-    engine holds (a run's served engine on a 2-CPU machine keeps 1.1 of them) that task never starts: the run
-    waits forever. `ray.data.from_blocks` reads the metadata in this process."""
+    give, but with no Ray task. from_pandas reads each frame's metadata in a task that asks for a whole CPU, and on
+    a cluster whose CPUs an engine holds (a run's served engine on a 2-CPU machine keeps 1.1 of them) that task
+    never starts: the run waits forever. `ray.data.from_blocks` reads the metadata in this process."""
     import pandas as pd
     import pyarrow as pa
     import ray
