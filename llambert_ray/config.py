@@ -153,8 +153,8 @@ class TrainConfig(_Strict):
     min_confidence: float = Field(0.0, ge=0, le=1, description="drop LLM labels below this confidence")
     label_issues: Literal["keep", "drop", "relabel"] = Field(
         "keep", description="LLM labels flagged as likely wrong (cleanlab on cross-validated probe probabilities "
-                            "over frozen encoder embeddings): keep them, drop those rows, or relabel them with the "
-                            "probe's label before training")
+                            "over frozen encoder embeddings): keep them, drop them (those rows still train the "
+                            "gold-label variants), or relabel them with the probe's label before training")
     label_issue_folds: int = Field(5, ge=2, description="cross-validation folds for the label-issue probe")
     max_failures: int = Field(2, ge=-1, description="worker failures to recover from (from the last checkpoint)")
     keep_checkpoints: bool = Field(False, description="keep Ray Train's per-epoch checkpoints once the model folder "

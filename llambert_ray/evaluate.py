@@ -119,18 +119,20 @@ def cv_label_issues(annotations: pd.DataFrame, x: np.ndarray, labels: list[str],
 
 
 def screen_llm_labels(annotations: pd.DataFrame, issues: pd.DataFrame, action: str) -> pd.DataFrame:
-    """The annotations to train on after label-issue screening (train.label_issues): `keep` them all, `drop` the
-    flagged rows, or `relabel` them with the probe's label (llm_label_before keeps the LLM's)."""
+    """The annotations to train on after label-issue screening (train.label_issues): `keep` every LLM label,
+    `drop` the flagged rows' LLM labels (llm_label None: variants trained on LLM labels leave those rows out, those
+    trained on gold labels keep every row), or `relabel` them with the probe's label. Every row stays;
+    llm_label_before keeps the LLM's label."""
     if action == "keep" or issues.empty:
         return annotations
-    flagged = annotations["id"].isin(set(issues["id"]))
-    if action == "drop":
-        return annotations[~flagged].reset_index(drop=True)
-    if action != "relabel":
+    if action not in ("drop", "relabel"):
         raise ValueError(f"train.label_issues {action!r}: use keep, drop or relabel")
+    flagged = annotations["id"].isin(set(issues["id"]))
     out = annotations.copy()
     out["llm_label_before"] = out["llm_label"]
-    out.loc[flagged, "llm_label"] = out.loc[flagged, "id"].map(issues.set_index("id")["classifier_label"])
+    out["llm_label"] = out["llm_label"].astype(object)
+    out.loc[flagged, "llm_label"] = (None if action == "drop" else
+                                     out.loc[flagged, "id"].map(issues.set_index("id")["classifier_label"]))
     return out
 
 

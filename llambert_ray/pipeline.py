@@ -80,7 +80,8 @@ class Run:
     test_df: pd.DataFrame | None  # the sampled gold test split; None without one, or without gold labels
     llm_on_test: bool  # the LLM also labels evaluate.llm_test_sample test rows
     started: float
-    annotations: pd.DataFrame | None = None
+    annotations: pd.DataFrame | None = None  # the LLM's labels of the sample, as it gave them
+    train_annotations: pd.DataFrame | None = None  # the same rows after train.label_issues screening
     extra_df: pd.DataFrame | None = None
     model_dirs: dict[str, Path] = field(default_factory=dict)
     engine: Any = None  # annotate.engine_lifetime run: the one engine every annotation call of the run uses
@@ -245,8 +246,8 @@ def annotate_stage(run: Run) -> None:
         else:
             _run_stage(run, "annotate", key, [run.path(ANNOTATIONS)], _annotate_sample)
         # train.label_issues: LLM labels flagged by cross-validated confident learning dropped / relabelled
-        run.annotations = screen_for_training(read_parquet_frame(run.path(ANNOTATIONS)), run.task, cfg,
-                                              cfg.run_dir, run.log)
+        run.annotations = read_parquet_frame(run.path(ANNOTATIONS))
+        run.train_annotations = screen_for_training(run.annotations, run.task, cfg, cfg.run_dir, run.log)
         if cfg.extra is not None:
             _run_stage(run, "annotate_extra", (cfg.extra, key[1], task_hash), [run.path(EXTRA_ANNOTATIONS)],
                        _annotate_extra)
@@ -413,7 +414,7 @@ def _train_variant(cfg: RunConfig, run: Run, variant: str, vdir: Path) -> dict[s
     if variant == "combined" and "llm" in run.model_dirs and run.extra_df is None:
         results, reuses = [_continue_from_llm(cfg, run, vdir)], {"reuses": "train[llm]"}
     else:
-        _, results = fit_variant(variant, run.annotations, run.task.labels, cfg.train, vdir, extra=run.extra_df,
+        _, results = fit_variant(variant, run.train_annotations, run.task.labels, cfg.train, vdir, extra=run.extra_df,
                                  log=run.log)
         reuses = {}
     return {"rows": sum(r.rows for r in results), "seconds": sum(r.seconds for r in results),
@@ -424,7 +425,7 @@ def _continue_from_llm(cfg: RunConfig, run: Run, vdir: Path):
     """combined's first stage is the llm variant itself (same rows, same config): continue from its model."""
     from llambert_ray.train import fit, variant_stages
 
-    gold = variant_stages("gold", run.annotations)[0][1]
+    gold = variant_stages("gold", run.train_annotations)[0][1]
     run.log(f"  combined: stage 1/2 = the llm variant's model; stage 2/2 on {len(gold)} gold-labelled rows")
     r = fit(gold, run.task.labels, cfg.train, vdir / "stage2", init_model=str(run.model_dirs["llm"].resolve()),
             name="combined-stage2")

@@ -56,6 +56,7 @@ def test_failed_rows_are_left_out_and_counted():
 
 def test_cv_label_issues_flag_planted_flips_far_above_the_random_rate():
     from llambert_ray.evaluate import cv_label_issues, label_issue_summary, screen_llm_labels
+    from llambert_ray.train import variant_stages
 
     rng = np.random.default_rng(0)
     labels = ["a", "b", "c", "d"]
@@ -76,7 +77,11 @@ def test_cv_label_issues_flag_planted_flips_far_above_the_random_rate():
     assert s["flag_precision"] >= 3 * s["llm_error_rate"], s  # random flags would be right 10 % of the time
     assert (issues["classifier_label"] != issues["llm_label"]).mean() > 0.9
     dropped = screen_llm_labels(ann, issues, "drop")
-    assert len(dropped) == n - len(issues)
+    # every row stays: the flagged ones lose their LLM label only, so gold-label variants still train on them
+    assert len(dropped) == n and dropped["llm_label"].isna().sum() == len(issues) + 1
+    assert dropped.set_index("id").loc[list(issues["id"]), "llm_label_before"].notna().all()
+    assert len(variant_stages("llm", dropped)[0][1]) == n - len(issues) - 1
+    assert len(variant_stages("gold", dropped)[0][1]) == n
     fixed = screen_llm_labels(ann, issues, "relabel")
     assert (fixed["llm_label"] == fixed["label"]).mean() > (ann["llm_label"] == ann["label"]).mean()
     assert screen_llm_labels(ann, issues, "keep") is ann
