@@ -299,6 +299,8 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
                          f"batch {cfg.batch_size} x accumulation {cfg.grad_accum} = {min_rows}); fix: annotate "
                          f"more rows or lower train.batch_size / train.workers")
     output_dir = Path(output_dir).resolve()
+    if init_model and Path(init_model).exists():
+        init_model = str(Path(init_model).resolve())  # Ray Train's workers run in another working directory
     model_path = init_model or resolve_model(cfg.model)
     env = train_worker_env(cfg.use_gpu)
     # rows trained, summed over workers and epochs: every worker takes the same whole steps (as _train_loop), the
