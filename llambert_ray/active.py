@@ -79,19 +79,22 @@ def embed(ds, model_path: str, cfg: SelectConfig) -> tuple[np.ndarray, np.ndarra
 Embed = Callable[[pd.DataFrame], np.ndarray]  # rows (id, text) -> L2-normalised embeddings, one per row, in order
 
 
+def embed_in_order(rows: pd.DataFrame, model_path: str, cfg: SelectConfig) -> np.ndarray:
+    """Embeddings of `rows` (column text) in row order, whatever their ids (repeats too), in one actor pool."""
+    pos, x = embed(from_frames(pd.DataFrame({"id": np.arange(len(rows)), "text": rows["text"].to_numpy()})),
+                   model_path, cfg)
+    out = np.empty_like(x)
+    out[pos.astype(np.int64)] = x
+    return out
+
+
 def embed_rows(model: str, max_length: int = 128) -> Embed:
     """Embeddings of rows by an encoder (a packaged name or folder) in a Ray Data actor (embed), in row order."""
     from llambert_ray.models import resolve_model
 
     path = resolve_model(model)
     cfg = SelectConfig(max_length=max_length)
-
-    def run(rows: pd.DataFrame) -> np.ndarray:
-        ids, x = embed(from_frames(rows[["id", "text"]].astype({"id": str})), path, cfg)
-        pos = pd.Series(np.arange(len(ids)), index=ids)
-        return x[pos[rows["id"].astype(str)].to_numpy()]
-
-    return run
+    return lambda rows: embed_in_order(rows, path, cfg)
 
 
 # ------------------------------------------------------------------------------------------ the probe

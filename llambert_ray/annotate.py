@@ -15,9 +15,11 @@ Output columns added to each row: `llm_label` (null when dropped), `llm_confiden
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -312,7 +314,6 @@ class VLLMEngine:
 
 
 SERVED_APP = "llambert-llm"  # the Serve application of a run-long engine
-ROW_ID = "_llambert_row_id"  # a row's id on its way through the served engine's stage
 
 
 def openai_request(plan: PromptPlan, text: str, examples: list[Example] | None = None
@@ -355,9 +356,14 @@ def openai_answer(row: dict[str, Any]) -> tuple[str | None, list[dict[int, float
 
 
 class ServedVLLMEngine(VLLMEngine):
-    """One vLLM engine for every annotation call of a run: a Ray Serve LLM deployment (`ray.serve.llm`) that Ray
-    Data reaches through `ServeDeploymentProcessorConfig`, so the sample, the extra rows, the test rows and each
-    active round share one engine start (minutes for a 70B model) instead of paying one each.
+    """One vLLM engine for every annotation call of a run: a Ray Serve LLM deployment (`ray.serve.llm`) that this
+    process calls by its deployment handle, so the sample, the extra rows, the test rows and each active round share
+    one engine start (minutes for a 70B model) instead of paying one each.
+
+    The rows of an annotation call are a sample the driver holds anyway, so they go to the deployment straight from
+    here, a window of requests in flight (vLLM batches them), answers streamed back chunk by chunk. Calling it
+    through a Ray Data stage (`ServeDeploymentProcessorConfig`) started a stage actor per call, which imports Ray
+    Serve LLM and vLLM's OpenAI layer afresh (~30 s on 2 CPUs, every active round).
 
     Use as a context manager around the run's annotation calls; Serve runs without HTTP proxies (the engine is
     reached by handle only) and is shut down at the end if this engine started it."""
@@ -366,6 +372,7 @@ class ServedVLLMEngine(VLLMEngine):
         super().__init__(cfg, model_path)
         self.starts = 0
         self._started_serve = False
+        self._handle = None
 
     def __enter__(self) -> ServedVLLMEngine:
         return self  # the engine starts with the first call: a resumed run whose annotations exist starts none
@@ -390,10 +397,18 @@ class ServedVLLMEngine(VLLMEngine):
                            if self.device == "gpu" and self.cfg.accelerator_type else {}),
                         deployment_config={"num_replicas": self.cfg.concurrency,
                                            "ray_actor_options": {"num_cpus": LIGHT["num_cpus"]}})
+        # the request classes import vLLM's OpenAI layer (~25 s on 2 CPUs): here, while the engine loads
+        preload = threading.Thread(target=importlib.import_module, args=("llambert_ray.served_requests",),
+                                   name="llambert-preload", daemon=True)
+        preload.start()
         t0 = time.time()
         serve.run(build_llm_deployment(llm, name_prefix="llambert-"), name=SERVED_APP, route_prefix=None)
         self.starts += 1
         log.info("served engine %s up in %.1fs", self.cfg.model, time.time() - t0)
+        deployment = next(iter(serve.status().applications[SERVED_APP].deployments))
+        # LLM deployments answer with an async generator: a streaming handle, one item per request
+        self._handle = serve.get_deployment_handle(deployment, SERVED_APP).options(stream=True)
+        preload.join()
 
     def __exit__(self, *exc) -> None:
         from ray import serve
@@ -403,36 +418,74 @@ class ServedVLLMEngine(VLLMEngine):
         if self._started_serve:
             serve.shutdown()
 
-    def run(self, ds, plan: PromptPlan):
-        from ray import serve
-        from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
-
-        from llambert_ray.served_requests import DTYPES
+    def answer_frames(self, rows: pd.DataFrame, plan: PromptPlan, chunk: int) -> Iterator[pd.DataFrame]:
+        """The answers to `rows` (columns id, text[, label, prompt_key, llm_shots]), `chunk` rows per frame, in
+        row order, with the same columns as VLLMEngine.run's. A request the engine refuses (e.g. a prompt longer
+        than max_model_len) is that row's llm_error; a lost replica raises (the caller resends what is left)."""
+        from collections import deque
 
         self.start()
-        deployment = next(iter(serve.status().applications[SERVED_APP].deployments))
-        config = ServeDeploymentProcessorConfig(
-            deployment_name=deployment, app_name=SERVED_APP, batch_size=self.cfg.batch_size,
-            concurrency=1, should_continue_on_error=True, dtype_mapping=DTYPES)
+        from llambert_ray.served_requests import DTYPES
 
-        def pre(row: dict[str, Any]) -> dict[str, Any]:
+        window = self.cfg.batch_size * 8 * self.cfg.concurrency  # requests in flight, as Ray Data LLM keeps
+        records = iter(rows.to_dict("records"))
+        pending: deque = deque()
+
+        def submit() -> bool:
+            row = next(records, None)
+            if row is None:
+                return False
             method, dtype, body = openai_request(plan, row["text"], row_examples(row))
-            # the stage merges the response into the row, and an OpenAI response has an `id` of its own
-            return {"method": method, "dtype": dtype, "request_kwargs": body, ROW_ID: row["id"]}
+            try:
+                pending.append((row, getattr(self._handle, method).remote(DTYPES[dtype](**body)), None))
+            except ValueError as e:  # the request itself is invalid (pydantic's ValidationError is one)
+                pending.append((row, None, f"{type(e).__name__}: {e}"))
+            return True
 
-        def finish(row: dict[str, Any]) -> dict[str, Any]:
-            out = {k: row[k] for k in ("text", "label", PROMPT_KEY) if k in row}
-            out["id"] = row[ROW_ID]
-            text, logprobs, tokens = openai_answer(row)
-            out.update(plan.result(text, logprobs, row.get("__inference_error__") or None))
-            out["prompt_tokens"] = tokens
-            return out
+        while len(pending) < window and submit():
+            pass
+        out: list[dict[str, Any]] = []
+        while pending:
+            row, response, error = pending.popleft()
+            answer: dict[str, Any] = {}
+            if response is not None:
+                try:
+                    got = next(response)
+                    answer = got.model_dump() if hasattr(got, "model_dump") else dict(got)
+                except Exception as e:
+                    if not _is_row_error(e):
+                        raise
+                    error = f"{type(e).__name__}: {str(e)[:500]}"
+            submit()
+            out.append(self._row(plan, row, answer, error))
+            if len(out) == chunk or not pending:
+                yield pd.DataFrame(out)
+                out = []
 
-        processor = build_processor(config, preprocess=pre, preprocess_map_kwargs=LIGHT,
-                                    postprocess_map_kwargs=LIGHT)
-        for stage in processor.stages.values():  # it awaits the deployment's handle: the engine holds the CPUs
-            stage.map_batches_kwargs["num_cpus"] = LIGHT["num_cpus"]
-        return processor(ds).map(finish, **LIGHT)
+    @staticmethod
+    def _row(plan: PromptPlan, row: dict[str, Any], answer: dict[str, Any], error: str | None) -> dict[str, Any]:
+        out = {k: row[k] for k in ("id", "text", "label", PROMPT_KEY) if k in row}
+        if error is None and answer.get("error"):  # vLLM's ErrorResponse, e.g. a prompt over max_model_len
+            err = answer["error"]
+            error = str(err.get("message", err) if isinstance(err, dict) else err)
+        text, logprobs, tokens = openai_answer(answer)
+        out.update(plan.result(text, logprobs, error))
+        out["prompt_tokens"] = tokens
+        return out
+
+    def run(self, ds, plan: PromptPlan):
+        rows = ds.to_pandas()
+        frames = list(self.answer_frames(rows, plan, max(len(rows), 1)))
+        return from_frames(frames or [pd.DataFrame(columns=["id", *OUTPUT_COLUMNS])])
+
+
+def _is_row_error(e: BaseException) -> bool:
+    """Whether a request's failure is that row's own (its llm_error; the call goes on), as Ray Data LLM's serve
+    stage decides it: the request's faults (bad values, a timeout), not a lost replica or engine."""
+    from ray.exceptions import RayTaskError
+
+    cause = getattr(e, "cause", None) if isinstance(e, RayTaskError) else None
+    return isinstance(cause or e, ValueError | TypeError | TimeoutError)
 
 
 @contextmanager
@@ -545,13 +598,16 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
             resent += len(todo)
             log.warning("annotation run %d/%d: sending the %d rows the last run left without an answer",
                         attempt, attempts, len(todo))
-        # one block per chunk, so finished chunks reach the cache while later ones are still in the engine
-        blocks = [todo.iloc[i:i + chunk] for i in range(0, len(todo), chunk)]
         try:
-            answers = engine.run(from_frames(blocks), plan)
-            if bar is not None:
-                answers = bar.count(answers)
-            answers.write_parquet(str(folder), ray_remote_args=dict(LIGHT))  # a copy: Ray may add keys to it
+            if hasattr(engine, "answer_frames"):  # answered in this process (the run's served engine)
+                _write_parts(engine.answer_frames(todo, plan, chunk), folder, bar)
+            else:
+                # one block per chunk, so finished chunks reach the cache while later ones are still in the engine
+                blocks = [todo.iloc[i:i + chunk] for i in range(0, len(todo), chunk)]
+                answers = engine.run(from_frames(blocks), plan)
+                if bar is not None:
+                    answers = bar.count(answers)
+                answers.write_parquet(str(folder), ray_remote_args=dict(LIGHT))  # a copy: Ray may add keys to it
             error = None
         except Exception as e:  # what Ray raises when the run failed; the finished chunks are on disk
             error = e
@@ -573,6 +629,22 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
         raise AnnotationError(f"{left} of {len(rows)} rows got no answer in {attempts} annotation runs; the "
                               f"answers so far are cached in {folder}")
     return attempts, resent
+
+
+def _write_parts(frames: Iterator[pd.DataFrame], folder: Path, bar: Progress | None) -> None:
+    """Each frame of answers as a part of the cache folder as it arrives (written whole, then renamed into place)."""
+    import uuid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    done = bar.done if bar is not None else 0
+    for frame in frames:
+        part = folder / f"{uuid.uuid4().hex}.parquet"
+        tmp = part.with_suffix(".tmp")
+        frame.to_parquet(tmp, index=False)
+        tmp.rename(part)
+        done += len(frame)
+        if bar is not None:
+            bar.update(done)
 
 
 def _annotate_cached(engine: AnnotationEngine, plan: PromptPlan, ds, cfg: AnnotateConfig, cache_dir: Path,

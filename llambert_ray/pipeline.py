@@ -372,7 +372,7 @@ def _annotate_active(cfg: RunConfig, run: Run) -> dict[str, Any]:
     """select.strategy active: corpus.sample LLM calls spent in select.rounds rounds, each round's rows chosen by
     a probe on encoder embeddings (llambert_ray.active). Writes annotations.parquet and active_rounds.json (the
     probe's test accuracy after each round, when the run has a gold test split)."""
-    from llambert_ray.active import embed, run_rounds
+    from llambert_ray.active import embed_in_order, run_rounds
     from llambert_ray.data import sample_corpus, write_parquet
     from llambert_ray.models import resolve_model
     from llambert_ray.ray_env import from_frames
@@ -380,14 +380,17 @@ def _annotate_active(cfg: RunConfig, run: Run) -> dict[str, Any]:
     sel = cfg.select
     pool_ds = run.corpus if sel.pool_rows is None else sample_corpus(
         run.corpus, cfg.corpus.model_copy(update={"sample": sel.pool_rows, "fraction": None}))
-    encoder = resolve_model(sel.model or cfg.train.model)
-    run.log(f"  embedding the candidate pool with {sel.model or cfg.train.model}")
-    ids, x = embed(pool_ds, encoder, sel)
-    x_test = y_test = None
-    if run.test_df is not None:
-        t_ids, x_test = embed(from_frames(run.test_df[["id", "text"]]), encoder, sel)
-        y_test = run.test_df.set_index("id")["label"].loc[t_ids].tolist()
-    pool = pool_ds.to_pandas().set_index("id")
+    pool = pool_ds.to_pandas()
+    test = run.test_df if run.test_df is not None else pool.iloc[:0]
+    run.log(f"  embedding the candidate pool{' and the test rows' if len(test) else ''} with "
+            f"{sel.model or cfg.train.model}")
+    # one pass, one model load, for both
+    x_all = embed_in_order(pd.concat([pool[["text"]], test[["text"]]]), resolve_model(sel.model or cfg.train.model),
+                           sel)
+    ids, x = pool["id"].to_numpy(), x_all[:len(pool)]
+    x_test = x_all[len(pool):] if len(test) else None
+    y_test = test["label"].tolist() if len(test) else None
+    pool = pool.set_index("id")
     summaries = []
 
     def llm(round_ids: list[Any]):

@@ -1,8 +1,8 @@
-"""vLLM's OpenAI request classes as the run-long engine's Ray Data stage builds them from rows.
+"""vLLM's OpenAI request classes as the run-long engine's requests are built from rows.
 
-Ray Data hands a row's nested lists over as numpy arrays (e.g. `logprob_token_ids`), which the pydantic request
-classes refuse; these subclasses turn arrays back into lists first. Kept apart from `annotate` because importing
-vLLM's OpenAI layer is slow, and importable by name because the stage's actors unpickle the classes.
+A row's nested values can come as numpy arrays (pandas rows, e.g. `logprob_token_ids` or a row's own examples),
+which the pydantic request classes refuse; these subclasses turn arrays back into lists first. Kept apart from
+`annotate` because importing vLLM's OpenAI layer is slow (the served engine imports it while its model loads).
 """
 
 from __future__ import annotations

@@ -537,9 +537,10 @@ def test_a_row_the_real_engine_rejects_is_one_failed_row_and_is_retried(ray_loca
 @pytest.mark.ray
 @pytest.mark.llm
 @pytest.mark.timeout(1800)
-def test_one_served_engine_answers_every_call_of_a_run(ray_local, reviews_jsonl):
-    """The run-long engine (Ray Serve LLM, reached by Ray Data) starts once for several annotate calls, in score
-    and generate modes, completion and chat prompts, and gives the per-call engine's answers."""
+def test_one_served_engine_answers_every_call_of_a_run(ray_local, reviews_jsonl, tmp_path):
+    """The run-long engine (a Ray Serve LLM deployment called by handle) starts once for several annotate calls, in
+    score and generate modes, completion and chat prompts, gives the per-call engine's answers, streams them into
+    the answer cache, and makes a request the engine refuses that row's llm_error."""
     import ray
 
     from llambert_ray.annotate import SERVED_APP, ServedVLLMEngine, annotate
@@ -553,7 +554,19 @@ def test_one_served_engine_answers_every_call_of_a_run(ray_local, reviews_jsonl)
         df, s = annotate(ray.data.from_items(rows), TASK, score, engine=engine)
         gen, g = annotate(ray.data.from_items(rows[:12]), TASK,
                           AnnotateConfig(mode="generate", prompt_style="chat", max_new_tokens=4), engine=engine)
+        # a prompt over the engine's max_model_len (2048 tokens) among others, through the answer cache
+        too_long = {"id": "long", "text": "What a film, truly great. " * 800, "label": "positive"}
+        cached_cfg = AnnotateConfig(mode="score", batch_size=8, max_text_chars=100_000)
+        cache = tmp_path / "cache"
+        c, cs = annotate(ray.data.from_items([*rows[:20], too_long]), TASK, cached_cfg, engine=engine,
+                         cache_dir=cache)
         assert engine.starts == 1
+    assert len(c) == 21 and c["id"].is_unique and cs.failed == 1 and cs.labelled == 20
+    assert c.set_index("id").loc["long", "llm_error"] and c["llm_error"].isna().sum() == 20
+    assert len(list(cache.rglob("*.parquet"))) >= 1 and not list(cache.rglob("*.tmp"))
+    again, s_again = annotate(ray.data.from_items(rows[:20]), TASK, cached_cfg, engine=CountingEngine(),
+                              cache_dir=cache)
+    assert s_again.cached == 20 and len(again) == 20  # every answer came from the cache
     alive = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     assert not [n for n in alive if SERVED_APP in n], alive  # the engine is gone with the run
     assert len(df) == 40 and set(df["id"]) == {r["id"] for r in rows} and df["id"].is_unique
