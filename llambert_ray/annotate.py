@@ -373,17 +373,57 @@ class ServedVLLMEngine(VLLMEngine):
         self.starts = 0
         self._started_serve = False
         self._handle = None
+        self._starting: threading.Thread | None = None
+        self._start_error: BaseException | None = None
 
     def __enter__(self) -> ServedVLLMEngine:
         return self  # the engine starts with the first call: a resumed run whose annotations exist starts none
 
+    def cpus(self) -> float:
+        """CPUs the engine holds while it runs: its replicas' placement bundles and the replica actors."""
+        bundles = engine_placement(self.cfg, self.device == "gpu")["bundles"]
+        return (sum(b.get("CPU", 0) for b in bundles) + LIGHT["num_cpus"]) * self.cfg.concurrency
+
+    def start_soon(self, spare_cpus: float) -> bool:
+        """Begin deploying the engine in the background while the caller does other work that needs `spare_cpus`
+        CPUs (e.g. embedding the active-selection pool: a 70B model loads for minutes meanwhile); the first call
+        waits for it. Only when the cluster's free CPUs hold both: otherwise Ray would keep the other work waiting
+        for CPUs the engine holds, forever. Returns whether it began."""
+        import ray
+
+        if self.starts or self._starting is not None:
+            return True
+        free = ray.available_resources().get("CPU", 0.0)
+        if free < self.cpus() + spare_cpus:
+            log.info("served engine starts with the first call: %.1f free CPUs < %.1f (engine) + %.1f", free,
+                     self.cpus(), spare_cpus)
+            return False
+
+        def deploy() -> None:
+            try:
+                self._deploy()
+            except BaseException as e:  # raised to the caller by start()
+                self._start_error = e
+
+        self._starting = threading.Thread(target=deploy, name="llambert-engine-start", daemon=True)
+        self._starting.start()
+        return True
+
     def start(self) -> None:
-        """Deploy the engine (once)."""
+        """Deploy the engine (once), or wait for start_soon's deployment."""
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+            if self._start_error is not None:
+                error, self._start_error = self._start_error, None
+                raise error
+        if not self.starts:
+            self._deploy()
+
+    def _deploy(self) -> None:
         from ray import serve
         from ray.serve.llm import LLMConfig, build_llm_deployment
 
-        if self.starts:
-            return
         engine_kwargs, env, placement = self.engine_setup()
         try:
             serve.context._get_global_client()
@@ -413,6 +453,8 @@ class ServedVLLMEngine(VLLMEngine):
     def __exit__(self, *exc) -> None:
         from ray import serve
 
+        if self._starting is not None:  # a background start still under way: let it finish, then take it down
+            self._starting.join()
         if self.starts:
             serve.delete(SERVED_APP)
         if self._started_serve:

@@ -382,6 +382,8 @@ def _annotate_active(cfg: RunConfig, run: Run) -> dict[str, Any]:
         run.corpus, cfg.corpus.model_copy(update={"sample": sel.pool_rows, "fraction": None}))
     pool = pool_ds.to_pandas()
     test = run.test_df if run.test_df is not None else pool.iloc[:0]
+    if run.engine is not None and run.engine.start_soon(spare_cpus=sel.cpus_per_actor):
+        run.log("  the run's engine starts meanwhile")
     run.log(f"  embedding the candidate pool{' and the test rows' if len(test) else ''} with "
             f"{sel.model or cfg.train.model}")
     # one pass, one model load, for both

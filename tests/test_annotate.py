@@ -710,3 +710,17 @@ def test_gold_calibration_needs_score_mode_and_gold_rows():
     plan = make_plan(TASK.model_copy(update={"examples": []}), AnnotateConfig(shots_from="gold-knn",
                                                                                model="smollm2-135m-instruct"))
     assert plan.shots == 2
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_served_engine_starts_early_only_when_the_cpus_hold_both(ray_local):
+    """start_soon deploys the engine beside other work only if the free CPUs hold both: on 2 CPUs an engine
+    (1 + 0.1 CPU) and a 1-CPU embedding actor do not fit, and Ray would keep the embedding waiting forever."""
+    from llambert_ray.annotate import ServedVLLMEngine
+    from llambert_ray.config import AnnotateConfig
+
+    engine = ServedVLLMEngine(AnnotateConfig(), "unused")
+    assert engine.cpus() == pytest.approx(1.1)
+    assert engine.start_soon(spare_cpus=1.0) is False
+    assert engine._starting is None and engine.starts == 0
