@@ -336,6 +336,48 @@ def bench_serve(requests: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        elif isinstance(v, float):
+            out[prefix + k] = v
+    return out
+
+
+def repeat_step(fn, repeats: int) -> dict[str, Any]:
+    """A step's result over `repeats` runs: every float is the median of the runs (ratios: the median of each run's
+    own side-by-side ratio), and `spread` holds each float's median / min / max."""
+    import copy
+
+    from bench.quantize import spread
+
+    runs = [fn() for _ in range(repeats)]
+    flat = [_leaves(r) for r in runs]
+    out = copy.deepcopy(runs[0])
+    out["spread"] = {}
+    for path in flat[0]:
+        values = [f[path] for f in flat if path in f]
+        sp = spread(values)
+        out["spread"][path] = sp
+        node = out
+        *parents, leaf = path.split(".")
+        for k in parents:
+            node = node[k]
+        node[leaf] = sp["median"]
+    return out
+
+
+def _spread_line(r: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """'min-max over N runs' for the step's main figures (paths ending in one of `keys`)."""
+    sp = r.get("spread") or {}
+    cells = [f"{p} {v['min']:.3g}-{v['max']:.3g}" for p, v in sp.items() if p.endswith(keys) and v["runs"] > 1]
+    if not cells:
+        return ""
+    return f"\nMedians of {next(iter(sp.values()))['runs']} runs; min-max: " + "; ".join(cells) + "\n"
+
+
 def summary_md(r: dict[str, Any]) -> str:
     lines = [f"# Benchmarks ({r['machine']['cpus']} CPUs, {r['machine']['platform']})", ""]
     if "ceiling" in r:
@@ -379,11 +421,12 @@ def summary_md(r: dict[str, Any]) -> str:
                          f"{v[k]['ceiling_fraction']:.0%} |")
         lines += [f"\nspeed-up: {v['speedup']:.2f}x incl. actor start"
                   + (f", {v['speedup_steady']:.2f}x warm" if "speedup_steady" in v else "") + "\n"]
+        lines.append(_spread_line(v, ("rows_per_s", "speedup", "speedup_steady")))
     if "train" in r:
         lines += ["## Training (MiniLM-L6, 128 tokens, batch 8 per worker)", "", "| workers / ZeRO | samples/s |",
                   "|---|---:|"]
-        lines += [f"| {k} | {v['samples_per_s']:.1f} |" for k, v in r["train"].items()]
-        lines.append("")
+        lines += [f"| {k} | {v['samples_per_s']:.1f} |" for k, v in r["train"].items() if k != "spread"]
+        lines.append(_spread_line(r["train"], ("samples_per_s",)))
     if "serve" in r:
         s = r["serve"]
         lines += ["## Serve (same load, 16 concurrent clients)", "", "| config | req/s | p50 ms | p99 ms |",
@@ -391,6 +434,7 @@ def summary_md(r: dict[str, Any]) -> str:
         lines += [f"| {k} | {s[k]['requests_per_s']:.1f} | {s[k]['p50_ms']:.0f} | {s[k]['p99_ms']:.0f} |"
                   for k in ("batch_1", "batch_32")]
         lines.append(f"\nbatching: {s['speedup_requests_per_s']:.2f}x requests/s, p99 x{s['p99_ratio']:.2f}\n")
+        lines.append(_spread_line(s, ("requests_per_s", "p99_ms", "p99_ratio")))
     if "quantize" in r:
         lines.append(quantize_md(r["quantize"]))
     if "fixed_cost" in r:
@@ -408,7 +452,8 @@ def main() -> None:
                                       "cost_accuracy")
     ap.add_argument("--annotate-rows", type=int, default=200)
     ap.add_argument("--annotate-settings", default="", help="comma-separated annotate settings (default: all)")
-    ap.add_argument("--repeats", type=int, default=3, help="runs of each annotate setting (median, min, max)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each annotate setting and of the label, train "
+                                                              "and serve steps (median, min, max)")
     ap.add_argument("--label-rows", type=int, default=2000)
     ap.add_argument("--train-rows", type=int, default=256)
     ap.add_argument("--serve-requests", type=int, default=600)
@@ -426,8 +471,9 @@ def main() -> None:
     ceil = res["ceiling"]["gflops"]
     settings = [x for x in a.annotate_settings.split(",") if x]
     steps = {"annotate": lambda: bench_annotate(a.annotate_rows, ceil, settings, a.repeats),
-             "label": lambda: bench_label(a.label_rows, ceil),
-             "train": lambda: bench_train(a.train_rows), "serve": lambda: bench_serve(a.serve_requests),
+             "label": lambda: repeat_step(lambda: bench_label(a.label_rows, ceil), a.repeats),
+             "train": lambda: repeat_step(lambda: bench_train(a.train_rows), a.repeats),
+             "serve": lambda: repeat_step(lambda: bench_serve(a.serve_requests), a.repeats),
              "quantize": lambda: bench_quantize(a.label_rows), "fixed_cost": lambda: bench_fixed_cost(),
              "active_cost": lambda: bench_active_cost(), "cost_accuracy": lambda: bench_cost_accuracy()}
     for name, fn in steps.items():
