@@ -439,8 +439,9 @@ def test_engine_actor_killed_mid_run_every_id_once(ray_local, tmp_path):
     from llambert_ray.annotate import annotate
     from llambert_ray.config import AnnotateConfig
 
+    # 240 rows (40 easy reviews x 6): with 120 a fast machine answered every chunk together before the kill
     rows = pd.DataFrame([{"id": f"r{k}-{i:02d}", "text": t, "label": lab}
-                         for k in range(3) for i, (t, lab) in enumerate(REVIEWS)])
+                         for k in range(6) for i, (t, lab) in enumerate(REVIEWS)])
     cache = tmp_path / "cache"
     killed: dict = {}
 
@@ -482,11 +483,11 @@ def test_engine_actor_killed_mid_run_every_id_once(ray_local, tmp_path):
           f"kill); runs {s.attempts}, rows sent again by annotate {s.resent}; engine actor now "
           f"{restarted.pid if restarted else None}; killed pids still alive: "
           f"{[p for p in killed['pids'] if psutil.pid_exists(p)]}")
-    assert len(df) == 120 and df["id"].is_unique and set(df["id"]) == set(rows["id"])
-    assert s.rows_in == 120 and s.failed == 0 and s.labelled == 120
-    assert killed["cached"] < 120  # the kill came mid-run
+    assert len(df) == 240 and df["id"].is_unique and set(df["id"]) == set(rows["id"])
+    assert s.rows_in == 240 and s.failed == 0 and s.labelled == 240
+    assert killed["cached"] < 240  # the kill came mid-run
     acc = (df["llm_label"] == df["label"]).mean()
-    assert acc >= 0.75, acc  # answers after the restart are as good as before (40 easy reviews x 3)
+    assert acc >= 0.75, acc  # answers after the restart are as good as before (40 easy reviews x 6)
 
 
 @pytest.mark.ray
