@@ -50,7 +50,8 @@ def domain_rows(domain: str, pool: int, test: int, seed: int) -> tuple[pd.DataFr
     else:
         from llambert_ray.data import fetch_tweets
 
-        df = pd.read_parquet(fetch_tweets(Path(tempfile.mkdtemp(prefix="cost-acc-")) / "tweets.parquet"))
+        with tempfile.TemporaryDirectory(prefix="cost-acc-") as tmp:
+            df = pd.read_parquet(fetch_tweets(Path(tmp) / "tweets.parquet"))
     train = df[df["split"] == "train"].sample(pool, random_state=seed)
     tst = df[df["split"] == "test"]
     tst = tst.sample(min(test, len(tst)), random_state=seed)

@@ -98,6 +98,7 @@ def paper_loop(texts: list[str], task, seed: int = 0, sample: bool = True
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llambert_ray.models import resolve_model
+    from llambert_ray.tasks import OTHER
 
     t0 = time.perf_counter()
     path = resolve_model("smollm2-135m-instruct")
@@ -117,7 +118,7 @@ def paper_loop(texts: list[str], task, seed: int = 0, sample: bool = True
             prompt_tokens += ids["input_ids"].shape[1]
             out = model.generate(**ids, **decoding, max_new_tokens=10, pad_token_id=tok.eos_token_id)
             label = task.parse(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-            preds.append(None if label == "other" else label)
+            preds.append(None if label == OTHER else label)
             seconds.append(time.perf_counter() - t0)
     return preds, seconds, prompt_tokens, load
 
