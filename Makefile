@@ -69,7 +69,7 @@ demo: setup
 	$(PY) -m llambert_ray.cli run --config configs/demo.yaml
 
 test: setup
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=25 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -ra -m "not ray and not llm" $(PYTEST_ARGS)

@@ -87,7 +87,8 @@ def _config(config: Path | None, overrides: dict[str, Any], sets: list[str] | No
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config; flags override its values.")
 SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="set any config key, e.g. --set annotate.shots=2 "
-                      "--set corpus.filters='{split: [test]}' (repeatable; VALUE read as YAML; after the other flags)")
+                      "--set corpus.filters='{split: \\[test]}' (repeatable; VALUE read as YAML; after the other "
+                      "flags)")
 PreflightOpt = typer.Option(False, "--preflight", help="first run `llambert preflight`'s checks on this command's "
                             "config (its flags and --set included); a failure stops it (the jobs/ entrypoints "
                             "pass this)")

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 # vLLM on CPU: a small KV cache, both cores for OpenMP. Set before Ray starts so workers inherit them.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -102,6 +101,25 @@ def balanced(df, n_per_label: int, seed: int = 0):
 
     parts = [g.sample(n_per_label, random_state=seed) for _, g in df.groupby("label")]
     return pd.concat(parts).sample(frac=1, random_state=seed).reset_index(drop=True)
+
+
+class CountingEngine:
+    """A stand-in engine, for the cache's and retries' decisions (the real vLLM engines are tested beside it in
+    test_annotate.py and test_served_engine.py): answers 'positive' and counts the rows it got."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def run(self, ds, plan):
+        n = ds.count()
+        self.rows += n
+
+        def answer(b):
+            return b.assign(llm_label="positive", llm_confidence=0.9, llm_raw="positive", llm_error=None,
+                            prompt_tokens=10)
+
+        return ds.map_batches(answer, batch_format="pandas", num_cpus=0.1)
+
 
 
 # ---- rehearsal of the 70B topology on CPU (tests/rehearsal.py): tiny models and an offline hub cache

@@ -6,7 +6,6 @@ Everything here is built offline from the packaged models:
   vocabulary (<s>=0, <pad>=1, </s>=2, <unk>=3, no token_type_ids: as roberta-large's);
 - `make_hub_cache`: an HF hub cache (HF_HOME/hub/models--org--name/...) holding a local folder under a hub id, so
   `from_pretrained("org/name")` and vLLM load it with HF_HUB_OFFLINE=1;
-- `tp_engine_config`: the engine kwargs / placement group / env that run a TP engine on CPU in Ray Data LLM;
 - `RehearsalCluster`: a head and N worker nodes started with `ray start` on 127.0.0.1, each node with its own
   temp dir, ports, CPU count and working directory; teardown kills only its own processes.
 """
@@ -23,7 +22,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 RAY = str(Path(sys.executable).with_name("ray"))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -181,40 +179,6 @@ def _file_hash(p: Path) -> str:
 def offline_hub_env(hf_home: str | Path) -> dict[str, str]:
     """Env vars under which hub ids resolve from `hf_home`'s cache only (no network attempt)."""
     return {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-# ------------------------------------------------------------------------------------------ TP on CPU
-def tp_engine_config(model_source: str, *, tp: int = 2, cpus_per_worker: float = 0.5, batch_size: int = 8,
-                     max_model_len: int = 512, env: dict[str, str] | None = None,
-                     strategy: str = "STRICT_PACK", **overrides: Any) -> dict[str, Any]:
-    """kwargs for vLLMEngineProcessorConfig that run a tensor-parallel engine on CPU inside Ray Data LLM.
-
-    vLLM's Ray executor needs a device key the CPU platform does not have, so TP on CPU uses the multiprocessing
-    executor: one Ray actor per engine asks for the sum of the bundles' CPUs, and vLLM forks its `tp` workers
-    inside it (on the actor's node). The placement_group_config's `strategy` is then not used by Ray Data."""
-    from llambert_ray.ray_env import CPU_ENGINE_ENV, cpu_bind_ranges
-
-    env_vars = {**CPU_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": cpu_bind_ranges(tp), **(env or {})}
-    cfg: dict[str, Any] = dict(
-        model_source=model_source,
-        engine_kwargs={"tensor_parallel_size": tp, "distributed_executor_backend": "mp", "dtype": "float32",
-                       "enforce_eager": True, "max_model_len": max_model_len, "enable_prefix_caching": False},
-        placement_group_config={"bundle_per_worker": {"CPU": cpus_per_worker}, "strategy": strategy},
-        runtime_env={"env_vars": env_vars},
-        batch_size=batch_size,
-        concurrency=1,
-        chat_template_stage={"enabled": False},
-        tokenize_stage={"num_cpus": 0.1},
-        detokenize_stage={"num_cpus": 0.1},
-        should_continue_on_error=False,
-        log_engine_metrics=False,
-    )
-    for k, v in overrides.items():
-        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
-            cfg[k] = {**cfg[k], **v}
-        else:
-            cfg[k] = v
-    return cfg
 
 
 # ------------------------------------------------------------------------------------------ a multi-node cluster

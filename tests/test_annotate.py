@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CountingEngine
 
 from llambert_ray.annotate import PromptPlan
 from llambert_ray.tasks import load_task
@@ -63,44 +64,52 @@ def test_results_score_generate_error():
 @pytest.mark.ray
 @pytest.mark.llm
 @pytest.mark.timeout(1200)
-def test_cli_annotates_reviews_with_real_vllm(ray_local, reviews_jsonl, tmp_path):
-    """40 short reviews through SmolLM2 in a real vLLM engine actor: schema, ids, accuracy above chance."""
+def test_cli_annotates_reviews_with_real_vllm_and_a_row_it_rejects(ray_local, reviews_jsonl, tmp_path):
+    """The per-call path (Ray Data LLM's vLLM engine actor) through `llambert annotate`: 40 short reviews through
+    SmolLM2 (schema, ids, accuracy above chance) and one prompt longer than max_model_len, which the real engine
+    rejects alone. Ray Data LLM passes such a row around the postprocess step, so this checks the conversion that
+    follows it: the row comes out once, with llm_error set, counted as failed, the output has only the documented
+    columns (no `__inference_error__`), and the next run sends that row, and only it, to the engine again."""
     from typer.testing import CliRunner
 
+    from llambert_ray.annotate import OUTPUT_COLUMNS, annotate, read_cache
     from llambert_ray.cli import app
-
-    out = tmp_path / "ann"
-    res = CliRunner().invoke(app, ["annotate", "--task", "imdb-sentiment", "--input", str(reviews_jsonl),
-                                   "--output", str(out), "--mode", "score", "--batch-size", "8"])
-    assert res.exit_code == 0, res.output
-    df = pd.read_parquet(out / "annotations.parquet")
-    assert {"id", "text", "label", "llm_label", "llm_confidence", "llm_raw"} <= set(df.columns)
-    assert len(df) == 40 and df["id"].is_unique and set(df["id"]) == {f"r{i:02d}" for i in range(40)}
-    assert df["llm_label"].isin(["positive", "negative"]).all()
-    assert df["llm_confidence"].between(0.5, 1.0).all()
-    acc = (df["llm_label"] == df["label"]).mean()
-    assert acc >= 0.75, f"accuracy {acc:.2f} on 40 easy reviews"
-    summary = json.loads((out / "annotate_summary.json").read_text())
-    assert summary["rows_in"] == 40 and summary["prompt_tokens"] > 40 * 20
-    assert "rows/s" in res.output
-
-
-@pytest.mark.ray
-@pytest.mark.llm
-@pytest.mark.timeout(1200)
-def test_generate_mode_parses_free_text(ray_local, reviews_jsonl):
-    """The paper's generate mode on the real engine: every row accounted for as labelled or dropped."""
-    import ray
-
-    from llambert_ray.annotate import annotate
     from llambert_ray.config import AnnotateConfig
 
-    rows = [json.loads(line) for line in reviews_jsonl.read_text().splitlines()][:12]
-    df, summary = annotate(ray.data.from_items(rows), TASK, AnnotateConfig(mode="generate", max_new_tokens=4))
-    assert len(df) == 12 and df["id"].is_unique
-    assert summary.labelled + summary.dropped + summary.failed == 12
-    assert df["llm_raw"].notna().all()  # raw answers are kept, also for dropped rows
-    assert summary.labelled >= 6
+    rows = [json.loads(line) for line in reviews_jsonl.read_text().splitlines()]
+    rows.append({"id": "too-long", "text": " ".join(r["text"] for r in rows[:8]) * 4, "label": "positive"})
+    corpus = tmp_path / "reviews.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "run.yaml").write_text("annotate: {max_model_len: 256}\n")
+    out = tmp_path / "ann"
+    res = CliRunner().invoke(app, ["annotate", "--task", "imdb-sentiment", "--input", str(corpus), "--output",
+                                   str(out), "--mode", "score", "--batch-size", "8", "-c", str(tmp_path / "run.yaml")])
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output and "__inference_error__" not in res.output
+    assert "rows/s" in res.output
+    df = pd.read_parquet(out / "annotations.parquet")
+    assert list(df.columns) == ["id", "text", "label", *OUTPUT_COLUMNS]
+    assert len(df) == 41 and df["id"].is_unique and set(df["id"]) == {r["id"] for r in rows}
+    bad = df.set_index("id").loc["too-long"]
+    assert pd.isna(bad["llm_label"]) and "max" in bad["llm_error"].lower(), bad["llm_error"]
+    ok = df[df["id"] != "too-long"]
+    assert ok["llm_error"].isna().all() and ok["llm_label"].isin(["positive", "negative"]).all()
+    assert ok["llm_confidence"].between(0.5, 1.0).all()
+    acc = (ok["llm_label"] == ok["label"]).mean()
+    assert acc >= 0.75, f"accuracy {acc:.2f} on 40 easy reviews"
+    summary = json.loads((out / "annotate_summary.json").read_text())
+    assert summary["rows_in"] == 41 and summary["prompt_tokens"] > 40 * 20
+    assert summary["failed"] == 1 and summary["labelled"] == 40 and summary["dropped"] == 0
+    (folder,) = list((out / ".annotate_cache").iterdir())
+    assert all("__inference_error__" not in pd.read_parquet(p).columns for p in folder.glob("*.parquet"))
+    assert set(read_cache(folder)["id"]) == {r["id"] for r in rows[:40]}  # the failure is not reused
+
+    import ray
+
+    again = CountingEngine()  # the retry decision is the cache's, whatever engine answers
+    df2, s2 = annotate(ray.data.from_items(rows), TASK, AnnotateConfig(max_model_len=256, batch_size=8),
+                       engine=again, cache_dir=out / ".annotate_cache")
+    assert again.rows == 1 and s2.cached == 40 and s2.failed == 0 and len(df2) == 41
 
 
 def test_content_free_calibration_removes_label_bias():
@@ -118,23 +127,6 @@ def test_content_free_calibration_removes_label_bias():
     assert pd.isna(out["llm_label"][2])  # a dropped row stays dropped
     assert out["llm_raw"].tolist() == rows["llm_raw"].tolist()  # raw scores kept for audit
     assert 0.5 <= out["llm_confidence"][0] < 0.7
-
-
-class CountingEngine:
-    """A stand-in engine (beside the real one tested above): answers 'positive' and counts the rows it got."""
-
-    def __init__(self):
-        self.rows = 0
-
-    def run(self, ds, plan):
-        n = ds.count()
-        self.rows += n
-
-        def answer(b):
-            return b.assign(llm_label="positive", llm_confidence=0.9, llm_raw="positive", llm_error=None,
-                            prompt_tokens=10)
-
-        return ds.map_batches(answer, batch_format="pandas", num_cpus=0.1)
 
 
 @pytest.mark.ray
@@ -309,41 +301,52 @@ def test_the_engine_tokenizes_unless_asked_for_ray_data_stages():
     assert enabled(tokenize_in_engine=False) == (True, True)
 
 
-def test_engine_devices_count_every_rank_of_every_replica():
-    """One rule for what the engines reserve, as planned and as recorded: TP x PP ranks per replica, a GPU each
-    on GPU clusters, cpus_per_engine each on CPU ones (their placement groups' bundles)."""
-    from llambert_ray.annotate import engine_devices, engine_placement
-    from llambert_ray.config import AnnotateConfig
+def _engine_stage(cfg, model, plan):
+    """The vLLM engine stage Ray Data LLM builds from our processor config (build_processor, as a run does), and the
+    actor pool's size."""
+    from ray.data.llm import build_processor
 
-    a = AnnotateConfig(tensor_parallel_size=4, pipeline_parallel_size=2, concurrency=2, cpus_per_engine=0.5)
-    assert engine_devices(a, True) == 16 and engine_devices(a, False) == 8
-    assert len(engine_placement(a, True)["bundles"]) * a.concurrency == engine_devices(a, True)
-
-
-def test_tensor_parallel_engine_is_packed_onto_one_node():
-    """Ray's default for a GPU engine is a soft PACK of its TP bundles, which can spread a TP=4 engine over 1-GPU
-    pods; each replica's bundles must be STRICT_PACKed (one node), on GPU and on CPU, with the accelerator type
-    passed through; with pipeline parallelism a replica may span nodes."""
     from llambert_ray.annotate import VLLMEngine
+
+    stage = build_processor(VLLMEngine(cfg, model).processor_config(plan)).get_stage_by_name("vLLMEngineStage")
+    kw = stage.map_batches_kwargs
+    return kw, kw["compute"].max_size
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_engine_configs_through_ray_data_llms_stage_setup(ray_local, tiny_llama):
+    """Our processor configs for a CPU and a GPU cluster passed through the stage setup Ray Data LLM runs
+    (build_processor): what each engine replica's actor and placement group ask of Ray, and that the devices the
+    plan and the manifest count (engine_devices) are the ones Ray reserves.
+    - CPU, TP=2: vLLM's Ray executor needs a GPU-like device key, so the engine forks its TP ranks itself (mp): one
+      actor holding every bundle's CPUs, no placement group of its own, one core list per rank;
+    - GPU, TP=4: Ray's default for a GPU engine is a soft PACK of its TP bundles, which can spread it over 1-GPU
+      pods: each replica's placement group must be 4 x {GPU 1, CPU 1} STRICT_PACKed (one node), the accelerator type
+      passed through, the engine actor itself holding no GPU; with pipeline parallelism a replica may span nodes."""
+    from llambert_ray.annotate import engine_devices
     from llambert_ray.config import AnnotateConfig
 
     plan = _plan("generate")
-    gpu = VLLMEngine(AnnotateConfig(device="gpu", tensor_parallel_size=4, accelerator_type="A100-80G"),
-                     "meta-llama/Llama-2-70b-chat-hf").processor_config(plan)
-    assert gpu.placement_group_config["strategy"] == "STRICT_PACK"
-    assert [(b["GPU"], b["CPU"]) for b in gpu.placement_group_config["bundles"]] == [(1, 1)] * 4
-    assert gpu.accelerator_type == "A100-80G" and gpu.engine_kwargs["tensor_parallel_size"] == 4
-    cpu = VLLMEngine(AnnotateConfig(device="cpu", tensor_parallel_size=2, cpus_per_engine=0.5),
-                     "x/y").processor_config(plan)
-    assert cpu.placement_group_config["strategy"] == "STRICT_PACK"
-    assert [b["CPU"] for b in cpu.placement_group_config["bundles"]] == [0.5, 0.5]
-    assert not any(b.get("GPU") for b in cpu.placement_group_config["bundles"])
-    # vLLM's Ray executor needs a GPU-like device key: on CPU the engine forks its TP ranks itself, one core list each
-    assert cpu.engine_kwargs["distributed_executor_backend"] == "mp"
-    assert cpu.runtime_env["env_vars"]["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
-    pp = VLLMEngine(AnnotateConfig(device="gpu", tensor_parallel_size=2, pipeline_parallel_size=2),
-                    "x/y").processor_config(plan)
-    assert pp.placement_group_config["strategy"] == "PACK" and len(pp.placement_group_config["bundles"]) == 4
+    model = str(tiny_llama)  # a local folder: the stage setup reads its config, and nothing is downloaded
+    cpu_cfg = AnnotateConfig(device="cpu", tensor_parallel_size=2, cpus_per_engine=0.5, concurrency=2)
+    cpu, replicas = _engine_stage(cpu_cfg, model, plan)
+    assert cpu["num_cpus"] == 1.0 and not cpu.get("num_gpus") and "ray_remote_args_fn" not in cpu
+    assert cpu["runtime_env"]["env_vars"]["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
+    assert replicas == 2 and engine_devices(cpu_cfg, False) == cpu["num_cpus"] * replicas == 2.0
+
+    gpu_cfg = AnnotateConfig(device="gpu", tensor_parallel_size=4, accelerator_type="A100-80G", concurrency=2)
+    gpu, replicas = _engine_stage(gpu_cfg, model, plan)
+    n_bundles, accelerator, pg = gpu["ray_remote_args_fn"].args  # what each replica's placement group will be
+    assert (n_bundles, accelerator, pg["strategy"]) == (4, "A100-80G", "STRICT_PACK")
+    assert [(b["GPU"], b["CPU"]) for b in pg["bundles"]] == [(1, 1)] * 4
+    assert gpu["num_gpus"] == 0 and gpu["accelerator_type"] == "A100-80G"
+    assert engine_devices(gpu_cfg, True) == sum(b["GPU"] for b in pg["bundles"]) * replicas == 8
+
+    pp_cfg = AnnotateConfig(device="gpu", tensor_parallel_size=2, pipeline_parallel_size=2)
+    pp, _ = _engine_stage(pp_cfg, model, plan)
+    n_bundles, _, pg = pp["ray_remote_args_fn"].args
+    assert n_bundles == 4 and pg["strategy"] == "PACK" and engine_devices(pp_cfg, True) == 4
 
 
 class FlakyEngine:
@@ -490,97 +493,6 @@ def test_engine_actor_killed_mid_run_every_id_once(ray_local, tmp_path):
     assert acc >= 0.75, acc  # answers after the restart are as good as before (40 easy reviews x 6)
 
 
-@pytest.mark.ray
-@pytest.mark.llm
-@pytest.mark.timeout(1500)
-def test_a_row_the_real_engine_rejects_is_one_failed_row_and_is_retried(ray_local, reviews_jsonl, tmp_path):
-    """A prompt longer than max_model_len: the real vLLM engine rejects that row alone. Ray Data LLM passes such
-    rows around the postprocess step, so this checks the conversion that follows it: the row comes out once, with
-    llm_error set, counted as failed, the output has only the documented columns (no `__inference_error__`), and
-    the next run sends that row, and only it, to the engine again."""
-    from typer.testing import CliRunner
-
-    from llambert_ray.annotate import OUTPUT_COLUMNS, annotate, read_cache
-    from llambert_ray.cli import app
-    from llambert_ray.config import AnnotateConfig
-
-    rows = [json.loads(line) for line in reviews_jsonl.read_text().splitlines()][:8]
-    rows.append({"id": "too-long", "text": " ".join(r["text"] for r in rows) * 4, "label": "positive"})
-    corpus = tmp_path / "reviews.jsonl"
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "run.yaml").write_text("annotate: {max_model_len: 256, batch_size: 4}\n")
-    out = tmp_path / "ann"
-    res = CliRunner().invoke(app, ["annotate", "-t", "imdb-sentiment", "-i", str(corpus), "-o", str(out),
-                                   "-c", str(tmp_path / "run.yaml")])
-    assert res.exit_code == 0, res.output
-    assert "Traceback" not in res.output and "__inference_error__" not in res.output
-    df = pd.read_parquet(out / "annotations.parquet")
-    assert list(df.columns) == ["id", "text", "label", *OUTPUT_COLUMNS]
-    assert len(df) == 9 and df["id"].is_unique
-    bad = df.set_index("id").loc["too-long"]
-    assert pd.isna(bad["llm_label"]) and "max" in bad["llm_error"].lower(), bad["llm_error"]
-    ok = df[df["id"] != "too-long"]
-    assert ok["llm_error"].isna().all() and ok["llm_label"].notna().all()
-    summary = json.loads((out / "annotate_summary.json").read_text())
-    assert summary["failed"] == 1 and summary["labelled"] == 8 and summary["dropped"] == 0
-    (folder,) = list((out / ".annotate_cache").iterdir())
-    assert all("__inference_error__" not in pd.read_parquet(p).columns for p in folder.glob("*.parquet"))
-    assert set(read_cache(folder)["id"]) == {r["id"] for r in rows[:8]}  # the failure is not reused
-
-    import ray
-
-    again = CountingEngine()  # the retry decision is the cache's, whatever engine answers
-    df2, s2 = annotate(ray.data.from_items(rows), TASK, AnnotateConfig(max_model_len=256, batch_size=4),
-                       engine=again, cache_dir=out / ".annotate_cache")
-    assert again.rows == 1 and s2.cached == 8 and s2.failed == 0 and len(df2) == 9
-
-
-@pytest.mark.ray
-@pytest.mark.llm
-@pytest.mark.timeout(1800)
-def test_one_served_engine_answers_every_call_of_a_run(ray_local, reviews_jsonl, tmp_path):
-    """The run-long engine (a Ray Serve LLM deployment called by handle) starts once for several annotate calls, in
-    score and generate modes, completion and chat prompts, gives the per-call engine's answers, streams them into
-    the answer cache, and makes a request the engine refuses that row's llm_error."""
-    import ray
-
-    from llambert_ray.annotate import SERVED_APP, ServedVLLMEngine, annotate
-    from llambert_ray.config import AnnotateConfig
-    from llambert_ray.models import resolve_model
-
-    rows = [json.loads(line) for line in reviews_jsonl.read_text().splitlines()]
-    score = AnnotateConfig(mode="score", batch_size=8)
-    own, _ = annotate(ray.data.from_items(rows[:12]), TASK, score)  # the per-call engine, for comparison
-    with ServedVLLMEngine(score, resolve_model(score.model)) as engine:
-        df, s = annotate(ray.data.from_items(rows), TASK, score, engine=engine)
-        gen, g = annotate(ray.data.from_items(rows[:12]), TASK,
-                          AnnotateConfig(mode="generate", prompt_style="chat", max_new_tokens=4), engine=engine)
-        # a prompt over the engine's max_model_len (2048 tokens) among others, through the answer cache
-        too_long = {"id": "long", "text": "What a film, truly great. " * 800, "label": "positive"}
-        cached_cfg = AnnotateConfig(mode="score", batch_size=8, max_text_chars=100_000)
-        cache = tmp_path / "cache"
-        c, cs = annotate(ray.data.from_items([*rows[:20], too_long]), TASK, cached_cfg, engine=engine,
-                         cache_dir=cache)
-        assert engine.starts == 1
-    assert len(c) == 21 and c["id"].is_unique and cs.failed == 1 and cs.labelled == 20
-    assert c.set_index("id").loc["long", "llm_error"] and c["llm_error"].isna().sum() == 20
-    assert len(list(cache.rglob("*.parquet"))) >= 1 and not list(cache.rglob("*.tmp"))
-    again, s_again = annotate(ray.data.from_items(rows[:20]), TASK, cached_cfg, engine=CountingEngine(),
-                              cache_dir=cache)
-    assert s_again.cached == 20 and len(again) == 20  # every answer came from the cache
-    alive = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-    assert not [n for n in alive if SERVED_APP in n], alive  # the engine is gone with the run
-    assert len(df) == 40 and set(df["id"]) == {r["id"] for r in rows} and df["id"].is_unique
-    assert df["llm_label"].isin(["positive", "negative"]).all()
-    assert (df["llm_label"] == df["label"]).mean() >= 0.75 and s.prompt_tokens > 40 * 20
-    same = df.set_index("id").loc[own["id"]]
-    assert (same["llm_label"].to_numpy() == own["llm_label"].to_numpy()).all()
-    scores = [json.loads(r) for r in same["llm_raw"]], [json.loads(r) for r in own["llm_raw"]]
-    assert max(abs(a[k] - b[k]) for a, b in zip(*scores, strict=True) for k in a) < 0.05
-    assert len(gen) == 12 and set(gen["id"]) == {r["id"] for r in rows[:12]}
-    assert g.labelled + g.dropped + g.failed == 12 and g.labelled >= 6
-
-
 def test_prompt_key_covers_the_rows_text_and_its_own_examples():
     from llambert_ray.annotate import SHOTS_COLUMN, _answer_keys, prompt_keys
 
@@ -643,60 +555,6 @@ def test_gold_calibration_undoes_a_label_bias_fitted_on_few_gold_rows():
     assert off_t["temperature"] > 0
     assert (apply_offsets(rows.copy(), labels, off_t)["llm_label"] == out_t["llm_label"]).all()
     assert classification_metrics(out_t["label"], out_t["llm_label"], labels)["accuracy"] > before + 0.15
-
-
-NEWS = [  # written for these tests: 4 per topic
-    ("The prime minister resigned after losing a vote of no confidence in parliament.", "world"),
-    ("Peace talks between the two neighbouring countries collapsed on Tuesday.", "world"),
-    ("The United Nations sent aid to the region after the earthquake.", "world"),
-    ("Voters in the capital elected a new mayor in a tight race.", "world"),
-    ("The striker signed a four-year contract with the league champions.", "sports"),
-    ("She won the marathon in record time despite the heat.", "sports"),
-    ("The team lost its third match in a row and sacked its coach.", "sports"),
-    ("The tennis final was delayed by rain for two hours.", "sports"),
-    ("The retailer's quarterly profit rose 12 % on strong online sales.", "business"),
-    ("Oil prices fell as stock markets worried about slower growth.", "business"),
-    ("The two banks agreed to merge in a deal worth 30 billion dollars.", "business"),
-    ("Unemployment dropped to its lowest level in a decade, the ministry said.", "business"),
-    ("Researchers sequenced the genome of a rare deep-sea fish.", "science"),
-    ("The new telescope captured images of galaxies formed soon after the Big Bang.", "science"),
-    ("A software update fixes a security flaw in millions of routers.", "science"),
-    ("Physicists measured the mass of the particle with greater precision.", "science"),
-]
-
-
-@pytest.mark.ray
-@pytest.mark.llm
-@pytest.mark.timeout(1200)
-def test_four_label_topic_task_with_gold_knn_and_gold_calibration_on_real_vllm(ray_local, tmp_path):
-    """The news-topic preset (4 labels) through the real engine: each row's shots are its nearest gold rows
-    (MiniLM embeddings), the gold rows are scored too and calibrate the labels; the prompts hold the neighbours."""
-    import ray
-
-    from llambert_ray.annotate import SHOTS_COLUMN, annotate
-    from llambert_ray.config import AnnotateConfig
-    from llambert_ray.gold import with_gold
-
-    task = load_task("news-topic")
-    df = pd.DataFrame([{"id": f"n{i:02d}", "text": t, "label": lab} for i, (t, lab) in enumerate(NEWS)])
-    gold_ids = {f"n{i:02d}" for i in range(16) if i % 2 == 0}  # 2 gold rows per topic
-    rows = df[~df["id"].isin(gold_ids)].reset_index(drop=True)
-    corpus = df.assign(label=[lab if i in gold_ids else None for i, lab in zip(df["id"], df["label"], strict=True)])
-    cfg = AnnotateConfig(shots_from="gold-knn", shots=4, calibration="gold", gold_rows=8, batch_size=8)
-    rows, gold = with_gold(rows, corpus, task, cfg, encoder="minilm-l6")
-    assert len(gold) == 8 and set(gold["id"]) == gold_ids
-    for own_id, shots in zip(gold["id"], gold[SHOTS_COLUMN], strict=True):
-        picked = json.loads(shots)
-        assert len(picked) == 4 and {s["label"] for s in picked} == set(task.labels)
-        assert df.set_index("id").loc[own_id, "text"] not in [s["text"] for s in picked]  # never itself
-    out, s = annotate(ray.data.from_pandas(rows), task, cfg, gold=gold, cache_dir=tmp_path / "cache")
-    assert len(out) == 8 and set(out["id"]) == set(rows["id"]) and out["llm_error"].isna().all()
-    assert out["llm_label"].isin(task.labels).all() and set(json.loads(out["llm_raw"].iloc[0])) == set(task.labels)
-    assert s.calibration is not None and set(task.labels) <= set(s.calibration)
-    assert s.calibration_report and s.calibration_report["held_out"] == 4
-    # no bar on accuracy: the 135M model got 3 of 8 right here (4 labels, chance 25 %; 2026-12-01), too few rows
-    assert s.accuracy is not None and s.label_counts, s.lines()
-    assert (out["prompt_tokens"] > 80).all()  # the instruction, 4 neighbours and the row
 
 
 def test_gold_calibration_needs_score_mode_and_gold_rows():

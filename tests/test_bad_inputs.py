@@ -95,10 +95,6 @@ def corpora(tmp_path_factory):
     return d
 
 
-def test_the_table_is_big_enough():
-    assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
-
-
 @pytest.mark.parametrize("name,args,config,needle", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_fails_clearly_and_writes_nothing(ray_local, corpora, tmp_path, name, args, config, needle):
     out = tmp_path / "out"

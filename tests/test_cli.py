@@ -11,12 +11,58 @@ from llambert_ray.cli import app
 runner = CliRunner()
 
 
+# command path -> {command: words of its purpose its help row must hold}
+COMMANDS = {
+    (): {"annotate": "with the LLM", "train": "Fine-tune the encoder", "label": "with a trained classifier",
+         "evaluate": "confusion matrix", "run": "The whole pipeline", "preflight": "Check a config", "plan": "Estimate",
+         "serve": "over HTTP", "data": "Get corpora", "models": "Models"},
+    ("data",): {"fetch": "Fetch a corpus"},
+    ("models",): {"list": "Packaged models", "prepare": "Resolve every packaged model", "pull": "Download a model",
+                  "push": "Copy a model"},
+}
+
+
+def _panel(output, title):
+    """{first word: the rest} of each row of a panel of rich --help output (a row's wrapped lines joined)."""
+    lines = output.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"╭─ {title} "))
+    rows, key = {}, None
+    for ln in lines[start + 1:]:
+        if ln.startswith("╰"):
+            break
+        body = ln[1:-1]
+        if len(body) - len(body.lstrip()) <= 4:  # a new row (after the required-column's `*`); deeper: wrapped text
+            key, _, rest = body.strip().removeprefix("* ").strip().partition(" ")
+            rows[key] = rest.strip()
+        else:
+            rows[key] += " " + body.strip()
+    return rows
+
+
 def test_help_lists_every_stage():
-    res = runner.invoke(app, ["--help"])
-    assert res.exit_code == 0
-    for cmd in ["annotate", "train", "label", "evaluate", "run", "serve", "data", "models"]:
-        assert cmd in res.output
-    assert "--sample" in runner.invoke(app, ["annotate", "--help"]).output
+    """The app registers exactly the stage commands and the data / models subcommands, and each --help lists every
+    one as a row of its Commands panel with help that says what it is for; annotate lists --sample as an option."""
+    import typer
+
+    root = typer.main.get_command(app)
+    for path, names in COMMANDS.items():
+        group = root
+        for p in path:
+            group = group.commands[p]
+        assert set(group.commands) == set(names), path
+        res = runner.invoke(app, [*path, "--help"])
+        assert res.exit_code == 0, res.output
+        rows = _panel(res.output, "Commands")
+        assert set(rows) == set(names), (path, res.output)
+        for name, text in rows.items():
+            assert names[name] in " ".join(text.split()), (name, text)
+    res = runner.invoke(app, ["annotate", "--help"])
+    assert res.exit_code == 0, res.output
+    options = _panel(res.output, "Options")
+    assert options["--sample"].startswith("<int>") and "sample of this many rows" in options["--sample"], options
+    assert "--set corpus.filters='{split: [test]}'" in " ".join(options["--set"].split())  # not eaten as markup
+    (sample,) = [p for p in root.commands["annotate"].params if "--sample" in p.opts]
+    assert sample.param_type_name == "option" and sample.type_descriptor.annotation is int and not sample.required
 
 
 def test_evaluate_an_annotations_file(tmp_path):

@@ -1,6 +1,7 @@
-"""cluster/ and jobs/: every manifest parses and passes the schema it is applied against, and the manifests agree
-with each other and with the config they run (GPUs per engine = tensor parallel size, shared run folder, shared
-model cache and credentials on every pod that runs Ray work, ...)."""
+"""cluster/ and jobs/: every manifest parses and passes a schema (Ray's own for the cluster-launcher YAML, the Serve
+configs and the runtime envs; for the KubeRay manifests a checked-in schema of the CRD fields they use, as the real
+CRDs are not installed here), and the manifests agree with each other and with the config they run (GPUs per engine =
+tensor parallel size, shared run folder, shared model cache and credentials on every pod that runs Ray work, ...)."""
 
 import copy
 import fnmatch
@@ -65,7 +66,11 @@ RUNTIME_ENV = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
 
 
 @pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml", "rayservice.yaml"])
-def test_kuberay_manifests_pass_the_crd_schema(name):
+def test_kuberay_manifests_use_only_known_crd_fields_with_their_types(name):
+    """Against cluster/kuberay/schema/ray.io_v1_subset.json: the KubeRay v1 fields our manifests use, with the types,
+    enums and required keys the CRDs give them, and no other key (the real CRD, not installed with anything here,
+    would prune an unknown key silently). Not the full CRD: a field outside the subset fails here, and is added there
+    from the CRD."""
     assert _errors(_load(name)) == []
 
 
@@ -82,7 +87,7 @@ def test_kuberay_manifests_pass_the_crd_schema(name):
         "secretKeyRef": {"name": "hf-token"}}}), "'key' is a required property"),
     (lambda s: s["workerGroupSpecs"][0].update({"labels": {"llambert/group": 1}}), "is not of type 'string'"),
 ])
-def test_the_schema_catches_typical_mistakes(mutate, expected):
+def test_the_crd_field_schema_catches_typical_mistakes(mutate, expected):
     doc = copy.deepcopy(_load("raycluster.yaml"))
     mutate(doc["spec"])
     errors = _errors(doc)
@@ -160,14 +165,24 @@ def test_model_mirror_pulls_the_model_the_70b_config_annotates_with():
 
 
 def test_model_mirror_command_exists_in_the_cli():
+    """The Job's command line is this CLI's `models pull`: `llambert` is the project's console script for the app,
+    and the Job's arguments parse (without running it) to the model to pull, nothing else needed."""
+    import tomllib
+    import typer
     from typer.testing import CliRunner
 
     from llambert_ray.cli import app
 
+    job = yaml.safe_load((KUBERAY / "model-mirror.yaml").read_text())
+    argv = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"][argv[0]] == "llambert_ray.cli:app"
+    assert argv[1:3] == ["models", "pull"]
+    pull = typer.main.get_command(app).commands["models"].commands["pull"]
+    assert pull.make_context("pull", argv[3:]).params == {"ref": CFG_70B.annotate.model, "to": None}
     res = CliRunner().invoke(app, ["models", "pull", "--help"])
-    if res.exit_code != 0 and "No such command" in res.output:
-        pytest.skip("`llambert models pull` is not in this checkout's CLI yet")
     assert res.exit_code == 0, res.output
+    # the model is the required argument of its Arguments panel, documented as a hub id
+    assert re.search(r"^╭─ Arguments ─.*\n│ \*\s+ref\s+<str>\s+hub id \(", res.output, re.M), res.output
 
 
 @pytest.mark.parametrize("name", ["raycluster.yaml", "rayservice.yaml"])

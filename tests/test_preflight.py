@@ -12,9 +12,9 @@ import pytest
 from conftest import REVIEWS
 
 from llambert_ray.config import load_config
-from llambert_ray.preflight import NodeShape, _fits, _replicas_on, run_preflight, table
+from llambert_ray.preflight import NodeShape, _check_engine, node_shapes, run_preflight, table
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.timeout(600)]  # the tests that start Ray are marked `ray` one by one
 
 
 @pytest.fixture()
@@ -33,6 +33,7 @@ def _by(checks):
     return {c.check: c for c in checks}
 
 
+@pytest.mark.ray
 def test_a_good_config_passes_in_seconds(ray_local, corpus, tmp_path):
     t0 = time.time()
     checks = run_preflight(_cfg(corpus, tmp_path))
@@ -45,6 +46,7 @@ def test_a_good_config_passes_in_seconds(ray_local, corpus, tmp_path):
     print(f"\npreflight: {len(checks)} checks in {secs:.1f}s")
 
 
+@pytest.mark.ray
 def test_each_defect_is_caught(ray_local, corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # forwarded to the node tasks, as on an offline cluster
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -70,16 +72,44 @@ def test_each_defect_is_caught(ray_local, corpus, tmp_path, monkeypatch):
     assert by["corpus readable"].status == "fail" and by["test split"].status == "warn"
 
 
-def test_node_shapes_from_the_autoscaler():
-    """A TP=4 engine fits the autoscaler's 4-GPU group (2 replicas with maxReplicas 2), never 1-GPU nodes."""
-    tp4 = [{"GPU": 1.0, "CPU": 1.0}] * 4
-    four = NodeShape("llm-4gpu (autoscaler)", {"GPU": 4, "CPU": 48}, 2, False)
-    one = NodeShape("train-1gpu (autoscaler)", {"GPU": 1, "CPU": 8}, 8, False)
-    assert _fits(tp4, four) and not _fits(tp4, one)
-    assert _replicas_on(tp4, four) == 2 and _replicas_on(tp4, one) == 0
-    assert not _fits([{"GPU": 1.0, "CPU": 1.0}] * 8, four)
+def test_node_shapes_from_the_autoscaler(monkeypatch):
+    """node_shapes() reads the node types the autoscaler reports to the GCS (Ray's ClusterConfig message, from the
+    getter preflight calls; the live nodes from ray.nodes(): a 0-CPU head) and the engine check places a TP=4 engine
+    on them: it fits the 4-GPU group (2 replicas with maxReplicas 2), never the 1-GPU group however many nodes."""
+    import ray
+    import ray._private.state
+    from ray.core.generated.autoscaler_pb2 import ClusterConfig, NodeGroupConfig
+
+    four = NodeGroupConfig(name="llm-4gpu", resources={"CPU": 48, "GPU": 4}, min_count=0, max_count=2)
+    one = NodeGroupConfig(name="train-1gpu", resources={"CPU": 8, "GPU": 1}, min_count=0, max_count=8)
+    reported = ClusterConfig(node_group_configs=[four, one])
+    monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: reported)
+    head = {"NodeID": "h", "Alive": True, "NodeManagerAddress": "10.0.0.1", "NodeManagerPort": 6380, "Labels": {},
+            "Resources": {"memory": 8e9, "object_store_memory": 2e9, "node:__internal_head__": 1.0}}
+    monkeypatch.setattr(ray, "nodes", lambda: [head, {**head, "NodeID": "gone", "Alive": False}])
+    assert node_shapes() == [NodeShape("head@10.0.0.1:6380", {"memory": 8e9}, 1, True),
+                             NodeShape("llm-4gpu (autoscaler)", {"CPU": 48.0, "GPU": 4.0}, 2, False),
+                             NodeShape("train-1gpu (autoscaler)", {"CPU": 8.0, "GPU": 1.0}, 8, False)]
+
+    def engine_check(concurrency):
+        checks = []
+        cfg = load_config(None, {"annotate.tensor_parallel_size": 4, "annotate.device": "gpu",
+                                 "annotate.concurrency": concurrency})
+        _check_engine(cfg, None, node_shapes(), checks)
+        (check,) = checks
+        return check
+
+    c = engine_check(2)
+    assert (c.check, c.status) == ("engine replicas", "ok") and "can hold 2" in c.detail, c
+    c = engine_check(3)  # the 1-GPU group's 8 GPUs hold no TP=4 replica
+    assert (c.check, c.status) == ("engine replicas", "fail") and "can hold 2" in c.detail, c
+    reported = ClusterConfig(node_group_configs=[one])
+    c = engine_check(1)
+    assert (c.check, c.status) == ("engine fits a node", "fail") and "on one node" in c.detail, c
+    assert "train-1gpu (autoscaler)" in c.detail, c
 
 
+@pytest.mark.ray
 def test_cli_preflight_exits_2_with_the_table(ray_local, corpus, tmp_path):
     from typer.testing import CliRunner
 

