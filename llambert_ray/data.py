@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -191,12 +192,15 @@ def _batch_stats(df: pd.DataFrame) -> pd.DataFrame:
     null = texts.isna()
     empty = ~null & ~nonstr & texts.map(lambda t: isinstance(t, str) and not t.strip())
     labels = df["label"].dropna().unique().tolist() if "label" in df else []
+    # gold label counts of the rows that stay (empty ones are dropped or fail the read), as JSON: a block's own keys
+    counts = df.loc[~empty, "label"].value_counts() if "label" in df else pd.Series(dtype=int)
     return pd.DataFrame({
         "rows": [len(df)],
         "null_ids": [df["id"][null].head(5).tolist()], "n_null": [int(null.sum())],
         "nonstr_ids": [df["id"][nonstr].head(5).tolist()], "n_nonstr": [int(nonstr.sum())],
         "empty_ids": [df["id"][empty].head(5).tolist()], "n_empty": [int(empty.sum())],
         "labels": [sorted(map(str, labels))],
+        "label_counts": [json.dumps({str(k): int(v) for k, v in counts.items()})],
     })
 
 
@@ -282,16 +286,23 @@ def _validate_rows(cfg: CorpusConfig, task: Task | None, ds, label_col: str | No
                             **LIGHT).materialize()
         info.rows -= int(stats["n_empty"].sum())
     if cfg.id_column is None:
-        ds = _number_rows(ds).materialize()
-    ids = ds.select_columns(["id"]).to_pandas()["id"]
-    dup = ids[ids.duplicated()].unique()
-    if len(dup):
-        raise CorpusError(f"corpus {cfg.path!r} has {len(dup)} duplicate ids in column {cfg.id_column!r} (e.g. "
-                          f"{list(dup[:5])}); fix: make ids unique or set corpus.id_column: null to number "
-                          f"the rows")
+        ds = _number_rows(ds).materialize()  # ids '0'..'n-1': unique, nothing to check
+    else:
+        # every id on the driver (Arrow-backed strings plus the hash table of `duplicated`: ~50 bytes a row at
+        # peak): the one check here that grows with the corpus; exact without it would take a shuffle
+        ids = ds.select_columns(["id"]).to_pandas()["id"]
+        dup = ids[ids.duplicated()].unique()
+        del ids
+        if len(dup):
+            raise CorpusError(f"corpus {cfg.path!r} has {len(dup)} duplicate ids in column {cfg.id_column!r} (e.g. "
+                              f"{list(dup[:5])}); fix: make ids unique or set corpus.id_column: null to number "
+                              f"the rows")
     if label_col:
-        counts = ds.select_columns(["label"]).to_pandas()["label"].value_counts(dropna=True)
-        info.label_counts = {str(k): int(v) for k, v in counts.items()}
+        counts: dict[str, int] = {}
+        for part in stats["label_counts"]:
+            for k, v in json.loads(part).items():
+                counts[k] = counts.get(k, 0) + v
+        info.label_counts = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
     return ds
 
 
@@ -350,27 +361,62 @@ def sample_corpus(ds, cfg: CorpusConfig, *, exclude: set[str] | None = None):
 def write_parquet(ds, path: str | Path) -> Path:
     """Write a Ray Dataset (or pandas frame) to a parquet folder atomically: tmp name, then rename.
 
-    A reader never sees a partial output: until the rename, only `<path>.tmp-*` exists.
+    A reader never sees a partial output: until the rename, only `<path>.tmp-*` exists (removed again if the write
+    fails). A Dataset is written by Ray Data's own streaming write: its write tasks take the blocks as the upstream
+    stages make them, so a lazy Dataset is never held whole. They ask for a light CPU share: an actor pool upstream
+    (labelling) holds its CPUs until the last block, and a write task wanting a whole CPU beside a pool that holds
+    every CPU would never start, while backpressure pauses the pool until the blocks are written: a hang.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    if isinstance(ds, pd.DataFrame):
-        tmp.mkdir()
-        ds.to_parquet(tmp / "part-0.parquet", index=False)
-    else:
-        ds.write_parquet(str(tmp))
+    try:
+        if isinstance(ds, pd.DataFrame):
+            tmp.mkdir()
+            ds.to_parquet(tmp / "part-0.parquet", index=False)
+        else:
+            ds.write_parquet(str(tmp), ray_remote_args=dict(LIGHT))  # a copy: Ray may add keys to it
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     os.replace(tmp, path)
     return path
 
 
-def read_parquet_frame(path: str | Path) -> pd.DataFrame:
+def iter_parquet_frames(path: str | Path, columns: list[str] | None = None,
+                        batch_rows: int = 65_536) -> Iterator[pd.DataFrame]:
+    """Those of `columns` (None: all) that each file has, from the parquet folder (or file) at `path`, as frames of
+    at most `batch_rows` rows, one after another: an aggregate over an output too large for memory holds one frame
+    at a time (only the named columns are read). Each file is read with its own schema, so files that disagree on a
+    column's type (a column with no value written as Arrow's null type) are each read as they are."""
+    import pyarrow.parquet as pq
+
     path = Path(path)
     if not path.exists():
         raise CorpusError(f"{path} does not exist; fix: run the stage that writes it first")
-    return pd.read_parquet(path)
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    for f in files:
+        pf = pq.ParquetFile(f)
+        have = set(pf.schema_arrow.names)
+        cols = None if columns is None else [c for c in columns if c in have]
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+            yield batch.to_pandas()
+
+
+def read_parquet_frame(path: str | Path, columns: list[str] | None = None, ids=None) -> pd.DataFrame:
+    """A parquet folder or file as one frame. With `ids` (any iterable of ids), only the rows with those ids, read
+    a frame at a time: the labels of a sample's rows from a labels output of the whole corpus, which is never held
+    whole; with `columns`, those of them the files have (a caller checks for what it needs)."""
+    path = Path(path)
+    if not path.exists():
+        raise CorpusError(f"{path} does not exist; fix: run the stage that writes it first")
+    if ids is None and columns is None:
+        return pd.read_parquet(path)
+    keep = None if ids is None else set(map(str, ids))
+    frames = [f if keep is None else f[f["id"].astype(str).isin(keep)] for f in iter_parquet_frames(path, columns)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns or [])
 
 
 # ----------------------------------------------------------------------------------------- fetching

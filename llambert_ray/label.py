@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from llambert_ray.config import LabelConfig
 from llambert_ray.progress import Progress
@@ -162,11 +163,23 @@ class Classifier:
             out[f"prob_{name}"] = probs[:, j]
         if "label" in batch:
             out["gold"] = batch["label"].to_numpy()
-        # string dtype (not object): a batch where every row is fine still has a string column, not a null one
         out["error"] = pd.Series(errors, dtype="string")
         if self.progress is not None:
             self.progress(out)
-        return out
+        return _typed_table(out)
+
+
+def _typed_table(out: pd.DataFrame) -> pa.Table:
+    """A batch of predictions as Arrow, its text columns typed as text even when they hold no value (a batch where
+    no row failed: error; none was labelled: label; no gold: gold). Ray Data turns a pandas column with no value
+    into Arrow's null type, whatever its dtype; each block is written as a file of its own, and a folder whose files
+    disagree on a column's type cannot be read as one (pyarrow: "Unsupported cast from large_string to null")."""
+    table = pa.Table.from_pandas(out, preserve_index=False)
+    for name in ("label", "gold", "error"):
+        i = table.schema.get_field_index(name)
+        if i >= 0 and pa.types.is_null(table.schema.field(i).type):
+            table = table.set_column(i, name, table.column(i).cast(pa.large_string()))
+    return table
 
 
 @dataclass
@@ -216,30 +229,85 @@ def label_dataset(ds, model_dir: str | Path, cfg: LabelConfig, progress: Callabl
 
 
 def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path) -> LabelSummary:
-    """Label every row of `ds` and write OUTPUT (a parquet folder, written atomically). Returns a summary."""
+    """Label every row of `ds` into OUTPUT (a parquet folder, published whole: data.write_parquet). Returns its
+    summary.
+
+    Streaming, so the driver's memory does not grow with the corpus: the actors' predictions go to Ray Data's
+    write tasks block by block as they are made (its backpressure bounds what waits in the object store; nothing
+    is materialized), and the summary is counted afterwards from the published files (`output_counts`). Counting
+    what was written, not the batches as they passed, keeps it exact when Ray redid a batch (an actor died, a task
+    was retried): its rows are written once (a retried write task rewrites its own file name), while the progress
+    tally, called as each batch finishes, counts them again.
+    """
     from llambert_ray.data import write_parquet
 
     t0 = time.time()
     with Progress("label", ds.count()) as bar:
         # counted batch by batch inside the classifier: the corpus may be one block, which leaves an operator whole
-        preds = label_dataset(ds, model_dir, cfg, progress=bar.tally()).materialize()
-        bar.update(preds.count())
-    write_parquet(preds, output)
-    seconds = time.time() - t0
-    cols = ["label", "error"] + (["gold"] if "gold" in preds.columns() else [])
-    df = preds.select_columns(cols).to_pandas()
-    failed = df["error"].notna()
-    ok = df[~failed]
-    acc = None
-    if "gold" in ok and ok["gold"].notna().any():
-        g = ok[ok["gold"].notna()]
-        acc = float((g["label"] == g["gold"]).mean())
-    reasons = df.loc[failed, "error"].astype(str).str.slice(0, 200).value_counts().head(5)
-    return LabelSummary(rows=len(df), seconds=seconds, rows_per_s=len(df) / max(seconds, 1e-9),
-                        label_counts={str(k): int(v) for k, v in ok["label"].value_counts().items()},
-                        accuracy=acc, failed=int(failed.sum()),
+        write_parquet(label_dataset(ds, model_dir, cfg, progress=bar.tally()), output)
+        seconds = time.time() - t0
+        counts = output_counts(output)
+        bar.close(counts.rows)  # the final line says the rows written, not the tally's (redone batches twice)
+    return LabelSummary(rows=counts.rows, seconds=seconds, rows_per_s=counts.rows / max(seconds, 1e-9),
+                        label_counts=counts.label_counts, accuracy=counts.accuracy, failed=counts.failed,
                         precision=encoder_precision("cuda" if cfg.gpus_per_actor else "cpu", cfg.dtype, cfg.quantize),
-                        errors={str(k): int(v) for k, v in reasons.items()} or None)
+                        errors=counts.top_errors() or None)
+
+
+# a failure reason is counted by its first 200 characters: the same error on rows of other lengths stays one reason
+REASON_CHARS = 200
+
+
+@dataclass
+class OutputCounts:
+    """What a labels output holds, counted a frame at a time: rows, labels of the labelled rows, failed rows and
+    their reasons, and the labelled rows with gold (`graded`) and how many of them the model got right."""
+
+    rows: int = 0
+    failed: int = 0
+    graded: int = 0
+    correct: int = 0
+    label_counts: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float | None:
+        """Against gold, over the labelled rows that have gold (failed rows left out); None without such rows."""
+        return self.correct / self.graded if self.graded else None
+
+    def top_errors(self, n: int = 5) -> dict[str, int]:
+        """The n most frequent failure reasons with their row counts (ties in reason order, so runs agree)."""
+        return dict(sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:n])
+
+    def add(self, frame: pd.DataFrame) -> None:
+        """Add the counts of one frame of a labels output (columns label, error[, gold])."""
+        failed = frame["error"].notna()
+        ok = frame[~failed]
+        graded = ok[ok["gold"].notna()] if "gold" in ok else ok.iloc[:0]
+        self.rows += len(frame)
+        self.failed += int(failed.sum())
+        self.graded += len(graded)
+        self.correct += int((graded["label"].astype(str) == graded["gold"].astype(str)).sum())
+        for into, counts in ((self.label_counts, ok["label"].value_counts()),
+                             (self.reasons, frame.loc[failed, "error"].astype(str).str.slice(0, REASON_CHARS)
+                              .value_counts())):
+            for k, v in counts.items():
+                into[str(k)] = into.get(str(k), 0) + int(v)
+
+
+def output_counts(output: str | Path) -> OutputCounts:
+    """Counts of a published labels output, read a frame at a time (data.iter_parquet_frames: only its label,
+    error and gold columns, 65,536 rows a frame). The driver holds one frame, a few integers and one entry per label
+    and per distinct failure reason (at most REASON_CHARS characters each), whatever the number of rows. Exact: it
+    counts the rows the files hold. Read here rather than by Ray Data tasks: three narrow columns read at millions
+    of rows a second, while each Ray Data read pays seconds of start-up (tens on a loaded 2-CPU machine)."""
+    from llambert_ray.data import iter_parquet_frames
+
+    counts = OutputCounts()
+    for frame in iter_parquet_frames(output, ["label", "error", "gold"]):
+        counts.add(frame)
+    counts.label_counts = dict(sorted(counts.label_counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return counts
 
 
 def label_corpus(cfg, model_dir: str | Path, output: str | Path) -> LabelSummary:

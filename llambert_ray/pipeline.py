@@ -582,7 +582,10 @@ def _label_issues(run: Run, metrics: dict[str, Any]) -> pd.DataFrame | None:
     from llambert_ray.evaluate import label_issue_summary, label_issues
 
     try:
-        issues = label_issues(run.annotations, read_parquet_frame(run.path(LABELS)), run.task.labels)
+        # the annotated rows' probabilities only: labels.parquet holds the whole corpus, the annotations a sample
+        preds = read_parquet_frame(run.path(LABELS), ["id", *[f"prob_{c}" for c in run.task.labels]],
+                                   ids=run.annotations["id"])
+        issues = label_issues(run.annotations, preds, run.task.labels)
     except ValueError as e:  # a model trained with other label names than the task's: nothing to compare
         run.log(f"[label issues] skipped: {e}")
         return None

@@ -96,6 +96,7 @@ class Progress:
         self._last_printed_done: int | None = None
         self._line = ""
         self._stop = threading.Event()
+        self._closed = False
         self._thread: threading.Thread | None = None
         self._counter = None
         Progress._seq += 1
@@ -230,7 +231,12 @@ class Progress:
                     self._show()
 
     def close(self, done: int | None = None, *, ok: bool = True) -> None:
-        """Stop updating; print the final line (`done`: the stage's own final count, when it knows better)."""
+        """Stop updating; print the final line (`done`: the stage's own final count, when it knows better). Once:
+        a stage that closes its line with the exact count inside `with Progress(..)` leaves nothing for the exit.
+        The poll thread stops first, so no tally read after `done` can overwrite it."""
+        if self._closed:
+            return
+        self._closed = True
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)

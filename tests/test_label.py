@@ -181,3 +181,54 @@ def test_int8_labelling_through_ray_data(ray_local, tweets_frame, untrained_mode
     out = pd.read_parquet(tmp_path / "labels.parquet")
     assert s.precision == "int8" and "int8" in s.lines()[0]
     assert s.rows == 400 and len(out) == 400 and out["id"].is_unique and out["error"].isna().all()
+
+
+def test_summary_is_counted_exactly_from_the_streamed_output(ray_local, tweets_frame, untrained_model, tmp_path,
+                                                             monkeypatch, capsys):
+    """The predictions stream to the sink (nothing materializes them) and the summary, counted from the published
+    files, equals what they hold: rows, label counts, failed rows, the top failure reasons with their counts, and
+    accuracy over the labelled rows that have gold. 10 rows of 6 lengths over 512 tokens fail, each with its length
+    in the reason (6 reasons, one more than the summary keeps); gold is missing on a third of the rows, failed ones
+    included."""
+    import pandas as pd
+    import ray
+
+    from llambert_ray.data import read_corpus
+    from llambert_ray.label import label
+
+    short = tweets_frame.iloc[:150][["id", "text", "label"]].reset_index(drop=True)
+    words = [520, 520, 520, 530, 530, 540, 540, 550, 560, 570]  # 522..572 tokens; 3, 2, 2, 1, 1, 1 rows
+    long = pd.DataFrame({"id": [f"long-{k}" for k in range(len(words))],
+                         "text": [" ".join(["good"] * n) for n in words],
+                         "label": ["positive", "negative"] * (len(words) // 2)})
+    frame = pd.concat([short, long], ignore_index=True).sample(frac=1, random_state=0).reset_index(drop=True)
+    frame.loc[frame.index % 3 == 0, "label"] = None
+    src = tmp_path / "corpus.parquet"
+    frame.to_parquet(src)
+    ds, _ = read_corpus(CorpusConfig(path=str(src)))
+    materialized = []
+    real = ray.data.Dataset.materialize
+
+    def recording(self):
+        materialized.append(type(self._logical_plan.dag).__name__)
+        return real(self)
+
+    monkeypatch.setattr(ray.data.Dataset, "materialize", recording)
+    cfg = LabelConfig(batch_size=40, sub_batch_size=8, concurrency=1, cpus_per_actor=0.5, max_length=600)
+    s = label(ds.repartition(4), untrained_model, cfg, tmp_path / "labels.parquet")
+    assert set(materialized) <= {"Write"}  # only the write's own per-task results, never the predictions
+    out = pd.read_parquet(tmp_path / "labels.parquet")
+    assert len(out) == s.rows == len(frame) == 160 and out["id"].is_unique and set(out["id"]) == set(frame["id"])
+    failed = out["error"].notna()
+    assert sorted(out.loc[failed, "id"]) == sorted(long["id"]) and s.failed == 10
+    reasons = out.loc[failed, "error"].str.slice(0, 200).value_counts()
+    assert len(reasons) == 6 and len(s.errors) == 5 and sum(reasons) == 10
+    assert all(reasons[r] == n for r, n in s.errors.items())
+    assert reasons.drop(list(s.errors)).max() <= min(s.errors.values())  # the one left out is no more frequent
+    assert s.errors[next(iter(s.errors))] == 3 and "(522)" in next(iter(s.errors))
+    ok = out[~failed]
+    assert s.label_counts == ok["label"].value_counts().to_dict() and sum(s.label_counts.values()) == 150
+    graded = ok[ok["gold"].notna()]
+    assert 0 < len(graded) < len(ok) and out.loc[failed, "gold"].notna().any()
+    assert s.accuracy == float((graded["label"] == graded["gold"]).mean())
+    assert "label  160/160 rows" in capsys.readouterr().err  # the final progress line: the rows written
