@@ -26,7 +26,7 @@ import pandas as pd
 
 from llambert_ray.config import SelectConfig
 from llambert_ray.evaluate import classification_metrics
-from llambert_ray.ray_env import from_frames, torch_threads
+from llambert_ray.ray_env import LIGHT, from_frames, torch_threads
 
 
 class Embedder:
@@ -68,7 +68,7 @@ def embed(ds, model_path: str, cfg: SelectConfig) -> tuple[np.ndarray, np.ndarra
     """(ids, embeddings) for every row of `ds` (columns id, text), computed in a Ray Data actor pool."""
     from ray.data import ActorPoolStrategy
 
-    out = ds.select_columns(["id", "text"]).map_batches(
+    out = ds.select_columns(["id", "text"], **LIGHT).map_batches(
         Embedder, batch_format="pandas", batch_size=cfg.embed_batch_size,
         fn_constructor_kwargs={"model_path": str(model_path), "max_length": cfg.max_length,
                                "threads": torch_threads(cfg.cpus_per_actor)},

@@ -533,10 +533,30 @@ def _is_row_error(e: BaseException) -> bool:
     return isinstance(cause or e, ValueError | TypeError | TimeoutError)
 
 
+# what a served engine is, as opposed to how a call asks it (mode, prompt, batch size, ...)
+ENGINE_FIELDS = ("model", "max_model_len", "tensor_parallel_size", "pipeline_parallel_size", "device", "dtype",
+                 "engine_kwargs")
+
+
 @contextmanager
-def run_engine(cfg: AnnotateConfig) -> Iterator[ServedVLLMEngine | None]:
+def run_engine(cfg: AnnotateConfig, engine: ServedVLLMEngine | None = None) -> Iterator[ServedVLLMEngine | None]:
     """The engine a pipeline run passes to each of its annotate() calls: one served engine for the whole run with
-    engine_lifetime run, else None (each call starts its own)."""
+    engine_lifetime run, else None (each call starts its own). `engine`: one the caller started and keeps (a
+    notebook's or a test's, across runs): used as it is, not stopped here; it must be the engine cfg describes."""
+    if engine is not None:
+        if cfg.engine_lifetime != "run":
+            raise ValueError("an engine passed to a run needs annotate.engine_lifetime: run; fix: set it in the "
+                             "config, or pass no engine")
+        have = {f: getattr(engine.cfg, f) for f in ENGINE_FIELDS}
+        have["device"] = getattr(engine, "device", have["device"])  # as resolved when it was made
+        differ = {f: (have[f], getattr(cfg, f)) for f in ENGINE_FIELDS
+                  if have[f] != getattr(cfg, f) and "auto" not in (have[f], getattr(cfg, f))}
+        if differ:
+            raise ValueError(f"the engine passed to the run is not the one annotate describes: "
+                             f"{', '.join(f'{k} {a!r} (engine) vs {b!r} (config)' for k, (a, b) in differ.items())}; "
+                             f"fix: start the engine from the run's annotate config, or pass none")
+        yield engine
+        return
     if cfg.engine_lifetime != "run":
         yield None
         return

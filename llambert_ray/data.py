@@ -204,8 +204,14 @@ def _batch_stats(df: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def read_corpus(cfg: CorpusConfig, task: Task | None = None, *, validate: bool = True):
+def read_corpus(cfg: CorpusConfig, task: Task | None = None, *, validate: bool = True, hold: bool = True):
     """Read and validate a corpus into a Ray Dataset with columns id (str), text (str) and label (str|None).
+
+    hold (the default): the rows are read once and held in Ray's object store, for stages that pass over them more
+    than once (sampling, training). hold=False streams, for one pass over a corpus larger than the object store
+    (labelling a whole database): the checks read the source (the id check only its id column), the returned
+    dataset reads it again as it is consumed, and nothing is held but what is in flight. Numbering rows
+    (corpus.id_column: null) needs them held.
 
     Gold labels are mapped to the task's label names when a task is given (e.g. IMDb 1 -> positive).
     Raises CorpusError for a missing path or column, non-string / empty texts, duplicate ids or an empty corpus.
@@ -228,7 +234,7 @@ def read_corpus(cfg: CorpusConfig, task: Task | None = None, *, validate: bool =
     info = CorpusInfo(rows=0, has_label=label_col is not None)
     if not validate:
         return (_number_rows(ds) if cfg.id_column is None else ds), info
-    return _validate_rows(cfg, task, ds, label_col, info), info
+    return _validate_rows(cfg, task, ds, label_col, info, hold or cfg.id_column is None), info
 
 
 def _check_columns(cfg: CorpusConfig, schema) -> str | None:
@@ -255,13 +261,16 @@ def _check_columns(cfg: CorpusConfig, schema) -> str | None:
     return cfg.label_column if not cfg.label_column or cfg.label_column in cols else None
 
 
-def _validate_rows(cfg: CorpusConfig, task: Task | None, ds, label_col: str | None, info: CorpusInfo):
-    """The rows' checks (rows present, texts, gold labels, unique ids) on one read of the source; fills info's
-    rows and label counts, returns the materialized dataset (empty texts dropped with empty_text: drop)."""
+def _validate_rows(cfg: CorpusConfig, task: Task | None, ds, label_col: str | None, info: CorpusInfo,
+                   hold: bool = True):
+    """The rows' checks (rows present, texts, gold labels, unique ids); fills info's rows and label counts,
+    returns the dataset (empty texts dropped with empty_text: drop): materialized with `hold` (one read of the
+    source, every check on those blocks), else lazy (see read_corpus)."""
     try:
-        # One read of the source; every check below runs on these blocks.
-        ds = ds.materialize()
-        stats = ds.map_batches(_batch_stats, batch_format="pandas", **LIGHT).to_pandas()
+        if hold:
+            ds = ds.materialize()
+        # one row of stats a block (not a batch): the driver holds a few hundred bytes per block of the corpus
+        stats = ds.map_batches(_batch_stats, batch_format="pandas", batch_size=None, **LIGHT).to_pandas()
     except Exception as e:
         raise CorpusError(f"cannot read corpus {cfg.path!r}: {_root_message(e)}; fix: check the file is "
                           f"valid and UTF-8 encoded") from e
@@ -282,21 +291,16 @@ def _validate_rows(cfg: CorpusConfig, task: Task | None, ds, label_col: str | No
                           f"of task {task.name!r} ({task.labels}); fix: add them to gold_label_map in the "
                           f"task YAML, or set corpus.label_column: null")
     if cfg.empty_text == "drop" and int(stats["n_empty"].sum()):
-        ds = ds.map_batches(lambda df: df[df["text"].str.strip() != ""], batch_format="pandas",
-                            **LIGHT).materialize()
+        ds = ds.map_batches(lambda df: df[df["text"].str.strip() != ""], batch_format="pandas", **LIGHT)
+        ds = ds.materialize() if hold else ds
         info.rows -= int(stats["n_empty"].sum())
     if cfg.id_column is None:
         ds = _number_rows(ds).materialize()  # ids '0'..'n-1': unique, nothing to check
     else:
-        # every id on the driver (Arrow-backed strings plus the hash table of `duplicated`: ~50 bytes a row at
-        # peak): the one check here that grows with the corpus; exact without it would take a shuffle
-        ids = ds.select_columns(["id"]).to_pandas()["id"]
-        dup = ids[ids.duplicated()].unique()
-        del ids
-        if len(dup):
-            raise CorpusError(f"corpus {cfg.path!r} has {len(dup)} duplicate ids in column {cfg.id_column!r} (e.g. "
-                              f"{list(dup[:5])}); fix: make ids unique or set corpus.id_column: null to number "
-                              f"the rows")
+        n_dup, dup = duplicate_ids(ds, info.rows)
+        if n_dup:
+            raise CorpusError(f"corpus {cfg.path!r} has {n_dup} duplicate ids in column {cfg.id_column!r} (e.g. "
+                              f"{dup}); fix: make ids unique or set corpus.id_column: null to number the rows")
     if label_col:
         counts: dict[str, int] = {}
         for part in stats["label_counts"]:
@@ -304,6 +308,46 @@ def _validate_rows(cfg: CorpusConfig, task: Task | None, ds, label_col: str | No
                 counts[k] = counts.get(k, 0) + v
         info.label_counts = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
     return ds
+
+
+IDS_PER_PARTITION = 2_000_000  # ids one duplicate-check task holds (~100 MB of a worker's memory at most)
+
+
+def duplicate_ids(ds, rows: int, show: int = 5) -> tuple[int, list[str]]:
+    """Ids of `ds` that occur more than once: how many, and the first `show`. Exact, and hash-partitioned on the
+    cluster: each block's ids are split by a hash into partitions, each partition is checked by a task of its own,
+    so the driver holds object refs only, never the ids (its memory does not grow with the corpus), and a worker
+    holds at most about IDS_PER_PARTITION ids."""
+    import ray
+
+    refs = ds.select_columns(["id"], **LIGHT).to_arrow_refs()
+    if not refs:
+        return 0, []
+    parts = int(min(256, max(1, -(-rows // IDS_PER_PARTITION))))
+    split = ray.remote(num_cpus=LIGHT_CPUS, num_returns=parts)(_split_ids)
+    pieces = [split.remote(r, parts) for r in refs]
+    if parts == 1:
+        pieces = [[p] for p in pieces]
+    check = ray.remote(num_cpus=LIGHT_CPUS)(_repeated_ids)
+    found = ray.get([check.remote(show, *[p[i] for p in pieces]) for i in range(parts)])
+    return sum(n for n, _ in found), [i for _, ids in found for i in ids][:show]
+
+
+def _split_ids(table: pa.Table, parts: int):
+    """A block's ids in `parts` partitions by a hash of the id (the same id always lands in the same one)."""
+    ids = table.column("id").combine_chunks()
+    if parts == 1:
+        return ids
+    where = pd.util.hash_array(ids.to_numpy(zero_copy_only=False)) % parts
+    return tuple(ids.filter(pa.array(where == p)) for p in range(parts))
+
+
+def _repeated_ids(show: int, *arrays: pa.Array) -> tuple[int, list[str]]:
+    """Within one partition: how many ids occur more than once, and the first `show` of them."""
+    ids = pa.chunked_array([a.cast(pa.large_string()) for a in arrays], type=pa.large_string())
+    ids = pd.Series(ids.to_numpy(zero_copy_only=False), dtype=object)
+    dup = ids[ids.duplicated()].unique()
+    return len(dup), [str(i) for i in dup[:show]]
 
 
 def _number_rows(ds):
@@ -349,7 +393,7 @@ def sample_corpus(ds, cfg: CorpusConfig, *, exclude: set[str] | None = None):
     """The seeded subset of `ds` that cfg.sample / cfg.fraction ask for (all rows when neither is set)."""
     if cfg.sample is None and cfg.fraction is None and not exclude:
         return ds
-    ids = ds.select_columns(["id"]).to_pandas()["id"]
+    ids = ds.select_columns(["id"], **LIGHT).to_pandas()["id"]
     if exclude:
         ids = ids[~ids.isin(exclude)]
     keep = sample_ids(ids, n=cfg.sample, fraction=cfg.fraction, seed=cfg.seed)

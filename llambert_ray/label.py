@@ -321,7 +321,7 @@ def label_corpus(cfg, model_dir: str | Path, output: str | Path) -> LabelSummary
     task = load_task(cfg.task) if cfg.task else None
     init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=Path(output).parent / "logs")
     require_shared_path(output, "--output")
-    ds, _ = read_corpus(cfg.corpus, task)
+    ds, _ = read_corpus(cfg.corpus, task, hold=False)  # one pass: streamed, never held whole
     summary = label(ds, model_dir, cfg.label, output)
     Path(output).with_name("label_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return summary

@@ -117,12 +117,15 @@ class Run:
 StageWork = Callable[[RunConfig, Run], dict[str, Any]]
 
 
-def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, preflight: bool = True) -> dict[str, Any]:
+def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, *, preflight: bool = True,
+                 engine: Any = None) -> dict[str, Any]:
     """Run (or resume) the whole pipeline for cfg; returns the metrics (also in run_dir/metrics.json).
     With preflight (the default), `llambert preflight`'s checks run first and a failure stops the run before any
-    stage (PreflightError)."""
+    stage (PreflightError). `engine`: a started `annotate.ServedVLLMEngine` the caller keeps across runs (a
+    notebook's: the model loads once for several runs), for annotate.engine_lifetime run; else the run starts its
+    own engine(s)."""
     run = _open_run(cfg, log, preflight)
-    annotate_stage(run)  # the LLM labels a seeded sample of the corpus (and the extra rows)
+    annotate_stage(run, engine)  # the LLM labels a seeded sample of the corpus (and the extra rows)
     for variant in run.cfg.train.variants:  # the encoder learns from those labels (and/or gold), per variant
         train_stage(run, variant)
     label_stage(run)  # the first variant's model labels the whole corpus
@@ -225,9 +228,10 @@ ANNOTATIONS, TEST_ANNOTATIONS, EXTRA_ANNOTATIONS = ("annotations.parquet", "test
 LABELS, TEST_PREDICTIONS = "labels.parquet", "test_predictions.parquet"
 
 
-def annotate_stage(run: Run) -> None:
+def annotate_stage(run: Run, engine: Any = None) -> None:
     """The LLM labels the seeded sample (select.strategy active: rows a probe picks, in rounds), with
-    evaluate.llm_test_sample also that many test rows in the same engine call; then the extra rows."""
+    evaluate.llm_test_sample also that many test rows in the same engine call; then the extra rows. `engine`: the
+    caller's served engine (run_pipeline), else the run's own."""
     from llambert_ray.annotate import run_engine
     from llambert_ray.data import read_parquet_frame
     from llambert_ray.evaluate import screen_for_training
@@ -236,7 +240,7 @@ def annotate_stage(run: Run) -> None:
     # how the engine runs, not what it answers: left out of the stage hashes
     how = {"engine_lifetime": "call", "tokenize_in_engine": True}
     key = (cfg.corpus, written.annotate.model_copy(update=how), task_hash)
-    with run_engine(cfg.annotate) as run.engine:
+    with run_engine(cfg.annotate, engine) as run.engine:
         if cfg.select.strategy == "active":
             _run_stage(run, "annotate", (*key, cfg.select, cfg.select.model or cfg.train.model),
                        [run.path(ANNOTATIONS)], _annotate_active)

@@ -103,6 +103,21 @@ def balanced(df, n_per_label: int, seed: int = 0):
     return pd.concat(parts).sample(frac=1, random_state=seed).reset_index(drop=True)
 
 
+def finished_parts(folder: Path, pattern: str = "*/*.parquet") -> list[Path]:
+    """The cache parts under `folder` that are whole: Ray Data writes a part in place, so a part seen in the
+    folder may still be being written (a kill then leaves a torn part, which the next run deletes and redoes)."""
+    import pyarrow.parquet as pq
+
+    whole = []
+    for part in folder.glob(pattern):
+        try:
+            pq.read_metadata(part)
+        except Exception:
+            continue
+        whole.append(part)
+    return whole
+
+
 class CountingEngine:
     """A stand-in engine, for the cache's and retries' decisions (the real vLLM engines are tested beside it in
     test_annotate.py and test_served_engine.py): answers 'positive' and counts the rows it got."""

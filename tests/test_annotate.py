@@ -61,57 +61,6 @@ def test_results_score_generate_error():
     assert gen.result(None, None, "ValueError: too long")["llm_error"] == "ValueError: too long"
 
 
-@pytest.mark.ray
-@pytest.mark.llm
-@pytest.mark.timeout(1200)
-def test_cli_annotates_reviews_with_real_vllm_and_a_row_it_rejects(ray_local, reviews_jsonl, tmp_path):
-    """The per-call path (Ray Data LLM's vLLM engine actor) through `llambert annotate`: 40 short reviews through
-    SmolLM2 (schema, ids, accuracy above chance) and one prompt longer than max_model_len, which the real engine
-    rejects alone. Ray Data LLM passes such a row around the postprocess step, so this checks the conversion that
-    follows it: the row comes out once, with llm_error set, counted as failed, the output has only the documented
-    columns (no `__inference_error__`), and the next run sends that row, and only it, to the engine again."""
-    from typer.testing import CliRunner
-
-    from llambert_ray.annotate import OUTPUT_COLUMNS, annotate, read_cache
-    from llambert_ray.cli import app
-    from llambert_ray.config import AnnotateConfig
-
-    rows = [json.loads(line) for line in reviews_jsonl.read_text().splitlines()]
-    rows.append({"id": "too-long", "text": " ".join(r["text"] for r in rows[:8]) * 4, "label": "positive"})
-    corpus = tmp_path / "reviews.jsonl"
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "run.yaml").write_text("annotate: {max_model_len: 256}\n")
-    out = tmp_path / "ann"
-    res = CliRunner().invoke(app, ["annotate", "--task", "imdb-sentiment", "--input", str(corpus), "--output",
-                                   str(out), "--mode", "score", "--batch-size", "8", "-c", str(tmp_path / "run.yaml")])
-    assert res.exit_code == 0, res.output
-    assert "Traceback" not in res.output and "__inference_error__" not in res.output
-    assert "rows/s" in res.output
-    df = pd.read_parquet(out / "annotations.parquet")
-    assert list(df.columns) == ["id", "text", "label", *OUTPUT_COLUMNS]
-    assert len(df) == 41 and df["id"].is_unique and set(df["id"]) == {r["id"] for r in rows}
-    bad = df.set_index("id").loc["too-long"]
-    assert pd.isna(bad["llm_label"]) and "max" in bad["llm_error"].lower(), bad["llm_error"]
-    ok = df[df["id"] != "too-long"]
-    assert ok["llm_error"].isna().all() and ok["llm_label"].isin(["positive", "negative"]).all()
-    assert ok["llm_confidence"].between(0.5, 1.0).all()
-    acc = (ok["llm_label"] == ok["label"]).mean()
-    assert acc >= 0.75, f"accuracy {acc:.2f} on 40 easy reviews"
-    summary = json.loads((out / "annotate_summary.json").read_text())
-    assert summary["rows_in"] == 41 and summary["prompt_tokens"] > 40 * 20
-    assert summary["failed"] == 1 and summary["labelled"] == 40 and summary["dropped"] == 0
-    (folder,) = list((out / ".annotate_cache").iterdir())
-    assert all("__inference_error__" not in pd.read_parquet(p).columns for p in folder.glob("*.parquet"))
-    assert set(read_cache(folder)["id"]) == {r["id"] for r in rows[:40]}  # the failure is not reused
-
-    import ray
-
-    again = CountingEngine()  # the retry decision is the cache's, whatever engine answers
-    df2, s2 = annotate(ray.data.from_items(rows), TASK, AnnotateConfig(max_model_len=256, batch_size=8),
-                       engine=again, cache_dir=out / ".annotate_cache")
-    assert again.rows == 1 and s2.cached == 40 and s2.failed == 0 and len(df2) == 41
-
-
 def test_content_free_calibration_removes_label_bias():
     from llambert_ray.annotate import apply_calibration
 
@@ -161,8 +110,10 @@ def test_cache_reuses_finished_rows_and_drops_broken_parts(ray_local, tmp_path):
 @pytest.mark.llm
 @pytest.mark.timeout(1500)
 def test_killed_annotation_run_resumes_from_its_cache(ray_local, tmp_path):
-    """`llambert annotate` killed (SIGKILL, its whole process tree) once the first chunk of answers is cached;
-    the rerun sends only the rest to the real engine, and every id comes out exactly once."""
+    """`llambert annotate` (the real engine) killed (SIGKILL, its whole process tree) once a chunk of answers is
+    cached whole: it leaves no output that looks complete, and a rerun on the same cache sends only the rows left
+    to the engine (a counting stand-in here: the real engine answering a rerun's rows is
+    test_engine_actor_killed_mid_run_every_id_once), every id exactly once."""
     import os
     import signal
     import subprocess
@@ -170,20 +121,21 @@ def test_killed_annotation_run_resumes_from_its_cache(ray_local, tmp_path):
     import time
 
     import psutil
-    from conftest import REVIEWS
-    from typer.testing import CliRunner
+    import ray
+    from conftest import REVIEWS, finished_parts
 
-    from llambert_ray.cli import app
+    from llambert_ray.annotate import annotate
+    from llambert_ray.config import AnnotateConfig
 
+    rows = [{"id": f"r{k}-{i:02d}", "text": t, "label": lab} for k in range(3) for i, (t, lab) in enumerate(REVIEWS)]
     corpus = tmp_path / "reviews.jsonl"
-    corpus.write_text("".join(json.dumps({"id": f"r{k}-{i:02d}", "text": t, "label": lab}) + "\n"
-                              for k in range(3) for i, (t, lab) in enumerate(REVIEWS)))
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "ann"
     args = ["annotate", "-t", "imdb-sentiment", "-i", str(corpus), "-o", str(out), "--batch-size", "8"]
     proc = subprocess.Popen([sys.executable, "-m", "llambert_ray.cli", *args], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 900
-    while time.time() < deadline and proc.poll() is None and not list(out.glob(".annotate_cache/*/*.parquet")):
+    while time.time() < deadline and proc.poll() is None and not finished_parts(out / ".annotate_cache"):
         time.sleep(0.5)
     tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
     os.killpg(proc.pid, signal.SIGKILL)
@@ -193,15 +145,16 @@ def test_killed_annotation_run_resumes_from_its_cache(ray_local, tmp_path):
         except psutil.Error:
             pass
     proc.wait(30)
-    assert list(out.glob(".annotate_cache/*/*.parquet")), "no chunk was cached before the kill"
+    assert finished_parts(out / ".annotate_cache"), "no chunk was cached before the kill"
     assert not (out / "annotations.parquet").exists()  # a killed run leaves no output that looks complete
 
-    res = CliRunner().invoke(app, args)
-    assert res.exit_code == 0, res.output
-    df = pd.read_parquet(out / "annotations.parquet")
-    assert len(df) == 120 and df["id"].is_unique and df["llm_label"].notna().all()
-    summary = json.loads((out / "annotate_summary.json").read_text())
-    assert 0 < summary["cached"] < 120 and "reused from the cache" in res.output
+    again = CountingEngine()
+    df, s = annotate(ray.data.from_items(rows), TASK, AnnotateConfig(batch_size=8), engine=again,
+                     cache_dir=out / ".annotate_cache")
+    assert len(df) == 120 and df["id"].is_unique and set(df["id"]) == {r["id"] for r in rows}
+    assert df["llm_label"].notna().all()
+    assert 0 < s.cached < 120 and again.rows == 120 - s.cached  # only the rows left went to the engine
+    assert "reused from the cache" in "\n".join(s.lines())
 
 
 def test_prior_calibration_matches_the_label_shares_without_llm_calls():
@@ -437,7 +390,7 @@ def test_engine_actor_killed_mid_run_every_id_once(ray_local, tmp_path):
 
     import psutil
     import ray
-    from conftest import REVIEWS
+    from conftest import REVIEWS, finished_parts
 
     from llambert_ray.annotate import annotate
     from llambert_ray.config import AnnotateConfig
@@ -459,7 +412,7 @@ def test_engine_actor_killed_mid_run_every_id_once(ray_local, tmp_path):
 
     def kill_engine_once_it_answers():
         deadline = time.time() + 1200
-        while time.time() < deadline and not list(cache.glob("*/*.parquet")):
+        while time.time() < deadline and not finished_parts(cache):
             time.sleep(0.5)
         actor = engine_actor()
         if actor is None:
@@ -471,7 +424,7 @@ def test_engine_actor_killed_mid_run_every_id_once(ray_local, tmp_path):
             except psutil.Error:
                 pass
         killed.update(at=time.time(), pids=[v.pid for v in victims],
-                      cached=sum(len(pd.read_parquet(f)) for f in cache.glob("*/*.parquet")))
+                      cached=sum(len(pd.read_parquet(f)) for f in finished_parts(cache)))
 
     killer = threading.Thread(target=kill_engine_once_it_answers, daemon=True)
     killer.start()
@@ -585,3 +538,21 @@ def test_served_engine_starts_early_only_when_the_cpus_hold_both(ray_local):
     assert engine.start_soon(spare_cpus=1.0) is False
     assert engine.start_soon(spare_cpus=0.5) is False
     assert engine._starting is None and engine.starts == 0
+
+
+def test_a_run_takes_the_callers_engine_only_if_it_is_the_configured_one():
+    """run_pipeline(engine=...): a kept engine serves the run as it is, never a different model or engine shape."""
+    from types import SimpleNamespace
+
+    from llambert_ray.annotate import run_engine
+    from llambert_ray.config import AnnotateConfig
+
+    kept = SimpleNamespace(cfg=AnnotateConfig(engine_lifetime="run", batch_size=8))
+    with run_engine(AnnotateConfig(engine_lifetime="run", mode="generate"), kept) as engine:
+        assert engine is kept  # how a call asks (mode, batch size) is the call's own
+    with pytest.raises(ValueError, match=r"model 'smollm2-135m-instruct' \(engine\) vs 'other' \(config\)"):
+        with run_engine(AnnotateConfig(engine_lifetime="run", model="other"), kept):
+            pass
+    with pytest.raises(ValueError, match="engine_lifetime: run"):
+        with run_engine(AnnotateConfig(), kept):
+            pass

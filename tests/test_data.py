@@ -83,6 +83,26 @@ def test_bad_corpora_fail_clearly(ray_local, tmp_path, rows, kw, needle):
         read_corpus(CorpusConfig(path=_write(tmp_path, rows), **kw), TASK)
 
 
+def test_duplicate_ids_are_found_across_blocks_and_partitions(ray_local, monkeypatch):
+    """The duplicate-id check on the cluster: ids hashed into partitions, each checked by its own task; duplicates
+    in one block, across blocks, and of other partitions are all counted, each once, and a clean corpus has none."""
+    import ray
+
+    from llambert_ray import data
+
+    ids = [f"r{i}" for i in range(3000)]
+    dupes = ["r5", "r5", "r1500", "r2999", "r2999", "r2999"]  # r5 three times, r1500 twice, r2999 four times
+    frames = [pd.DataFrame({"id": chunk}) for chunk in (ids[:1000] + dupes[:2], ids[1000:2000] + dupes[2:3],
+                                                         ids[2000:] + dupes[3:])]
+    ds = ray.data.from_pandas(frames)
+    monkeypatch.setattr(data, "IDS_PER_PARTITION", 500)  # 3006 rows -> 7 partitions
+    n, shown = data.duplicate_ids(ds, 3006, show=5)
+    assert n == 3 and set(shown) == {"r5", "r1500", "r2999"}
+    assert data.duplicate_ids(ray.data.from_pandas([pd.DataFrame({"id": ids})]), 3000) == (0, [])
+    monkeypatch.setattr(data, "IDS_PER_PARTITION", 10_000)  # one partition
+    assert data.duplicate_ids(ds, 3006, show=2)[0] == 3
+
+
 def test_missing_path_and_non_utf8(ray_local, tmp_path):
     with pytest.raises(CorpusError, match="does not exist"):
         read_corpus(CorpusConfig(path=str(tmp_path / "nope.parquet")))

@@ -24,7 +24,7 @@ corpus: {{path: {tmp_path / 'corpus.parquet'}, sample: 32, seed: 0}}
 test: {{path: {tmp_path / 'corpus.parquet'}}}
 evaluate: {{llm_test_sample: 6}}
 annotate: {{batch_size: 8, calibration: prior}}
-train: {{variants: [llm, gold, combined], epochs: 1, batch_size: 8, max_length: 48, workers: 2,
+train: {{variants: [llm, gold, combined], epochs: 1, batch_size: 8, max_length: 48, workers: 1,
          cpus_per_worker: 0.5}}
 label: {{batch_size: 16, max_length: 48, cpus_per_actor: 0.5}}
 """)
@@ -72,42 +72,3 @@ label: {{batch_size: 16, max_length: 48, cpus_per_actor: 0.5}}
     for stage in ["annotate", "train[llm]", "train[gold]", "train[combined]", "label", "evaluate"]:
         assert f"[{stage}] up to date" in second.output, stage
     assert json.loads((run_dir / "manifest.json").read_text())["stages"] == manifest["stages"]
-
-
-def test_active_selection_run(ray_local, tweets_frame, tmp_path):
-    """select.strategy active: the LLM budget (corpus.sample) is spent in rounds on rows a probe picks; the
-    report shows the learning curve; every other stage runs as usual."""
-    from conftest import balanced
-
-    from llambert_ray.config import load_config
-    from llambert_ray.pipeline import run_pipeline
-
-    pool = balanced(tweets_frame[tweets_frame["split"] == "train"], 30, seed=1)
-    pool[["id", "text", "label"]].to_parquet(tmp_path / "pool.parquet")
-    test = balanced(tweets_frame[tweets_frame["split"] == "test"], 30, seed=1)
-    test[["id", "text", "label"]].to_parquet(tmp_path / "test.parquet")
-    cfg = load_config(None, {
-        "name": "active", "output_dir": str(tmp_path / "runs"), "task": "tweet-sentiment",
-        "corpus": {"path": str(tmp_path / "pool.parquet"), "sample": 24, "seed": 0},
-        "test": {"path": str(tmp_path / "test.parquet")},
-        "annotate": {"batch_size": 8, "engine_lifetime": "run"},
-        "select": {"strategy": "active", "rounds": 2, "max_length": 48, "embed_batch_size": 32,
-                   "cpus_per_actor": 0.5},
-        "train": {"variants": ["llm"], "epochs": 1, "batch_size": 8, "max_length": 48, "workers": 1,
-                  "cpus_per_worker": 0.5},
-        "label": {"batch_size": 32, "max_length": 48, "cpus_per_actor": 0.5}, "cluster": {"num_cpus": 2}})
-    metrics = run_pipeline(cfg, log=lambda s: None)
-    run_dir = tmp_path / "runs" / "active"
-    ann = pd.read_parquet(run_dir / "annotations.parquet")
-    assert len(ann) == 24 and ann["id"].is_unique and set(ann["id"]) <= set(pool["id"])
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    rounds = manifest["stages"]["annotate"]["rounds"]
-    assert [r["llm_calls"] for r in rounds] == [12, 24]
-    # both rounds asked the one engine of the run (Ray Serve LLM): the model loaded once, not once a round
-    assert manifest["engine_starts"] == {"lifetime": "run", "starts": 1}
-    assert all(r["probe_accuracy"] is not None for r in rounds)
-    assert (run_dir / "plots" / "active_selection.png").exists()
-    assert "## Active selection" in (run_dir / "report.md").read_text()
-    labels = pd.read_parquet(run_dir / "labels.parquet")
-    assert len(labels) == 60 and set(labels["id"]) == set(pool["id"])
-    assert "llm" in metrics["variants"]

@@ -1,10 +1,15 @@
-"""The run-long engine (a Ray Serve LLM deployment called by handle, `annotate.engine_lifetime: run`) on the real
-vLLM engine, and the checks that differ per request, not per engine (modes, prompt styles, parsing, a rejected row,
-the answer cache, gold-knn shots and gold calibration): every test of this module asks the ONE engine of the
-module-scoped `served` fixture, as a run's annotate calls do, so the suite pays one engine start for all of them.
+"""The real vLLM engine both ways a run uses it, and the checks that differ per request, not per engine.
 
-Module-scoped, not session-scoped: the engine holds CPUs (0.6 of the 2 here) that other modules' stages need whole
-(a Ray Data read task asks for one CPU), so it goes away when this module is done."""
+- The per-call engine (Ray Data LLM's vLLM actor, `annotate.engine_lifetime: call`) through `llambert annotate`:
+  the module-scoped `per_call` fixture runs it once, on 40 reviews and a row it rejects.
+- The run-long engine (a Ray Serve LLM deployment called by handle, `engine_lifetime: run`): every other test asks
+  the ONE engine of the module-scoped `served` fixture (modes, prompt styles, parsing, a rejected row, the answer
+  cache, gold-knn shots and gold calibration), as a run's annotate calls do, and it must give the per-call
+  engine's answers. So the suite pays two engine starts for all of them.
+
+`served` starts after `per_call` has finished, so the two engines never hold CPUs together. Module-scoped, not
+session-scoped: the served engine holds CPUs (0.6 of the 2 here) that other modules' stages need whole (a Ray Data
+read task asks for one CPU), so it goes away when this module is done."""
 
 import json
 
@@ -18,12 +23,31 @@ pytestmark = [pytest.mark.ray, pytest.mark.llm, pytest.mark.timeout(1200)]
 
 TASK = load_task("imdb-sentiment")
 ROWS = [{"id": f"r{i:02d}", "text": t, "label": lab} for i, (t, lab) in enumerate(REVIEWS)]
-# the per-call engine beside the served one: both small enough to share 2 CPUs with the stages around them
-ENGINE_CPUS = 0.5
+ENGINE_CPUS = 0.5  # the served engine's: small enough to share 2 CPUs with the stages around it
 
 
 @pytest.fixture(scope="module")
-def served(ray_local):
+def per_call(ray_local, tmp_path_factory):
+    """`llambert annotate` on the per-call engine: 40 short reviews and one prompt longer than max_model_len
+    (256 here). Returns (output folder, input rows, the command's output)."""
+    from typer.testing import CliRunner
+
+    from llambert_ray.cli import app
+
+    tmp = tmp_path_factory.mktemp("per_call")
+    rows = [*ROWS, {"id": "too-long", "text": " ".join(r["text"] for r in ROWS[:8]) * 4, "label": "positive"}]
+    corpus = tmp / "reviews.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp / "run.yaml").write_text("annotate: {max_model_len: 256}\n")
+    out = tmp / "ann"
+    res = CliRunner().invoke(app, ["annotate", "--task", "imdb-sentiment", "--input", str(corpus), "--output",
+                                   str(out), "--mode", "score", "--batch-size", "8", "-c", str(tmp / "run.yaml")])
+    assert res.exit_code == 0, res.output
+    return out, rows, res.output
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, per_call):
     import ray
 
     from llambert_ray.annotate import SERVED_APP, ServedVLLMEngine
@@ -37,22 +61,59 @@ def served(ray_local):
     assert not [n for n in alive if SERVED_APP in n], alive  # the engine is gone with the run
 
 
-def test_served_engine_gives_the_per_call_engines_answers(served):
+def test_cli_annotates_reviews_with_real_vllm_and_a_row_it_rejects(per_call):
+    """The per-call path through `llambert annotate`: 40 short reviews through SmolLM2 (schema, ids, accuracy above
+    chance) and one prompt longer than max_model_len, which the real engine rejects alone. Ray Data LLM passes such
+    a row around the postprocess step, so this checks the conversion that follows it: the row comes out once, with
+    llm_error set, counted as failed, the output has only the documented columns (no `__inference_error__`), and
+    the next run sends that row, and only it, to the engine again."""
+    import ray
+
+    from llambert_ray.annotate import OUTPUT_COLUMNS, annotate, read_cache
+    from llambert_ray.config import AnnotateConfig
+
+    out, rows, output = per_call
+    assert "Traceback" not in output and "__inference_error__" not in output
+    assert "rows/s" in output
+    df = pd.read_parquet(out / "annotations.parquet")
+    assert list(df.columns) == ["id", "text", "label", *OUTPUT_COLUMNS]
+    assert len(df) == 41 and df["id"].is_unique and set(df["id"]) == {r["id"] for r in rows}
+    bad = df.set_index("id").loc["too-long"]
+    assert pd.isna(bad["llm_label"]) and "max" in bad["llm_error"].lower(), bad["llm_error"]
+    ok = df[df["id"] != "too-long"]
+    assert ok["llm_error"].isna().all() and ok["llm_label"].isin(["positive", "negative"]).all()
+    assert ok["llm_confidence"].between(0.5, 1.0).all()
+    acc = (ok["llm_label"] == ok["label"]).mean()
+    assert acc >= 0.75, f"accuracy {acc:.2f} on 40 easy reviews"
+    summary = json.loads((out / "annotate_summary.json").read_text())
+    assert summary["rows_in"] == 41 and summary["prompt_tokens"] > 40 * 20
+    assert summary["failed"] == 1 and summary["labelled"] == 40 and summary["dropped"] == 0
+    (folder,) = list((out / ".annotate_cache").iterdir())
+    assert all("__inference_error__" not in pd.read_parquet(p).columns for p in folder.glob("*.parquet"))
+    assert set(read_cache(folder)["id"]) == {r["id"] for r in ROWS}  # the failure is not reused
+
+    again = CountingEngine()  # the retry decision is the cache's, whatever engine answers
+    df2, s2 = annotate(ray.data.from_items(rows), TASK, AnnotateConfig(max_model_len=256, batch_size=8),
+                       engine=again, cache_dir=out / ".annotate_cache")
+    assert again.rows == 1 and s2.cached == 40 and s2.failed == 0 and len(df2) == 41
+
+
+def test_served_engine_gives_the_per_call_engines_answers(per_call, served):
     """Score mode, completion prompts: the served engine's labels and label log-probs are the per-call engine's
-    (Ray Data LLM's vLLM actor) on the same rows, and 40 easy reviews come out right."""
+    (Ray Data LLM's vLLM actor, the `per_call` run) on the same 40 reviews, and they come out right."""
     import ray
 
     from llambert_ray.annotate import annotate
     from llambert_ray.config import AnnotateConfig
 
+    own = pd.read_parquet(per_call[0] / "annotations.parquet").set_index("id").loc[[r["id"] for r in ROWS]]
     score = AnnotateConfig(mode="score", batch_size=8, cpus_per_engine=ENGINE_CPUS)
-    own, _ = annotate(ray.data.from_items(ROWS[:12]), TASK, score)  # the per-call engine, for comparison
     df, s = annotate(ray.data.from_items(ROWS), TASK, score, engine=served)
     assert served.starts == 1
     assert len(df) == 40 and set(df["id"]) == {r["id"] for r in ROWS} and df["id"].is_unique
     assert df["llm_label"].isin(["positive", "negative"]).all()
     assert (df["llm_label"] == df["label"]).mean() >= 0.75 and s.prompt_tokens > 40 * 20
-    same = df.set_index("id").loc[own["id"]]
+    same = df.set_index("id").loc[own.index]
     assert (same["llm_label"].to_numpy() == own["llm_label"].to_numpy()).all()
     scores = [json.loads(r) for r in same["llm_raw"]], [json.loads(r) for r in own["llm_raw"]]
     assert max(abs(a[k] - b[k]) for a, b in zip(*scores, strict=True) for k in a) < 0.05
@@ -94,6 +155,46 @@ def test_a_row_the_served_engine_refuses_is_its_llm_error_and_answers_stream_int
     again = CountingEngine()
     df, s = annotate(ray.data.from_items([*ROWS[:20], too_long]), TASK, cfg, engine=again, cache_dir=cache)
     assert s.cached == 20 and again.rows == 1 and len(df) == 21 and served.starts == 1
+
+
+def test_active_selection_run(served, tweets_frame, tmp_path):
+    """`llambert run` with select.strategy active: the LLM budget (corpus.sample) is spent in rounds on rows a probe
+    picks; the report shows the learning curve; every other stage runs as usual. The run gets the module's served
+    engine (run_pipeline's `engine`, as a notebook keeps one across runs): every round asks it, no other starts."""
+    from conftest import balanced
+
+    from llambert_ray.config import load_config
+    from llambert_ray.pipeline import run_pipeline
+
+    pool = balanced(tweets_frame[tweets_frame["split"] == "train"], 30, seed=1)
+    pool[["id", "text", "label"]].to_parquet(tmp_path / "pool.parquet")
+    test = balanced(tweets_frame[tweets_frame["split"] == "test"], 30, seed=1)
+    test[["id", "text", "label"]].to_parquet(tmp_path / "test.parquet")
+    cfg = load_config(None, {
+        "name": "active", "output_dir": str(tmp_path / "runs"), "task": "tweet-sentiment",
+        "corpus": {"path": str(tmp_path / "pool.parquet"), "sample": 24, "seed": 0},
+        "test": {"path": str(tmp_path / "test.parquet")},
+        "annotate": {"batch_size": 8, "engine_lifetime": "run", "cpus_per_engine": ENGINE_CPUS},
+        "select": {"strategy": "active", "rounds": 2, "max_length": 48, "embed_batch_size": 32,
+                   "cpus_per_actor": 0.5},
+        "train": {"variants": ["llm"], "epochs": 1, "batch_size": 8, "max_length": 48, "workers": 1,
+                  "cpus_per_worker": 0.5},
+        "label": {"batch_size": 32, "max_length": 48, "cpus_per_actor": 0.5}, "cluster": {"num_cpus": 2}})
+    metrics = run_pipeline(cfg, log=lambda s: None, engine=served)
+    run_dir = tmp_path / "runs" / "active"
+    ann = pd.read_parquet(run_dir / "annotations.parquet")
+    assert len(ann) == 24 and ann["id"].is_unique and set(ann["id"]) <= set(pool["id"])
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    rounds = manifest["stages"]["annotate"]["rounds"]
+    assert [r["llm_calls"] for r in rounds] == [12, 24]
+    # both rounds asked the one engine (Ray Serve LLM): the model loaded once, not once a round
+    assert manifest["engine_starts"] == {"lifetime": "run", "starts": 1} and served.starts == 1
+    assert all(r["probe_accuracy"] is not None for r in rounds)
+    assert (run_dir / "plots" / "active_selection.png").exists()
+    assert "## Active selection" in (run_dir / "report.md").read_text()
+    labels = pd.read_parquet(run_dir / "labels.parquet")
+    assert len(labels) == 60 and set(labels["id"]) == set(pool["id"])
+    assert "llm" in metrics["variants"]
 
 
 NEWS = [  # written for these tests: 4 per topic
