@@ -45,11 +45,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from llambert_ray.preflight import PreflightError
     from llambert_ray.ray_env import RayStartError, UnsharedPathError
     from llambert_ray.serve import ServeError
+    from llambert_ray.sql import SqlError
     from llambert_ray.tasks import TaskError
     from llambert_ray.train import TrainError
 
     return (ConfigError, CorpusError, TaskError, ModelNotFoundError, AnnotationError, TrainError, LabelError,
-            PreflightError, UnsharedPathError, RayStartError, ServeError)
+            PreflightError, UnsharedPathError, RayStartError, ServeError, SqlError)
 
 
 def friendly_errors(fn):
@@ -199,13 +200,31 @@ def train(
     typer.echo(f"logs: {output / 'logs'}")
 
 
+DB_URL_HELP = "sqlite:///FILE.db or postgresql://USER@HOST:PORT/DBNAME (no password in it: --password-env)"
+
+
+def _is_db_url(value: str | None) -> bool:
+    return bool(value) and value.split("://", 1)[0].split("+")[0] in ("sqlite", "postgresql", "postgres")
+
+
 @app.command()
 @friendly_errors
 def label(
     model: Path = typer.Option(..., "--model", "-m", help="trained model folder (OUTPUT/model of train)"),
-    input: str = typer.Option(..., "--input", "-i", help="corpus to label (any supported format)"),
-    output: Path = typer.Option(..., "--output", "-o", help="folder for labels.parquet, label_summary.json and "
-                                "logs/"),
+    input: str | None = typer.Option(None, "--input", "-i", help="corpus to label: a file or folder (any supported "
+                                     "format), or a database: " + DB_URL_HELP + " with --table or --query"),
+    output: str = typer.Option(..., "--output", "-o", help="folder for labels.parquet, label_summary.json and "
+                               "logs/; or a database (" + DB_URL_HELP + "): labels upserted into --output-table"),
+    table: str | None = typer.Option(None, "--table", help="database corpus: the table to read"),
+    query: str | None = typer.Option(None, "--query", help="database corpus: a SELECT to read (instead of --table)"),
+    password_env: str | None = typer.Option(None, "--password-env", help="database corpus: the environment "
+                                            "variable holding its password"),
+    output_table: str | None = typer.Option(None, "--output-table", help="database output: the labels table "
+                                            "(default llambert_labels; created when missing, rows keyed by id)"),
+    output_password_env: str | None = typer.Option(None, "--output-password-env", help="database output: the "
+                                                   "environment variable holding its password"),
+    report_dir: Path | None = typer.Option(None, "--report-dir", help="folder for label_summary.json and logs/ "
+                                           "(default: the output folder; ./label-report for a database)"),
     id_column: str | None = typer.Option(None, "--id-column"),
     text_column: str | None = typer.Option(None, "--text-column"),
     label_column: str | None = typer.Option(None, "--label-column", help="gold labels, kept as `gold`"),
@@ -219,16 +238,37 @@ def label(
     preflight: bool = PreflightOpt,
 ) -> None:
     """Label a whole corpus with a trained classifier: OUTPUT/labels.parquet (id, label, prob_<class>..., error,
-    gold when the corpus has labels), OUTPUT/label_summary.json and OUTPUT/logs/."""
-    cfg = _config(config, {"task": task, "corpus.path": input, "corpus.id_column": id_column,
-                           "corpus.text_column": text_column, "corpus.label_column": label_column,
-                           "label.batch_size": batch_size, "label.concurrency": concurrency,
-                           "cluster.address": address}, set_, preflight)
+    gold when the corpus has labels), OUTPUT/label_summary.json and OUTPUT/logs/. A database corpus or output
+    (SQLite, PostgreSQL) is read and written by Ray Data's read_sql / write_sql: reads sharded by the id column,
+    labels upserted by id, so a rerun replaces rows and never duplicates them."""
+    into_db = _is_db_url(output)
+    overrides: dict[str, Any] = {"task": task, "corpus.id_column": id_column, "corpus.text_column": text_column,
+                                 "corpus.label_column": label_column, "label.batch_size": batch_size,
+                                 "label.concurrency": concurrency, "cluster.address": address}
+    if _is_db_url(input):
+        overrides.update({"corpus.sql.url": input, "corpus.sql.table": table, "corpus.sql.query": query,
+                          "corpus.sql.password_env": password_env})
+    else:
+        if table or query:
+            raise typer.BadParameter("--table / --query read a database; --input is not a database URL ("
+                                     + DB_URL_HELP + ")")
+        overrides["corpus.path"] = input
+    if into_db:
+        overrides.update({"label.sql.url": output, "label.sql.table": output_table,
+                          "label.sql.password_env": output_password_env})
+    cfg = _config(config, overrides, set_, preflight)
     from llambert_ray.label import label_corpus
 
-    summary = label_corpus(cfg, model, output / "labels.parquet")
+    if into_db:
+        report = report_dir or Path("label-report")
+        summary = label_corpus(cfg, model, None, report)
+        where = f"table {cfg.label.sql.table or 'llambert_labels'} of {output}"
+    else:
+        report = report_dir or Path(output)
+        summary = label_corpus(cfg, model, Path(output) / "labels.parquet", report)
+        where = str(Path(output) / "labels.parquet")
     typer.echo("\n".join(summary.lines()))
-    typer.echo(f"wrote {output / 'labels.parquet'}; logs: {output / 'logs'}")
+    typer.echo(f"wrote {where}; summary and logs: {report}")
 
 
 @app.command()

@@ -25,11 +25,64 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+SQL_SCHEMES = ("sqlite", "postgresql", "postgres")
+
+
+class SqlConfig(_Strict):
+    """A table or query of a SQL database (corpus), or the table labels go to (label sink)."""
+
+    url: str = Field(..., description="sqlite:///path/to/file.db (the standard library's sqlite3) or "
+                                      "postgresql://USER@HOST:PORT/DBNAME (psycopg); never a password: see "
+                                      "password_env")
+    password_env: str | None = Field(None, description="name of the environment variable that holds the "
+                                                       "password (read where the job starts; never written out)")
+    table: str | None = Field(None, description="corpus: read this whole table; label sink: the labels table "
+                                                "(created when missing, rows keyed by id)")
+    query: str | None = Field(None, description="corpus: a SELECT whose columns include the id and text "
+                                                "columns (instead of table)")
+    rows_per_shard: int = Field(200_000, gt=0, description="corpus: rows per parallel read task (each task "
+                                                           "selects its shard by a hash of the id column)")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme.split("+")[0] not in SQL_SCHEMES:
+            raise ValueError(f"a database URL starts with sqlite:/// or postgresql://, got scheme "
+                             f"{parts.scheme!r}")
+        if parts.password is not None:  # the message must not repeat the URL: it holds the password
+            raise ValueError("the database URL holds a password; fix: remove it from the URL and put it in an "
+                             "environment variable named by password_env (e.g. password_env: "
+                             "LLAMBERT_DB_PASSWORD)")
+        if parts.scheme == "sqlite" and not parts.path.strip("/"):
+            raise ValueError("a SQLite URL names its file: sqlite:///relative/file.db or "
+                             "sqlite:////absolute/file.db")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SqlConfig:
+        if self.table and self.query:
+            raise ValueError("give either table or query, not both")
+        return self
+
+    @property
+    def dialect(self) -> str:
+        return "sqlite" if self.url.startswith("sqlite") else "postgresql"
+
+    def describe(self) -> str:
+        """Where, for messages and reports: the URL (it holds no password) and the table or query."""
+        what = f"table {self.table}" if self.table else f"query {self.query!r}" if self.query else ""
+        return f"{self.url} {what}".strip()
+
+
 class CorpusConfig(_Strict):
     """Where the corpus is and which columns hold what."""
 
     path: str | None = Field(None, description="parquet/jsonl/csv file or folder, aclImdb folder or .tar.gz; "
                                                "local path or pyarrow URI (s3://, gs://)")
+    sql: SqlConfig | None = Field(None, description="a SQL table or query as the corpus (instead of path)")
     format: Literal["auto", "parquet", "jsonl", "csv", "aclimdb"] = "auto"
     id_column: str | None = Field("id", description="column with unique row ids; null = number the rows")
     text_column: str = "text"
@@ -60,7 +113,15 @@ class CorpusConfig(_Strict):
     def _one_sampling(self) -> CorpusConfig:
         if self.sample is not None and self.fraction is not None:
             raise ValueError("give either sample (rows) or fraction, not both")
+        if self.sql is not None and self.path:
+            raise ValueError("give either path (files) or sql (a database), not both")
+        if self.sql is not None and not (self.sql.table or self.sql.query):
+            raise ValueError("corpus.sql needs a table or a query to read")
         return self
+
+    def describe(self) -> str:
+        """The corpus's source for messages: its path, or its database and table / query."""
+        return self.sql.describe() if self.sql is not None else repr(self.path)
 
 
 class AnnotateConfig(_Strict):
@@ -174,6 +235,8 @@ class LabelConfig(_Strict):
     sub_batch_size: int = Field(32, gt=0, description="rows per forward pass, length-sorted within a batch "
                                 "(CPU: 32; GPU: 128-256)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    sql: SqlConfig | None = Field(None, description="`llambert label`: write the labels to this database table "
+                                                    "(rows keyed by id: a rerun replaces them) instead of parquet")
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: the encoder's Linear layers dynamically quantized on CPU actors (~1.8-2x rows/s, "
                             "accuracy within half a point on IMDb; bench/quantize.py); GPU actors keep dtype")

@@ -92,12 +92,12 @@ def check_corpus_path(cfg: CorpusConfig | None, where: str = "corpus.path") -> N
     """Fail before Ray starts when a corpus is not given or a local corpus path does not exist (a URI is read, and
     checked, by the Ray Data read itself: its credentials may exist only on the cluster). `where`: the key or flag
     that gave the path, for the message."""
-    if cfg is None:
+    if cfg is None or cfg.sql is not None:  # a database is checked by read_corpus, on the driver, before any task
         return
     if not cfg.path:
         raise CorpusError(f"no corpus given ({where}); fix: pass --input PATH or set {where} in the config")
     if "://" not in cfg.path and not Path(cfg.path).expanduser().exists():
-        raise CorpusError(f"corpus path {cfg.path!r} ({where}) does not exist; fix: pass an existing file or "
+        raise CorpusError(f"corpus path {cfg.describe()} ({where}) does not exist; fix: pass an existing file or "
                           f"folder (parquet, jsonl, csv, aclImdb)")
 
 
@@ -147,6 +147,14 @@ def _read_aclimdb(path: str):
 def _read_raw(cfg: CorpusConfig):
     import ray
 
+    if cfg.sql is not None:
+        from llambert_ray.sql import SqlError, read_dataset, source_columns
+
+        try:
+            _, rows = source_columns(cfg.sql)
+        except SqlError as e:
+            raise CorpusError(f"corpus.sql: {e}") from e
+        return read_dataset(cfg.sql, cfg.id_column, rows, LIGHT_CPUS)
     assert cfg.path is not None
     fmt = detect_format(cfg.path) if cfg.format == "auto" else cfg.format
     if fmt == "aclimdb":
@@ -217,16 +225,16 @@ def read_corpus(cfg: CorpusConfig, task: Task | None = None, *, validate: bool =
     Raises CorpusError for a missing path or column, non-string / empty texts, duplicate ids or an empty corpus.
     Returns (dataset, CorpusInfo).
     """
-    if not cfg.path:
-        raise CorpusError("no corpus given; fix: pass --input PATH or set corpus.path in the config")
+    if not cfg.path and cfg.sql is None:
+        raise CorpusError("no corpus given; fix: pass --input PATH or set corpus.path (or corpus.sql) in the config")
     ds = _read_raw(cfg)
     try:
         schema = ds.schema()
     except Exception as e:
-        raise CorpusError(f"cannot read corpus {cfg.path!r}: {_root_message(e)}; fix: check that the file is "
+        raise CorpusError(f"cannot read corpus {cfg.describe()}: {_root_message(e)}; fix: check that the file is "
                           f"valid {cfg.format if cfg.format != 'auto' else 'parquet/jsonl/csv'} in UTF-8") from e
     if schema is None:
-        raise CorpusError(f"corpus {cfg.path!r} is empty (no rows); fix: pass a corpus with rows")
+        raise CorpusError(f"corpus {cfg.describe()} is empty (no rows); fix: pass a corpus with rows")
     label_col = _check_columns(cfg, schema)
     ds = ds.map_batches(_normalize_batch, batch_format="pandas", **LIGHT,
                         fn_kwargs=dict(id_col=cfg.id_column, text_col=cfg.text_column, label_col=label_col,
@@ -244,19 +252,19 @@ def _check_columns(cfg: CorpusConfig, schema) -> str | None:
     roles = [("text_column", cfg.text_column)] + ([("id_column", cfg.id_column)] if cfg.id_column else [])
     for key, col in roles:
         if col not in cols:
-            raise CorpusError(f"corpus {cfg.path!r} has no column {col!r} (corpus.{key}); it has {cols}; "
+            raise CorpusError(f"corpus {cfg.describe()} has no column {col!r} (corpus.{key}); it has {cols}; "
                               f"fix: set corpus.{key} (--{key.replace('_', '-')}) to one of them")
     for col in cfg.filters:
         if col not in cols:
-            raise CorpusError(f"corpus {cfg.path!r} has no column {col!r} to filter on; it has {cols}; "
+            raise CorpusError(f"corpus {cfg.describe()} has no column {col!r} to filter on; it has {cols}; "
                               f"fix: correct corpus.filters")
     text_type = schema.types[cols.index(cfg.text_column)]
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)
             or pa.types.is_dictionary(text_type)):
         if pa.types.is_binary(text_type) or pa.types.is_large_binary(text_type):
-            raise CorpusError(f"column {cfg.text_column!r} of {cfg.path!r} holds bytes that are not valid UTF-8 "
+            raise CorpusError(f"column {cfg.text_column!r} of {cfg.describe()} holds bytes that are not valid UTF-8 "
                               f"text; fix: re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
-        raise CorpusError(f"column {cfg.text_column!r} of {cfg.path!r} holds {text_type}, not text; fix: point "
+        raise CorpusError(f"column {cfg.text_column!r} of {cfg.describe()} holds {text_type}, not text; fix: point "
                           f"corpus.text_column at the column with the texts")
     return cfg.label_column if not cfg.label_column or cfg.label_column in cols else None
 
@@ -272,22 +280,22 @@ def _validate_rows(cfg: CorpusConfig, task: Task | None, ds, label_col: str | No
         # one row of stats a block (not a batch): the driver holds a few hundred bytes per block of the corpus
         stats = ds.map_batches(_batch_stats, batch_format="pandas", batch_size=None, **LIGHT).to_pandas()
     except Exception as e:
-        raise CorpusError(f"cannot read corpus {cfg.path!r}: {_root_message(e)}; fix: check the file is "
+        raise CorpusError(f"cannot read corpus {cfg.describe()}: {_root_message(e)}; fix: check the file is "
                           f"valid and UTF-8 encoded") from e
     info.rows = int(stats["rows"].sum()) if len(stats) else 0
     if info.rows == 0:
-        raise CorpusError(f"corpus {cfg.path!r} has no rows" + (f" after filters {cfg.filters}"
+        raise CorpusError(f"corpus {cfg.describe()} has no rows" + (f" after filters {cfg.filters}"
                           if cfg.filters else "") + "; fix: pass a corpus with rows or loosen the filters")
     for kind, what in (("null", "no text (null)"), ("nonstr", "non-string text"), ("empty", "empty text")):
         n = int(stats[f"n_{kind}"].sum())
         if n and not (kind == "empty" and cfg.empty_text == "drop"):
             ids = [i for sub in stats[f"{kind}_ids"] for i in sub][:5]
-            raise CorpusError(f"{n} rows of {cfg.path!r} have {what} (e.g. ids {ids}); fix: clean the "
+            raise CorpusError(f"{n} rows of {cfg.describe()} have {what} (e.g. ids {ids}); fix: clean the "
                               f"corpus" + (" or set corpus.empty_text: drop" if kind == "empty" else ""))
     labels = sorted({lab for sub in stats["labels"] for lab in sub})
     bad = [lab[len(_INVALID):] for lab in labels if lab.startswith(_INVALID)]
     if bad and task is not None:
-        raise CorpusError(f"corpus {cfg.path!r}, column {label_col!r}: gold labels {bad[:5]} are not labels "
+        raise CorpusError(f"corpus {cfg.describe()}, column {label_col!r}: gold labels {bad[:5]} are not labels "
                           f"of task {task.name!r} ({task.labels}); fix: add them to gold_label_map in the "
                           f"task YAML, or set corpus.label_column: null")
     if cfg.empty_text == "drop" and int(stats["n_empty"].sum()):
@@ -299,7 +307,7 @@ def _validate_rows(cfg: CorpusConfig, task: Task | None, ds, label_col: str | No
     else:
         n_dup, dup = duplicate_ids(ds, info.rows)
         if n_dup:
-            raise CorpusError(f"corpus {cfg.path!r} has {n_dup} duplicate ids in column {cfg.id_column!r} (e.g. "
+            raise CorpusError(f"corpus {cfg.describe()} has {n_dup} duplicate ids in column {cfg.id_column!r} (e.g. "
                               f"{dup}); fix: make ids unique or set corpus.id_column: null to number the rows")
     if label_col:
         counts: dict[str, int] = {}

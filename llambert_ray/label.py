@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from llambert_ray.config import LabelConfig
+from llambert_ray.config import LabelConfig, SqlConfig
 from llambert_ray.progress import Progress
 from llambert_ray.ray_env import torch_threads
 
@@ -228,30 +228,52 @@ def label_dataset(ds, model_dir: str | Path, cfg: LabelConfig, progress: Callabl
         num_cpus=cfg.cpus_per_actor, **({"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor else {}))
 
 
-def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path) -> LabelSummary:
-    """Label every row of `ds` into OUTPUT (a parquet folder, published whole: data.write_parquet). Returns its
-    summary.
+def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path | SqlConfig) -> LabelSummary:
+    """Label every row of `ds` into OUTPUT: a parquet folder (published whole: data.write_parquet) or a database
+    table (SqlConfig: rows upserted by id, sql.write_labels). Returns its summary.
 
     Streaming, so the driver's memory does not grow with the corpus: the actors' predictions go to Ray Data's
     write tasks block by block as they are made (its backpressure bounds what waits in the object store; nothing
-    is materialized), and the summary is counted afterwards from the published files (`output_counts`). Counting
-    what was written, not the batches as they passed, keeps it exact when Ray redid a batch (an actor died, a task
-    was retried): its rows are written once (a retried write task rewrites its own file name), while the progress
-    tally, called as each batch finishes, counts them again.
+    is materialized), and the summary is counted afterwards from what was written (`output_counts`; for a table,
+    one GROUP BY of this call's rows in the database). Counting what was written, not the batches as they passed,
+    keeps it exact when Ray redid a batch (an actor died, a task was retried): its rows are written once (a
+    retried write task rewrites its own file name, or upserts the same ids), while the progress tally, called as
+    each batch finishes, counts them again.
     """
     from llambert_ray.data import write_parquet
 
     t0 = time.time()
     with Progress("label", ds.count()) as bar:
         # counted batch by batch inside the classifier: the corpus may be one block, which leaves an operator whole
-        write_parquet(label_dataset(ds, model_dir, cfg, progress=bar.tally()), output)
+        preds = label_dataset(ds, model_dir, cfg, progress=bar.tally())
+        if isinstance(output, SqlConfig):
+            counts = _label_into_table(preds, model_labels(model_dir), output)
+        else:
+            write_parquet(preds, output)
+            counts = output_counts(output)
         seconds = time.time() - t0
-        counts = output_counts(output)
         bar.close(counts.rows)  # the final line says the rows written, not the tally's (redone batches twice)
     return LabelSummary(rows=counts.rows, seconds=seconds, rows_per_s=counts.rows / max(seconds, 1e-9),
                         label_counts=counts.label_counts, accuracy=counts.accuracy, failed=counts.failed,
                         precision=encoder_precision("cuda" if cfg.gpus_per_actor else "cpu", cfg.dtype, cfg.quantize),
                         errors=counts.top_errors() or None)
+
+
+def _label_into_table(preds, labels: list[str], output: SqlConfig) -> OutputCounts:
+    """Upsert `preds` into the labels table under a new run id; the counts of that run's rows."""
+    import uuid
+
+    from llambert_ray.ray_env import LIGHT_CPUS
+    from llambert_ray.sql import run_counts, write_labels
+
+    run_id = uuid.uuid4().hex
+    write_labels(preds, output, ["id", "label", *[f"prob_{c}" for c in labels], "gold", "error"], run_id,
+                 num_cpus=LIGHT_CPUS)
+    counts = OutputCounts()
+    for lab, reason, gold, n in run_counts(output, run_id, REASON_CHARS):
+        counts.add_group(lab, reason, gold, int(n))
+    counts.label_counts = dict(sorted(counts.label_counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return counts
 
 
 # a failure reason is counted by its first 200 characters: the same error on rows of other lengths stays one reason
@@ -278,6 +300,18 @@ class OutputCounts:
     def top_errors(self, n: int = 5) -> dict[str, int]:
         """The n most frequent failure reasons with their row counts (ties in reason order, so runs agree)."""
         return dict(sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:n])
+
+    def add_group(self, label: str | None, reason: str | None, gold: str | None, n: int) -> None:
+        """Add `n` rows that share a label, a failure reason (None: labelled) and a gold label (None: no gold)."""
+        self.rows += n
+        if reason is not None:
+            self.failed += n
+            self.reasons[str(reason)] = self.reasons.get(str(reason), 0) + n
+            return
+        self.label_counts[str(label)] = self.label_counts.get(str(label), 0) + n
+        if gold is not None:
+            self.graded += n
+            self.correct += n if str(label) == str(gold) else 0
 
     def add(self, frame: pd.DataFrame) -> None:
         """Add the counts of one frame of a labels output (columns label, error[, gold])."""
@@ -310,18 +344,54 @@ def output_counts(output: str | Path) -> OutputCounts:
     return counts
 
 
-def label_corpus(cfg, model_dir: str | Path, output: str | Path) -> LabelSummary:
-    """The `llambert label` command: read cfg.corpus (all rows) and label it with the model folder."""
+def label_corpus(cfg, model_dir: str | Path, output: str | Path | None, report_dir: str | Path | None = None
+                 ) -> LabelSummary:
+    """The `llambert label` command: read cfg.corpus (all rows) and label it with the model folder into OUTPUT
+    (labels.parquet), or into the table cfg.label.sql when OUTPUT is None. label_summary.json and logs/ go to
+    REPORT_DIR (default: OUTPUT's folder)."""
     from llambert_ray.data import check_corpus_path, read_corpus
     from llambert_ray.ray_env import init_ray, require_shared_path
     from llambert_ray.tasks import load_task
 
     model_labels(model_dir)  # a wrong model folder, path or task fails here, before Ray starts
     check_corpus_path(cfg.corpus)
+    sink: str | Path | SqlConfig
+    if output is None:
+        if cfg.label.sql is None:
+            raise LabelError("no output given; fix: pass --output FOLDER or a database URL, or set label.sql")
+        sink = cfg.label.sql
+        _check_sink(sink)
+    else:
+        sink = output
+    report = Path(report_dir) if report_dir is not None else Path(str(output)).parent
     task = load_task(cfg.task) if cfg.task else None
-    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=Path(output).parent / "logs")
-    require_shared_path(output, "--output")
+    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=report / "logs")
+    if isinstance(sink, SqlConfig):
+        if sink.dialect == "sqlite":
+            from llambert_ray.sql import sqlite_path
+
+            require_shared_path(sqlite_path(sink.url), "the SQLite file of label.sql.url")
+    else:
+        require_shared_path(sink, "--output")
     ds, _ = read_corpus(cfg.corpus, task, hold=False)  # one pass: streamed, never held whole
-    summary = label(ds, model_dir, cfg.label, output)
-    Path(output).with_name("label_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    summary = label(ds, model_dir, cfg.label, sink)
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "label_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return summary
+
+
+def _check_sink(sink: SqlConfig) -> None:
+    """Fail before Ray starts when the labels table cannot be reached (connection, password variable)."""
+    from llambert_ray.sql import connector
+
+    conn = connector(sink)  # raises for a missing password variable
+    if sink.dialect == "sqlite":
+        from llambert_ray.sql import sqlite_path
+
+        parent = Path(sqlite_path(sink.url)).expanduser().parent
+        if not parent.is_dir():
+            raise LabelError(f"the folder of the SQLite file {sink.url} does not exist; fix: create {parent}")
+    else:
+        from llambert_ray.sql import open_connection
+
+        open_connection(conn, sink.url).close()

@@ -167,3 +167,20 @@ def offline_hub(tmp_path_factory, tiny_llama, tiny_roberta) -> Path:
     make_hub_cache(home, "rehearsal/tiny-llama-tp2", tiny_llama)
     make_hub_cache(home, "rehearsal/tiny-roberta", tiny_roberta)
     return home
+
+
+@pytest.fixture(scope="session")
+def untrained_model(tmp_path_factory):
+    """The packaged encoder with a fresh 2-label head, saved like a trained model (labelling mechanics only)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from llambert_ray.models import resolve_model
+
+    src = resolve_model("minilm-l6")
+    out = tmp_path_factory.mktemp("m") / "model"
+    m = AutoModelForSequenceClassification.from_pretrained(src, num_labels=2,
+                                                           id2label={0: "positive", 1: "negative"},
+                                                           label2id={"positive": 0, "negative": 1})
+    m.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out

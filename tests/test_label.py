@@ -9,23 +9,6 @@ from llambert_ray.label import LabelError, model_labels
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
-@pytest.fixture(scope="module")
-def untrained_model(tmp_path_factory):
-    """The packaged encoder with a fresh 2-label head, saved like a trained model (labelling mechanics only)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from llambert_ray.models import resolve_model
-
-    src = resolve_model("minilm-l6")
-    out = tmp_path_factory.mktemp("m") / "model"
-    m = AutoModelForSequenceClassification.from_pretrained(src, num_labels=2,
-                                                           id2label={0: "positive", 1: "negative"},
-                                                           label2id={"positive": 0, "negative": 1})
-    m.save_pretrained(out)
-    AutoTokenizer.from_pretrained(src).save_pretrained(out)
-    return out
-
-
 def test_every_id_exactly_once(ray_local, tweets_frame, untrained_model, tmp_path):
     import pandas as pd
 

@@ -1,0 +1,254 @@
+"""SQL databases as a corpus and as the label sink, through Ray Data's `read_sql` / `write_sql`.
+
+Two dialects, each a DB-API 2 connection: SQLite (`sqlite:///file.db`, the standard library's sqlite3: nothing to
+install, one file every node must see) and PostgreSQL (`postgresql://USER@HOST:PORT/DBNAME`, psycopg 3).
+
+- Reading: a table or a SELECT, split into shards of about `rows_per_shard` rows by a hash of the id column, one
+  Ray Data read task per shard (each task's query selects its shard; the database scans once per shard).
+- Writing: a labels table keyed by id, created when missing; every write task upserts its rows (INSERT ... ON
+  CONFLICT (id) DO UPDATE), so a rerun, or a write task Ray retries, replaces rows and never duplicates them. Each
+  row carries the `run_id` of the `llambert label` call that wrote it: the summary counts that run's rows with one
+  GROUP BY in the database (no row reaches the driver).
+- Secrets: a URL with a password is refused (config.SqlConfig); the password comes from the environment variable
+  named by `password_env`, read on the driver, and travels to Ray's tasks inside the connection factory only:
+  never in a config dump, manifest, log line, report or error message.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from llambert_ray.config import SqlConfig
+
+LABELS_TABLE = "llambert_labels"
+
+
+class SqlError(ValueError):
+    """The database cannot be used as configured; the message names the input and the fix (never a password)."""
+
+
+def quote(name: str) -> str:
+    """A SQL identifier, quoted (both dialects use double quotes); `schema.table` quotes each part."""
+    parts = name.split(".")
+    for p in parts:
+        if not p or "\x00" in p:
+            raise SqlError(f"{name!r} is not a table or column name; fix: name it as the database does")
+    return ".".join('"' + p.replace('"', '""') + '"' for p in parts)
+
+
+def _shard_hash(value: Any) -> int:
+    """SQLite's shard hash (registered as llambert_shard on every connection): CRC-32 of the value's text."""
+    return zlib.crc32(str(value).encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class Connector:
+    """A picklable DB-API connection factory for Ray's tasks. Its repr leaves the password out."""
+
+    dialect: str
+    url: str
+    password: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Connector({self.url}{', password set' if self.password else ''})"
+
+    def __call__(self):
+        if self.dialect == "sqlite":
+            import sqlite3
+
+            conn = sqlite3.connect(sqlite_path(self.url), timeout=300)  # write tasks wait for SQLite's one writer
+            conn.create_function("llambert_shard", 1, _shard_hash, deterministic=True)
+            return conn
+        try:
+            import psycopg
+        except ImportError as e:
+            raise SqlError("PostgreSQL needs psycopg; fix: pip install 'psycopg[binary]' (make setup installs "
+                           "it)") from e
+        parts = urlsplit(self.url)
+        kwargs: dict[str, Any] = {"host": parts.hostname or "localhost", "port": parts.port or 5432,
+                                  "dbname": unquote(parts.path.lstrip("/")) or "postgres",
+                                  "user": unquote(parts.username or "") or None, "password": self.password,
+                                  "connect_timeout": 30}
+        return psycopg.connect(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def sqlite_path(url: str) -> str:
+    """The file of a sqlite:/// URL (sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db)."""
+    return url.split("://", 1)[1][1:]
+
+
+def connector(cfg: SqlConfig) -> Connector:
+    """The connection factory for `cfg`, its password read from the environment variable `cfg.password_env`."""
+    password = None
+    if cfg.password_env:
+        password = os.environ.get(cfg.password_env)
+        if password is None:
+            raise SqlError(f"the environment variable {cfg.password_env} (password_env of {cfg.url}) is not set; "
+                           f"fix: export {cfg.password_env}=... where the job starts")
+    return Connector(cfg.dialect, cfg.url, password)
+
+
+def open_connection(conn_factory: Connector, what: str):
+    try:
+        return conn_factory()
+    except SqlError:
+        raise
+    except Exception as e:
+        raise SqlError(f"cannot connect to {what}: {_reason(e, conn_factory)}; fix: check the URL, that the "
+                       f"server runs, the user and its password (password_env)") from e
+
+
+def _reason(e: BaseException, conn_factory: Connector) -> str:
+    """An exception's message with the password taken out, should a driver ever repeat it."""
+    msg = " ".join(str(e).split())[:400]
+    return msg.replace(conn_factory.password, "***") if conn_factory.password else msg
+
+
+def source_query(cfg: SqlConfig) -> str:
+    if cfg.query:
+        return cfg.query.strip().rstrip(";")
+    assert cfg.table
+    return f"SELECT * FROM {quote(cfg.table)}"
+
+
+def source_columns(cfg: SqlConfig) -> tuple[list[str], int]:
+    """The columns of the corpus's table / query and its row count, asked on the driver (clear errors before any
+    Ray task starts)."""
+    conn_factory = connector(cfg)
+    conn = open_connection(conn_factory, cfg.url)
+    q = source_query(cfg)
+    try:
+        cur = conn.cursor()
+        cur.execute(f"SELECT * FROM ({q}) AS llambert_src WHERE 1 = 0")
+        cols = [d[0] for d in cur.description]
+        cur.execute(f"SELECT COUNT(*) FROM ({q}) AS llambert_src")
+        rows = int(cur.fetchone()[0])
+    except Exception as e:
+        raise SqlError(f"cannot read {cfg.describe()}: {_reason(e, conn_factory)}; fix: check the table name or "
+                       f"the query (it must be one SELECT)") from e
+    finally:
+        conn.close()
+    return cols, rows
+
+
+def read_dataset(cfg: SqlConfig, id_column: str | None, rows: int, num_cpus: float):
+    """A Ray Dataset of the table / query's rows, in shards of about cfg.rows_per_shard rows by a hash of
+    `id_column` (one read task, one block, when there is no id column or one shard does)."""
+    import ray
+
+    conn_factory = connector(cfg)
+    shards = max(1, -(-rows // cfg.rows_per_shard))
+    kwargs: dict[str, Any] = {}
+    if id_column and shards > 1:
+        keys, fn = _shard_key(cfg.dialect, quote(id_column))
+        _check_shard_key(cfg, conn_factory, keys, fn, id_column)
+        kwargs = dict(shard_keys=[keys], shard_hash_fn=fn, override_num_blocks=shards)
+    return ray.data.read_sql(source_query(cfg), conn_factory, num_cpus=num_cpus, **kwargs)
+
+
+def _shard_key(dialect: str, col: str) -> tuple[str, str]:
+    """(key, hash function) for Ray's shard filter `MOD(ABS(<fn>(<key>)), n) = i`."""
+    if dialect == "sqlite":
+        return col, "llambert_shard"
+    return f"hashtext(CAST({col} AS text))::bigint", ""  # an int4 hash widened first: ABS never overflows
+
+
+def _check_shard_key(cfg: SqlConfig, conn_factory: Connector, keys: str, fn: str, id_column: str) -> None:
+    """Ray falls back to reading everything in one task, silently, when the shard filter fails: a table that does
+    not fit one worker's memory would then fail late. Try the filter on one row first."""
+    conn = open_connection(conn_factory, cfg.url)
+    try:
+        cur = conn.cursor()
+        cur.execute(f"SELECT MOD(ABS({fn}({keys})), 2) FROM ({source_query(cfg)}) AS llambert_src LIMIT 1")
+        cur.fetchall()
+    except Exception as e:
+        raise SqlError(f"cannot split {cfg.describe()} into shards by its id column {id_column!r}: "
+                       f"{_reason(e, conn_factory)}; fix: check corpus.id_column, or set corpus.sql.rows_per_shard "
+                       f"above the row count to read it in one task") from e
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------------------------------ the label sink
+def _sql_type(name: str) -> str:
+    return "DOUBLE PRECISION" if name.startswith("prob_") else "TEXT"
+
+
+def prepare_labels_table(cfg: SqlConfig, columns: list[str]) -> str:
+    """Create the labels table when missing (id the primary key, then `columns`, then run_id) or check that the
+    one there has these columns; returns the upsert statement for rows in that column order."""
+    table = cfg.table or LABELS_TABLE
+    conn_factory = connector(cfg)
+    conn = open_connection(conn_factory, cfg.url)
+    cols = ["id", *[c for c in columns if c != "id"], "run_id"]
+    try:
+        cur = conn.cursor()
+        defs = ", ".join(f"{quote(c)} {'TEXT PRIMARY KEY' if c == 'id' else _sql_type(c)}" for c in cols)
+        cur.execute(f"CREATE TABLE IF NOT EXISTS {quote(table)} ({defs})")
+        cur.execute(f"SELECT * FROM {quote(table)} WHERE 1 = 0")
+        have = [d[0] for d in cur.description]
+        conn.commit()
+    except Exception as e:
+        raise SqlError(f"cannot create or read the labels table {table} in {cfg.url}: {_reason(e, conn_factory)}; "
+                       f"fix: a user allowed to create tables, or create it yourself") from e
+    finally:
+        conn.close()
+    if sorted(have) != sorted(cols):
+        raise SqlError(f"the labels table {table} in {cfg.url} has columns {have}, this model writes {cols}; fix: "
+                       f"set another table (--output-table / label.sql.table) or drop that one")
+    mark = "?" if cfg.dialect == "sqlite" else "%s"
+    updates = ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in cols if c != "id")
+    return (f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in cols)}) VALUES "
+            f"({', '.join([mark] * len(cols))}) ON CONFLICT ({quote('id')}) DO UPDATE SET {updates}")
+
+
+def sql_rows(table, columns: list[str], run_id: str):
+    """A batch of predictions (Arrow) as the labels table's rows: its columns in table order, NaN -> NULL (a
+    failed row's probabilities), the run's id added."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out = {}
+    for c in columns:
+        col = table.column(c) if c in table.column_names else pa.nulls(table.num_rows, pa.string())
+        if pa.types.is_floating(col.type):
+            col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
+        elif pa.types.is_null(col.type):
+            col = col.cast(pa.string())
+        out[c] = col
+    out["run_id"] = pa.array([run_id] * table.num_rows, pa.string())
+    return pa.table(out)
+
+
+def write_labels(ds, cfg: SqlConfig, columns: list[str], run_id: str, num_cpus: float) -> None:
+    """Upsert the predictions of `ds` into the labels table (see prepare_labels_table), streaming: each write
+    task commits its blocks. SQLite takes one writer at a time: one write task there."""
+    statement = prepare_labels_table(cfg, columns)
+    cols = ["id", *[c for c in columns if c != "id"]]
+    rows = ds.map_batches(sql_rows, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus,
+                          fn_kwargs={"columns": cols, "run_id": run_id})
+    rows.write_sql(statement, connector(cfg), ray_remote_args={"num_cpus": num_cpus},
+                   concurrency=1 if cfg.dialect == "sqlite" else None)
+
+
+def run_counts(cfg: SqlConfig, run_id: str, reason_chars: int = 200) -> list[tuple[Any, ...]]:
+    """(label, error reason (its first `reason_chars` characters) or None, gold, rows) of the rows `run_id`
+    wrote, grouped in the database."""
+    table = quote(cfg.table or LABELS_TABLE)
+    mark = "?" if cfg.dialect == "sqlite" else "%s"
+    gold = quote("gold")
+    conn_factory = connector(cfg)
+    conn = open_connection(conn_factory, cfg.url)
+    try:
+        cur = conn.cursor()
+        reason = f"SUBSTR({quote('error')}, 1, {int(reason_chars)})"
+        cur.execute(f"SELECT {quote('label')}, {reason}, {gold}, COUNT(*) FROM {table} "
+                    f"WHERE {quote('run_id')} = {mark} GROUP BY 1, 2, 3", (run_id,))
+        return [tuple(r) for r in cur.fetchall()]
+    finally:
+        conn.close()
+
