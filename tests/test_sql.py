@@ -75,24 +75,24 @@ def postgres():
     to run as root: as root it runs as the `postgres` system user (else `nobody`)."""
     bindir = _pg_bindir()
     base = Path(tempfile.mkdtemp(prefix="llambert-pg-", dir="/tmp"))
-    as_user: list[str] = []
+    run_as: dict = {}
     if os.geteuid() == 0:
-        user = "postgres"
         try:
-            pwd.getpwnam(user)
+            entry = pwd.getpwnam("postgres")
         except KeyError:
-            user = "nobody"
-        as_user = ["runuser", "-u", user, "--"]
-        entry = pwd.getpwnam(user)
+            entry = pwd.getpwnam("nobody")
+        # subprocess drops to that user itself: no runuser/su needed (a fresh machine's PATH may lack /usr/sbin)
+        run_as = dict(user=entry.pw_uid, group=entry.pw_gid, extra_groups=[],
+                      env={**os.environ, "HOME": str(base), "USER": entry.pw_name})
         os.chown(base, entry.pw_uid, entry.pw_gid)
     (base / "pw").write_text(SECRET)
-    if as_user:
-        os.chown(base / "pw", pwd.getpwnam(as_user[2]).pw_uid, -1)
+    if run_as:
+        os.chown(base / "pw", run_as["user"], -1)
     port = _free_port()
     data = base / "data"
 
-    def pg(*args: str) -> None:
-        subprocess.run([*as_user, *args], check=True, capture_output=True, text=True, timeout=120)
+    def pg(*args: str, check: bool = True) -> None:
+        subprocess.run(list(args), check=check, capture_output=True, text=True, timeout=120, cwd=base, **run_as)
 
     pg(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={base / 'pw'}", "-E", "UTF8",
        "--auth-host=scram-sha-256", "--auth-local=trust", "--no-sync")
@@ -101,8 +101,7 @@ def postgres():
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
+        pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop", check=False)
         shutil.rmtree(base, ignore_errors=True)
 
 
