@@ -223,6 +223,9 @@ def label(
                                             "(default llambert_labels; created when missing, rows keyed by id)"),
     output_password_env: str | None = typer.Option(None, "--output-password-env", help="database output: the "
                                                    "environment variable holding its password"),
+    incremental: bool = typer.Option(False, "--incremental", help="database output: label only rows the table has "
+                                     "no label for from this model, whose text changed, or that failed; keep the "
+                                     "rest (label.incremental)"),
     report_dir: Path | None = typer.Option(None, "--report-dir", help="folder for label_summary.json and logs/ "
                                            "(default: the output folder; ./label-report for a database)"),
     id_column: str | None = typer.Option(None, "--id-column"),
@@ -244,7 +247,8 @@ def label(
     into_db = _is_db_url(output)
     overrides: dict[str, Any] = {"task": task, "corpus.id_column": id_column, "corpus.text_column": text_column,
                                  "corpus.label_column": label_column, "label.batch_size": batch_size,
-                                 "label.concurrency": concurrency, "cluster.address": address}
+                                 "label.concurrency": concurrency, "cluster.address": address,
+                                 "label.incremental": True if incremental else None}
     if _is_db_url(input):
         overrides.update({"corpus.sql.url": input, "corpus.sql.table": table, "corpus.sql.query": query,
                           "corpus.sql.password_env": password_env})

@@ -237,6 +237,9 @@ class LabelConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
     sql: SqlConfig | None = Field(None, description="`llambert label`: write the labels to this database table "
                                                     "(rows keyed by id: a rerun replaces them) instead of parquet")
+    incremental: bool = Field(False, description="with a labels table (label.sql / --output DB_URL): label only the "
+                              "rows it has no label for from this model (the model folder's fingerprint), whose "
+                              "text changed since (a hash of it), or that failed; keep the rest")
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: the encoder's Linear layers dynamically quantized on CPU actors (~1.8-2x rows/s, "
                             "accuracy within half a point on IMDb; bench/quantize.py); GPU actors keep dtype")

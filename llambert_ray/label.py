@@ -164,6 +164,8 @@ class Classifier:
         if "label" in batch:
             out["gold"] = batch["label"].to_numpy()
         out["error"] = pd.Series(errors, dtype="string")
+        if "text_hash" in batch:  # a table sink's (sql.UnlabelledRows), passed through
+            out["text_hash"] = batch["text_hash"].to_numpy()
         if self.progress is not None:
             self.progress(out)
         return _typed_table(out)
@@ -192,6 +194,7 @@ class LabelSummary:
     failed: int = 0  # rows the model could not label (label None, reason in the `error` column)
     errors: dict[str, int] | None = None  # the most frequent failure reasons, with their row counts
     precision: str | None = None  # the encoder's: float32, bfloat16 or int8 (label.dtype / label.quantize)
+    kept: int = 0  # label.incremental: corpus rows the table held from this model with the same text (not relabelled)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,6 +210,9 @@ class LabelSummary:
         if self.failed:
             out.append(f"  failed {self.failed} rows (label empty, reason in the `error` column): "
                        f"{self.errors or {}}")
+        if self.kept:
+            out.append(f"  kept {self.kept} rows labelled earlier by this model from the same text "
+                       f"(incremental)")
         return out
 
 
@@ -228,9 +234,27 @@ def label_dataset(ds, model_dir: str | Path, cfg: LabelConfig, progress: Callabl
         num_cpus=cfg.cpus_per_actor, **({"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor else {}))
 
 
-def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path | SqlConfig) -> LabelSummary:
+def model_fingerprint(model_dir: str | Path) -> str:
+    """What identifies a trained model folder in a labels table (its `model` column): a SHA-256 of the names and
+    contents of its files (weights, config, tokenizer). A retrained model, or another one, has another."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(model_dir).iterdir() if p.is_file() and not p.name.startswith(".")):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path | SqlConfig, *,
+          rows: int | None = None) -> LabelSummary:
     """Label every row of `ds` into OUTPUT: a parquet folder (published whole: data.write_parquet) or a database
-    table (SqlConfig: rows upserted by id, sql.write_labels). Returns its summary.
+    table (SqlConfig: rows upserted by id, sql.write_labels); with cfg.incremental (a table only) just the rows the
+    table has no label for from this model, or whose text changed. `rows`: the corpus's row count when known (else
+    counted, one more pass over `ds`). Returns its summary.
 
     Streaming, so the driver's memory does not grow with the corpus: the actors' predictions go to Ray Data's
     write tasks block by block as they are made (its backpressure bounds what waits in the object store; nothing
@@ -242,32 +266,44 @@ def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path | SqlC
     """
     from llambert_ray.data import write_parquet
 
+    labels = model_labels(model_dir)
+    if cfg.incremental and not isinstance(output, SqlConfig):
+        raise LabelError(f"label.incremental keeps what a labels table already holds; {output} is a parquet "
+                         f"folder (written whole); fix: write to a database table (--output DB_URL, label.sql) "
+                         f"or leave label.incremental off")
     t0 = time.time()
-    with Progress("label", ds.count()) as bar:
+    total = ds.count() if rows is None else rows
+    with Progress("label", total) as bar:
         # counted batch by batch inside the classifier: the corpus may be one block, which leaves an operator whole
-        preds = label_dataset(ds, model_dir, cfg, progress=bar.tally())
+        tally = bar.tally()
         if isinstance(output, SqlConfig):
-            counts = _label_into_table(preds, model_labels(model_dir), output)
+            counts = _label_into_table(ds, model_dir, labels, cfg, output, tally)
         else:
-            write_parquet(preds, output)
+            write_parquet(label_dataset(ds, model_dir, cfg, progress=tally), output)
             counts = output_counts(output)
         seconds = time.time() - t0
-        bar.close(counts.rows)  # the final line says the rows written, not the tally's (redone batches twice)
+        kept = max(total - counts.rows, 0) if cfg.incremental else 0
+        bar.close(counts.rows + kept)  # the final line says the rows written, not the tally's (redone batches twice)
     return LabelSummary(rows=counts.rows, seconds=seconds, rows_per_s=counts.rows / max(seconds, 1e-9),
                         label_counts=counts.label_counts, accuracy=counts.accuracy, failed=counts.failed,
                         precision=encoder_precision("cuda" if cfg.gpus_per_actor else "cpu", cfg.dtype, cfg.quantize),
-                        errors=counts.top_errors() or None)
+                        errors=counts.top_errors() or None, kept=kept)
 
 
-def _label_into_table(preds, labels: list[str], output: SqlConfig) -> OutputCounts:
-    """Upsert `preds` into the labels table under a new run id; the counts of that run's rows."""
+def _label_into_table(ds, model_dir: str | Path, labels: list[str], cfg: LabelConfig, output: SqlConfig,
+                      progress) -> OutputCounts:
+    """Label `ds` (with cfg.incremental only its rows the table lacks from this model) and upsert the predictions
+    into the labels table under a new run id; the counts of that run's rows."""
     import uuid
 
     from llambert_ray.ray_env import LIGHT_CPUS
-    from llambert_ray.sql import run_counts, write_labels
+    from llambert_ray.sql import prepare_labels_table, run_counts, unlabelled_rows, write_labels
 
-    run_id = uuid.uuid4().hex
-    write_labels(preds, output, ["id", "label", *[f"prob_{c}" for c in labels], "gold", "error"], run_id,
+    run_id, model = uuid.uuid4().hex, model_fingerprint(model_dir)
+    columns = ["id", "label", *[f"prob_{c}" for c in labels], "gold", "error"]
+    statement = prepare_labels_table(output, columns)  # the table exists before the incremental look-ups
+    todo = unlabelled_rows(ds, output, model, cfg.incremental, LIGHT_CPUS, progress)
+    write_labels(label_dataset(todo, model_dir, cfg, progress=progress), output, statement, columns, run_id, model,
                  num_cpus=LIGHT_CPUS)
     counts = OutputCounts()
     for lab, reason, gold, n in run_counts(output, run_id, REASON_CHARS):
@@ -356,6 +392,10 @@ def label_corpus(cfg, model_dir: str | Path, output: str | Path | None, report_d
     model_labels(model_dir)  # a wrong model folder, path or task fails here, before Ray starts
     check_corpus_path(cfg.corpus)
     sink: str | Path | SqlConfig
+    if cfg.label.incremental and (output is not None or cfg.label.sql is None):
+        raise LabelError("label.incremental (--incremental) keeps what a labels table already holds; this run "
+                         "writes a parquet folder (written whole); fix: --output a database URL (or set "
+                         "label.sql), or leave it off")
     if output is None:
         if cfg.label.sql is None:
             raise LabelError("no output given; fix: pass --output FOLDER or a database URL, or set label.sql")
@@ -373,8 +413,8 @@ def label_corpus(cfg, model_dir: str | Path, output: str | Path | None, report_d
             require_shared_path(sqlite_path(sink.url), "the SQLite file of label.sql.url")
     else:
         require_shared_path(sink, "--output")
-    ds, _ = read_corpus(cfg.corpus, task, hold=False)  # one pass: streamed, never held whole
-    summary = label(ds, model_dir, cfg.label, sink)
+    ds, info = read_corpus(cfg.corpus, task, hold=False)  # one pass: streamed, never held whole
+    summary = label(ds, model_dir, cfg.label, sink, rows=info.rows or None)
     report.mkdir(parents=True, exist_ok=True)
     (report / "label_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return summary

@@ -187,6 +187,12 @@ def _check_inputs(cfg: RunConfig) -> Task:
     from llambert_ray.tasks import load_task
 
     task = load_task(cfg.task)
+    if cfg.label.sql is not None or cfg.label.incremental:
+        from llambert_ray.label import LabelError
+
+        raise LabelError("label.sql / label.incremental are for `llambert label`: a run's label stage writes "
+                         "labels.parquet in its run folder; fix: leave them out of this config and, after the run, "
+                         "llambert label --model RUN_DIR/model --output DB_URL [--incremental]")
     # Every stage's model, resolved before the first stage: a bad encoder name must not stop the run after the
     # LLM annotation has been paid for. (`llambert preflight` also checks they load on the nodes that load them.)
     local = is_local(cfg.cluster.address)

@@ -9,6 +9,11 @@ install, one file every node must see) and PostgreSQL (`postgresql://USER@HOST:P
   CONFLICT (id) DO UPDATE), so a rerun, or a write task Ray retries, replaces rows and never duplicates them. Each
   row carries the `run_id` of the `llambert label` call that wrote it: the summary counts that run's rows with one
   GROUP BY in the database (no row reaches the driver).
+- Incremental relabelling: each row also carries a hash of the text it was labelled from (`text_hash`) and the
+  fingerprint of the model folder that labelled it (`model`); with label.incremental a run drops, before the
+  classifier, every corpus row the table already holds from this model with the same text and no error (a look-up
+  by id, a batch of ids at a time, on the table's primary key), so only new rows, changed texts, rows a failed row
+  or another model labelled are labelled and upserted.
 - Secrets: a URL with a password is refused (config.SqlConfig); the password comes from the environment variable
   named by `password_env`, read on the driver, and travels to Ray's tasks inside the connection factory only:
   never in a config dump, manifest, log line, report or error message.
@@ -16,6 +21,7 @@ install, one file every node must see) and PostgreSQL (`postgresql://USER@HOST:P
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zlib
 from dataclasses import dataclass
@@ -25,6 +31,9 @@ from urllib.parse import unquote, urlsplit
 from llambert_ray.config import SqlConfig
 
 LABELS_TABLE = "llambert_labels"
+# written with every row, so that a later incremental run knows what it may keep (a table written before they
+# existed gets them added, empty: its rows count as not yet labelled)
+TRACK_COLUMNS = ("text_hash", "model")
 
 
 class SqlError(ValueError):
@@ -178,19 +187,30 @@ def _sql_type(name: str) -> str:
     return "DOUBLE PRECISION" if name.startswith("prob_") else "TEXT"
 
 
+def label_columns(columns: list[str]) -> list[str]:
+    """The labels table's columns in order: id, the predictions' `columns`, text_hash, model, run_id."""
+    return ["id", *[c for c in columns if c not in ("id", *TRACK_COLUMNS)], *TRACK_COLUMNS, "run_id"]
+
+
 def prepare_labels_table(cfg: SqlConfig, columns: list[str]) -> str:
-    """Create the labels table when missing (id the primary key, then `columns`, then run_id) or check that the
-    one there has these columns; returns the upsert statement for rows in that column order."""
+    """Create the labels table when missing (label_columns(columns): id the primary key) or check that the one
+    there has these columns (adding text_hash and model to a table written before them); returns the upsert
+    statement for rows in that column order."""
     table = cfg.table or LABELS_TABLE
     conn_factory = connector(cfg)
     conn = open_connection(conn_factory, cfg.url)
-    cols = ["id", *[c for c in columns if c != "id"], "run_id"]
+    cols = label_columns(columns)
     try:
         cur = conn.cursor()
         defs = ", ".join(f"{quote(c)} {'TEXT PRIMARY KEY' if c == 'id' else _sql_type(c)}" for c in cols)
         cur.execute(f"CREATE TABLE IF NOT EXISTS {quote(table)} ({defs})")
         cur.execute(f"SELECT * FROM {quote(table)} WHERE 1 = 0")
         have = [d[0] for d in cur.description]
+        missing = [c for c in cols if c not in have]
+        if missing and set(missing) <= set(TRACK_COLUMNS) and sorted(have) == sorted(set(cols) - set(missing)):
+            for c in missing:
+                cur.execute(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(c)} TEXT")
+            have += missing
         conn.commit()
     except Exception as e:
         raise SqlError(f"cannot create or read the labels table {table} in {cfg.url}: {_reason(e, conn_factory)}; "
@@ -206,9 +226,9 @@ def prepare_labels_table(cfg: SqlConfig, columns: list[str]) -> str:
             f"({', '.join([mark] * len(cols))}) ON CONFLICT ({quote('id')}) DO UPDATE SET {updates}")
 
 
-def sql_rows(table, columns: list[str], run_id: str):
+def sql_rows(table, columns: list[str], run_id: str, model: str):
     """A batch of predictions (Arrow) as the labels table's rows: its columns in table order, NaN -> NULL (a
-    failed row's probabilities), the run's id added."""
+    failed row's probabilities), the model's fingerprint and the run's id added."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -220,17 +240,81 @@ def sql_rows(table, columns: list[str], run_id: str):
         elif pa.types.is_null(col.type):
             col = col.cast(pa.string())
         out[c] = col
+    out["model"] = pa.array([model] * table.num_rows, pa.string())
     out["run_id"] = pa.array([run_id] * table.num_rows, pa.string())
     return pa.table(out)
 
 
-def write_labels(ds, cfg: SqlConfig, columns: list[str], run_id: str, num_cpus: float) -> None:
-    """Upsert the predictions of `ds` into the labels table (see prepare_labels_table), streaming: each write
-    task commits its blocks. SQLite takes one writer at a time: one write task there."""
-    statement = prepare_labels_table(cfg, columns)
-    cols = ["id", *[c for c in columns if c != "id"]]
+def text_hashes(texts) -> list[str]:
+    """A hash of each text (BLAKE2b, 128 bits, hex): what incremental relabelling compares."""
+    return [hashlib.blake2b(str(t).encode("utf-8"), digest_size=16).hexdigest() for t in texts]
+
+
+# ids a look-up query asks at a time (SQLite allows 32,766 bound values; older builds 999)
+_LOOKUP_IDS = {"sqlite": 900, "postgresql": 10_000}
+
+
+class UnlabelledRows:
+    """A Ray Data batch step ahead of the classifier: adds each row's text_hash and, with `skip_labelled`, drops
+    the rows the labels table already holds from `model` with the same text_hash and no error. `progress` (a
+    Progress tally) is told of the dropped rows, so the stage's line counts the whole corpus."""
+
+    def __init__(self, cfg: SqlConfig, model: str, skip_labelled: bool, progress=None):
+        self.conn_factory = connector(cfg)
+        self.url, self.dialect = cfg.url, cfg.dialect
+        self.table = quote(cfg.table or LABELS_TABLE)
+        self.model, self.skip_labelled, self.progress = model, skip_labelled, progress
+
+    def labelled(self, ids: list[str]) -> dict[str, str]:
+        """id -> text_hash of the rows among `ids` this model labelled without error."""
+        found: dict[str, str] = {}
+        conn = open_connection(self.conn_factory, self.url)
+        try:
+            cur = conn.cursor()
+            step = _LOOKUP_IDS[self.dialect]
+            head = (f"SELECT {quote('id')}, {quote('text_hash')} FROM {self.table} WHERE {quote('model')} = "
+                    f"{'?' if self.dialect == 'sqlite' else '%s'} AND {quote('error')} IS NULL AND {quote('id')}")
+            for start in range(0, len(ids), step):
+                chunk = ids[start:start + step]
+                if self.dialect == "sqlite":
+                    cur.execute(f"{head} IN ({', '.join('?' * len(chunk))})", (self.model, *chunk))
+                else:
+                    cur.execute(f"{head} = ANY(%s)", (self.model, chunk))
+                found.update((str(i), h) for i, h in cur.fetchall())
+        finally:
+            conn.close()
+        return found
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        hashes = text_hashes(batch.column("text").to_pylist())
+        batch = batch.append_column("text_hash", pa.array(hashes, pa.string()))
+        if not self.skip_labelled or batch.num_rows == 0:
+            return batch
+        ids = [str(i) for i in batch.column("id").to_pylist()]
+        done = self.labelled(ids)
+        keep = pa.array([done.get(i) != h for i, h in zip(ids, hashes, strict=True)], pa.bool_())
+        out = batch.filter(keep)
+        if self.progress is not None and out.num_rows < batch.num_rows:
+            self.progress(range(batch.num_rows - out.num_rows))
+        return out
+
+
+def unlabelled_rows(ds, cfg: SqlConfig, model: str, skip_labelled: bool, num_cpus: float, progress=None):
+    """`ds` (id, text[, label]) with text_hash added and, with skip_labelled, only the rows still to label (see
+    UnlabelledRows). The labels table must exist (prepare_labels_table first)."""
+    return ds.map_batches(UnlabelledRows(cfg, model, skip_labelled, progress), batch_format="pyarrow",
+                          batch_size=None, num_cpus=num_cpus)
+
+
+def write_labels(ds, cfg: SqlConfig, statement: str, columns: list[str], run_id: str, model: str,
+                 num_cpus: float) -> None:
+    """Upsert the predictions of `ds` into the labels table with `statement` (prepare_labels_table(cfg, columns)),
+    streaming: each write task commits its blocks. SQLite takes one writer at a time: one write task there."""
+    cols = label_columns(columns)[:-2]  # model and run_id are added by sql_rows
     rows = ds.map_batches(sql_rows, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus,
-                          fn_kwargs={"columns": cols, "run_id": run_id})
+                          fn_kwargs={"columns": cols, "run_id": run_id, "model": model})
     rows.write_sql(statement, connector(cfg), ray_remote_args={"num_cpus": num_cpus},
                    concurrency=1 if cfg.dialect == "sqlite" else None)
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from llambert_ray.cli import app
 from llambert_ray.config import ConfigError, CorpusConfig, LabelConfig, SqlConfig, load_config
-from llambert_ray.sql import SqlError, connector
+from llambert_ray.sql import SqlError, connector, text_hashes
 
 SECRET = "s3cret-Pg-passw0rd-7f3a"
 PW_ENV = "LLAMBERT_TEST_PG_PASSWORD"
@@ -152,6 +152,31 @@ def test_sqlite_corpus_read_in_shards_and_labelled_into_a_table(ray_local, tweet
     gold = {i: lab for i, _, lab in rows}
     assert s.accuracy == pytest.approx(sum(r[1] == gold[r[0]] for r in got) / 900)
 
+    # incremental: 9 rows join the corpus, 3 texts change, 2 rows failed before: just those 14 are labelled
+    con = sqlite3.connect(db)
+    first_run = con.execute("SELECT DISTINCT run_id, model FROM tweet_labels").fetchall()
+    new_ids, changed, failed = [r[0] for r in rows[900:909]], [r[0] for r in rows[:3]], [r[0] for r in rows[3:5]]
+    con.executemany("UPDATE tweets SET lang = 'en' WHERE tweet_id = ?", [(i,) for i in new_ids])
+    con.executemany("UPDATE tweets SET body = body || ' (edited)' WHERE tweet_id = ?", [(i,) for i in changed])
+    con.executemany("UPDATE tweet_labels SET label = NULL, error = 'RuntimeError: x' WHERE id = ?",
+                    [(i,) for i in failed])
+    con.commit()
+    con.close()
+    ds, info = read_corpus(CorpusConfig(sql=src, id_column="tweet_id", text_column="body",
+                                        label_column="sentiment"), hold=False)
+    s2 = label(ds, untrained_model, LabelConfig(batch_size=100, cpus_per_actor=0.5, max_length=48,
+                                                incremental=True), sink, rows=info.rows)
+    con = sqlite3.connect(db)
+    after = {r[0]: r[1:] for r in con.execute("SELECT id, run_id, text_hash, error FROM tweet_labels")}
+    texts = dict(con.execute("SELECT tweet_id, body FROM tweets WHERE lang = 'en'").fetchall())
+    con.close()
+    assert len(first_run) == 1 and first_run[0][1].startswith("sha256:")
+    relabelled = {i for i, (run, _, _) in after.items() if run != first_run[0][0]}
+    assert relabelled == set(new_ids) | set(changed) | set(failed) and s2.rows == 14 and s2.kept == 895
+    assert len(after) == 909 == info.rows and all(after[i][2] is None for i in relabelled)
+    assert all(after[i][1] == text_hashes([texts[i]])[0] for i in after)  # every row's hash is its text's now
+    assert "kept 895 rows" in "\n".join(s2.lines())
+
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
@@ -172,16 +197,27 @@ def test_postgres_corpus_labelled_into_postgres_by_the_cli_twice(ray_local, post
             "--set", "label.cpus_per_actor=0.5", "--set", "label.max_length=48",
             "--set", "corpus.sql.rows_per_shard=250"]
     runs = []
-    for _ in range(2):
+    for n in (600, 6):
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 0, res.output
-        assert "labelled 600 of 600 rows" in res.output and SECRET not in res.output
+        assert f"labelled {n} of {n} rows" in res.output and SECRET not in res.output
         with _pg(postgres) as con:
-            runs.append(con.execute("SELECT id, label, run_id FROM labels").fetchall())
+            runs.append(con.execute("SELECT id, label, run_id, text_hash FROM labels").fetchall())
+        if n == 600:  # then 4 new rows, 2 texts edited: labelled again incrementally (2 upserts replace rows)
+            with _pg(postgres) as con:
+                con.cursor().executemany("INSERT INTO reviews VALUES (%s, %s)",
+                                         [(600 + k, f"new review {k}") for k in range(4)])
+                con.execute("UPDATE reviews SET txt = txt || ' (edited)' WHERE id IN (7, 8)")
+            args.append("--incremental")
     first, second = runs
-    assert len(second) == 600 and len({r[0] for r in second}) == 600
-    assert {r[0] for r in second} == {str(k) for k in range(600)}
-    assert len({r[2] for r in first}) == 1 and len({r[2] for r in second}) == 1 and first[0][2] != second[0][2]
+    assert "kept 598 rows" in res.output
+    assert len(second) == 604 and len({r[0] for r in second}) == 604
+    assert {r[0] for r in second} == {str(k) for k in range(604)}
+    assert len({r[2] for r in first}) == 1 and len({r[2] for r in second}) == 2
+    moved = {r[0] for r in second if r[2] != first[0][2]}
+    assert moved == {"7", "8", "600", "601", "602", "603"}
+    old_hash = {r[0]: r[3] for r in first}
+    assert all(old_hash[r[0]] != r[3] for r in second if r[0] in ("7", "8"))
     for f in report.rglob("*"):
         if f.is_file():
             assert SECRET not in f.read_text(errors="replace"), f
