@@ -214,7 +214,9 @@ def label(
     input: str | None = typer.Option(None, "--input", "-i", help="corpus to label: a file or folder (any supported "
                                      "format), or a database: " + DB_URL_HELP + " with --table or --query"),
     output: str = typer.Option(..., "--output", "-o", help="folder for labels.parquet, label_summary.json and "
-                               "logs/; or a database (" + DB_URL_HELP + "): labels upserted into --output-table"),
+                               "logs/; a bucket folder (s3://BUCKET/PREFIX, gs://..., published by a _SUCCESS "
+                               "manifest written last; credentials from the environment); or a database ("
+                               + DB_URL_HELP + "): labels upserted into --output-table"),
     table: str | None = typer.Option(None, "--table", help="database corpus: the table to read"),
     query: str | None = typer.Option(None, "--query", help="database corpus: a SELECT to read (instead of --table)"),
     password_env: str | None = typer.Option(None, "--password-env", help="database corpus: the environment "
@@ -268,9 +270,12 @@ def label(
         summary = label_corpus(cfg, model, None, report)
         where = f"table {cfg.label.sql.table or 'llambert_labels'} of {output}"
     else:
-        report = report_dir or Path(output)
-        summary = label_corpus(cfg, model, Path(output) / "labels.parquet", report)
-        where = str(Path(output) / "labels.parquet")
+        from llambert_ray.data import is_uri, join_path
+
+        report = report_dir or (Path("label-report") if is_uri(output) else Path(output))
+        labels_at = join_path(output, "labels.parquet")
+        summary = label_corpus(cfg, model, labels_at, report)
+        where = str(labels_at).partition("?")[0]
     typer.echo("\n".join(summary.lines()))
     typer.echo(f"wrote {where}; summary and logs: {report}")
 

@@ -383,8 +383,9 @@ def output_counts(output: str | Path) -> OutputCounts:
 def label_corpus(cfg, model_dir: str | Path, output: str | Path | None, report_dir: str | Path | None = None
                  ) -> LabelSummary:
     """The `llambert label` command: read cfg.corpus (all rows) and label it with the model folder into OUTPUT
-    (labels.parquet), or into the table cfg.label.sql when OUTPUT is None. label_summary.json and logs/ go to
-    REPORT_DIR (default: OUTPUT's folder)."""
+    (labels.parquet: a local / shared-disk path, or s3:// / gs://, published by a manifest), or into the table
+    cfg.label.sql when OUTPUT is None. label_summary.json and logs/ go to REPORT_DIR (default: OUTPUT's folder;
+    ./label-report for a table or a bucket, where label_summary.json is also written beside labels.parquet)."""
     from llambert_ray.data import check_corpus_path, read_corpus
     from llambert_ray.ray_env import init_ray, require_shared_path
     from llambert_ray.tasks import load_task
@@ -403,7 +404,12 @@ def label_corpus(cfg, model_dir: str | Path, output: str | Path | None, report_d
         _check_sink(sink)
     else:
         sink = output
-    report = Path(report_dir) if report_dir is not None else Path(str(output)).parent
+    from llambert_ray.data import is_uri
+
+    if report_dir is not None:
+        report = Path(report_dir)
+    else:
+        report = Path("label-report") if output is None or is_uri(output) else Path(str(output)).parent
     task = load_task(cfg.task) if cfg.task else None
     init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=report / "logs")
     if isinstance(sink, SqlConfig):
@@ -417,6 +423,12 @@ def label_corpus(cfg, model_dir: str | Path, output: str | Path | None, report_d
     summary = label(ds, model_dir, cfg.label, sink, rows=info.rows or None)
     report.mkdir(parents=True, exist_ok=True)
     (report / "label_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    if not isinstance(sink, SqlConfig) and is_uri(sink):  # beside the labels in the bucket too
+        from llambert_ray.data import join_path, write_text
+
+        head, sep, query = str(sink).partition("?")
+        write_text(join_path(head.rstrip("/").rsplit("/", 1)[0] + sep + query, "label_summary.json"),
+                   json.dumps(summary.to_dict(), indent=2))
     return summary
 
 

@@ -14,6 +14,12 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tests/test_storage.py's S3 endpoint (moto, on 127.0.0.1) takes any key; Ray's workers read them from the
+# environment they inherit, as a cluster's nodes would. No instance-metadata look-ups.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "llambert-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "llambert-test-secret")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture(scope="session")
