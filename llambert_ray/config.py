@@ -90,7 +90,9 @@ class CorpusConfig(_Strict):
     filters: dict[str, list[Any]] = Field(default_factory=dict,
                                           description="keep rows whose column value is in the list, "
                                                       "e.g. {split: [test]}")
-    empty_text: Literal["error", "drop"] = "error"
+    empty_text: Literal["error", "drop"] = Field(
+        "error", description="rows whose text is empty or null (a database NULL): error = the read fails naming "
+                             "them; drop = they are left out, and counted (label_summary.json: dropped)")
     sample: int | None = Field(None, description="seeded sample of this many rows")
     fraction: float | None = Field(None, description="seeded sample of this fraction of rows")
     seed: int = 0

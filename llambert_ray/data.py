@@ -46,6 +46,7 @@ class CorpusInfo:
     rows: int
     has_label: bool
     label_counts: dict[str, int] = field(default_factory=dict)
+    dropped: int = 0  # rows left out for an empty or null text (corpus.empty_text: drop)
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -207,7 +208,7 @@ def _batch_stats(df: pd.DataFrame) -> pd.DataFrame:
     empty = ~null & ~nonstr & texts.map(lambda t: isinstance(t, str) and not t.strip())
     labels = df["label"].dropna().unique().tolist() if "label" in df else []
     # gold label counts of the rows that stay (empty ones are dropped or fail the read), as JSON: a block's own keys
-    counts = df.loc[~empty, "label"].value_counts() if "label" in df else pd.Series(dtype=int)
+    counts = df.loc[~(empty | null), "label"].value_counts() if "label" in df else pd.Series(dtype=int)
     return pd.DataFrame({
         "rows": [len(df)],
         "null_ids": [df["id"][null].head(5).tolist()], "n_null": [int(null.sum())],
@@ -233,6 +234,8 @@ def read_corpus(cfg: CorpusConfig, task: Task | None = None, *, validate: bool =
     """
     if not cfg.path and cfg.sql is None:
         raise CorpusError("no corpus given; fix: pass --input PATH or set corpus.path (or corpus.sql) in the config")
+    if cfg.sql is not None and validate and not hold and cfg.id_column and not cfg.filters:
+        return _read_sql_checked(cfg, task)
     ds = _read_raw(cfg)
     try:
         schema = ds.schema()
@@ -249,6 +252,40 @@ def read_corpus(cfg: CorpusConfig, task: Task | None = None, *, validate: bool =
     if not validate:
         return (_number_rows(ds) if cfg.id_column is None else ds), info
     return _validate_rows(cfg, task, ds, label_col, info, hold or cfg.id_column is None), info
+
+
+def _read_sql_checked(cfg: CorpusConfig, task: Task | None):
+    """A database corpus streamed, its checks asked of the database (sql.corpus_stats: aggregate queries) rather
+    than of Ray Data passes over its rows: the table is read once, by what consumes the dataset. The same checks and
+    messages as _validate_rows, which they feed."""
+    from llambert_ray.sql import SqlError, corpus_stats, read_dataset, source_columns
+
+    assert cfg.sql is not None and cfg.id_column
+    try:
+        cols, rows = source_columns(cfg.sql)
+        if rows == 0:
+            raise CorpusError(f"corpus {cfg.describe()} is empty (no rows); fix: pass a corpus with rows")
+        label_col = _check_columns(cfg, pa.schema([(c, pa.string()) for c in cols]))  # types: corpus_stats
+        st = corpus_stats(cfg.sql, cfg.id_column, cfg.text_column, label_col)
+    except SqlError as e:
+        raise CorpusError(f"corpus.sql: {e}") from e
+    gold: dict[str, int] = {}
+    for value, n in st.gold:
+        g = _gold(value, task)
+        if g is not None:
+            gold[g] = gold.get(g, 0) + n
+    stats = pd.DataFrame({"rows": [st.rows], "n_null": [st.n_null], "null_ids": [st.examples.get("null", [])],
+                          "n_nonstr": [st.n_nonstr], "nonstr_ids": [st.examples.get("nonstr", [])],
+                          "n_empty": [st.n_empty], "empty_ids": [st.examples.get("empty", [])],
+                          "labels": [sorted(gold)], "label_counts": [json.dumps(gold)]})
+    ds = read_dataset(cfg.sql, cfg.id_column, rows, LIGHT_CPUS)
+    ds = ds.map_batches(_normalize_batch, batch_format="pandas", **LIGHT,
+                        fn_kwargs=dict(id_col=cfg.id_column, text_col=cfg.text_column, label_col=label_col,
+                                       filters={}, task=task))
+    info = CorpusInfo(rows=0, has_label=label_col is not None)
+    ds = _validate_rows(cfg, task, ds, label_col, info, hold=False, stats=stats,
+                        duplicates=(st.n_dup, st.examples.get("dup", [])))
+    return ds, info
 
 
 def _check_columns(cfg: CorpusConfig, schema) -> str | None:
@@ -275,43 +312,52 @@ def _check_columns(cfg: CorpusConfig, schema) -> str | None:
     return cfg.label_column if not cfg.label_column or cfg.label_column in cols else None
 
 
+def _with_text(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose text is neither null nor blank."""
+    return df[df["text"].notna() & (df["text"].astype(str).str.strip() != "")]
+
+
 def _validate_rows(cfg: CorpusConfig, task: Task | None, ds, label_col: str | None, info: CorpusInfo,
-                   hold: bool = True):
+                   hold: bool = True, stats: pd.DataFrame | None = None,
+                   duplicates: tuple[int, list[str]] | None = None):
     """The rows' checks (rows present, texts, gold labels, unique ids); fills info's rows and label counts,
     returns the dataset (empty texts dropped with empty_text: drop): materialized with `hold` (one read of the
-    source, every check on those blocks), else lazy (see read_corpus)."""
-    try:
-        if hold:
-            ds = ds.materialize()
-        # one row of stats a block (not a batch): the driver holds a few hundred bytes per block of the corpus
-        stats = ds.map_batches(_batch_stats, batch_format="pandas", batch_size=None, **LIGHT).to_pandas()
-    except Exception as e:
-        raise CorpusError(f"cannot read corpus {cfg.describe()}: {_root_message(e)}; fix: check the file is "
-                          f"valid and UTF-8 encoded") from e
+    source, every check on those blocks), else lazy (see read_corpus). `stats` (_batch_stats' columns) and
+    `duplicates` (duplicate_ids' answer): given when the source answered them itself (a database)."""
+    if stats is None:
+        try:
+            if hold:
+                ds = ds.materialize()
+            # one row of stats a block (not a batch): the driver holds a few hundred bytes per block of the corpus
+            stats = ds.map_batches(_batch_stats, batch_format="pandas", batch_size=None, **LIGHT).to_pandas()
+        except Exception as e:
+            raise CorpusError(f"cannot read corpus {cfg.describe()}: {_root_message(e)}; fix: check the file is "
+                              f"valid and UTF-8 encoded") from e
     info.rows = int(stats["rows"].sum()) if len(stats) else 0
     if info.rows == 0:
         raise CorpusError(f"corpus {cfg.describe()} has no rows" + (f" after filters {cfg.filters}"
                           if cfg.filters else "") + "; fix: pass a corpus with rows or loosen the filters")
     for kind, what in (("null", "no text (null)"), ("nonstr", "non-string text"), ("empty", "empty text")):
         n = int(stats[f"n_{kind}"].sum())
-        if n and not (kind == "empty" and cfg.empty_text == "drop"):
+        if n and not (kind in ("empty", "null") and cfg.empty_text == "drop"):
             ids = [i for sub in stats[f"{kind}_ids"] for i in sub][:5]
             raise CorpusError(f"{n} rows of {cfg.describe()} have {what} (e.g. ids {ids}); fix: clean the "
-                              f"corpus" + (" or set corpus.empty_text: drop" if kind == "empty" else ""))
+                              f"corpus" + (" or set corpus.empty_text: drop" if kind != "nonstr" else ""))
     labels = sorted({lab for sub in stats["labels"] for lab in sub})
     bad = [lab[len(_INVALID):] for lab in labels if lab.startswith(_INVALID)]
     if bad and task is not None:
         raise CorpusError(f"corpus {cfg.describe()}, column {label_col!r}: gold labels {bad[:5]} are not labels "
                           f"of task {task.name!r} ({task.labels}); fix: add them to gold_label_map in the "
                           f"task YAML, or set corpus.label_column: null")
-    if cfg.empty_text == "drop" and int(stats["n_empty"].sum()):
-        ds = ds.map_batches(lambda df: df[df["text"].str.strip() != ""], batch_format="pandas", **LIGHT)
+    info.dropped = int(stats["n_empty"].sum() + stats["n_null"].sum()) if cfg.empty_text == "drop" else 0
+    if info.dropped:  # a database's NULL texts too
+        ds = ds.map_batches(_with_text, batch_format="pandas", **LIGHT)
         ds = ds.materialize() if hold else ds
-        info.rows -= int(stats["n_empty"].sum())
+        info.rows -= info.dropped
     if cfg.id_column is None:
         ds = _number_rows(ds).materialize()  # ids '0'..'n-1': unique, nothing to check
     else:
-        n_dup, dup = duplicate_ids(ds, info.rows)
+        n_dup, dup = duplicates if duplicates is not None else duplicate_ids(ds, info.rows)
         if n_dup:
             raise CorpusError(f"corpus {cfg.describe()} has {n_dup} duplicate ids in column {cfg.id_column!r} (e.g. "
                               f"{dup}); fix: make ids unique or set corpus.id_column: null to number the rows")

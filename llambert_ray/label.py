@@ -195,6 +195,7 @@ class LabelSummary:
     errors: dict[str, int] | None = None  # the most frequent failure reasons, with their row counts
     precision: str | None = None  # the encoder's: float32, bfloat16 or int8 (label.dtype / label.quantize)
     kept: int = 0  # label.incremental: corpus rows the table held from this model with the same text (not relabelled)
+    dropped: int = 0  # corpus rows left out for an empty or null text (corpus.empty_text: drop)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,6 +211,8 @@ class LabelSummary:
         if self.failed:
             out.append(f"  failed {self.failed} rows (label empty, reason in the `error` column): "
                        f"{self.errors or {}}")
+        if self.dropped:
+            out.append(f"  dropped {self.dropped} corpus rows with an empty or null text (corpus.empty_text: drop)")
         if self.kept:
             out.append(f"  kept {self.kept} rows labelled earlier by this model from the same text "
                        f"(incremental)")
@@ -421,6 +424,7 @@ def label_corpus(cfg, model_dir: str | Path, output: str | Path | None, report_d
         require_shared_path(sink, "--output")
     ds, info = read_corpus(cfg.corpus, task, hold=False)  # one pass: streamed, never held whole
     summary = label(ds, model_dir, cfg.label, sink, rows=info.rows or None)
+    summary.dropped = info.dropped
     report.mkdir(parents=True, exist_ok=True)
     (report / "label_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     if not isinstance(sink, SqlConfig) and is_uri(sink):  # beside the labels in the bucket too

@@ -85,6 +85,9 @@ def _probe_node(models: list[str], paths: list[str], output_dir: str, marker: st
             out["paths"][p] = {"ok": True, "format": detect_format(p)}
         except Exception as e:
             out["paths"][p] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    if "://" in output_dir:  # refused on the driver (_check_relative_paths): no local folder of that name
+        out["output_dir"] = {"ok": True, "path": output_dir}
+        return out
     try:
         d = Path(output_dir) / ".preflight" / marker
         d.mkdir(parents=True, exist_ok=True)
@@ -219,7 +222,16 @@ def _resolve_models(cfg: RunConfig, checks: list[Check]) -> dict[str, str]:
 
 
 def _check_relative_paths(out: str, paths: dict[str, str], n_nodes: int, checks: list[Check]) -> None:
-    """On several nodes a relative path resolves in each node's own working dir."""
+    """On several nodes a relative path resolves in each node's own working dir. And a run folder is never in
+    object storage: only `llambert label --output` may be a bucket."""
+    if "://" in out:
+        checks.append(Check("output_dir shared", "cluster", "fail",
+                            f"output_dir {out.partition('?')[0]} is object storage: a run folder needs a POSIX disk "
+                            f"every node shares (its manifest and annotation cache parts are renamed into place, "
+                            f"model folders and checkpoints are loaded by path)",
+                            "an absolute path on a shared volume, e.g. /mnt/shared/runs; to put the labels in a "
+                            "bucket: llambert label --model RUN/model --output s3://BUCKET/PREFIX"))
+        return
     if n_nodes <= 1:
         return
     if not os.path.isabs(out) and "://" not in out:
@@ -303,6 +315,8 @@ def _check_paths_readable(paths: dict[str, str], results: dict[str, dict[str, An
 def _check_output_shared(out: str, marker: str, results: dict[str, dict[str, Any]], names: dict[str, str],
                          checks: list[Check]) -> None:
     """output_dir: every node's marker must be visible to the driver."""
+    if "://" in out:
+        return
     seen = set()
     mdir = Path(out) / ".preflight" / marker
     if mdir.is_dir():

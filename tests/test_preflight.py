@@ -70,6 +70,10 @@ def test_each_defect_is_caught(ray_local, corpus, tmp_path, monkeypatch):
     cfg.test = None
     by = _by(run_preflight(cfg))
     assert by["corpus readable"].status == "fail" and by["test split"].status == "warn"
+    # a run folder in a bucket: refused, saying what needs a shared disk and where a bucket does go
+    cfg = _cfg(corpus, tmp_path, **{"output_dir": "s3://runs-bucket/llambert"})
+    check = _by(run_preflight(cfg))["output_dir shared"]
+    assert check.status == "fail" and "annotation cache parts" in check.detail and "--output s3://" in check.fix
 
 
 def test_node_shapes_from_the_autoscaler(monkeypatch):

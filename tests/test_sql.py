@@ -228,8 +228,9 @@ def test_postgres_corpus_labelled_into_postgres_by_the_cli_twice(ray_local, post
 @pytest.mark.timeout(300)
 def test_bad_database_inputs_name_the_input_and_lose_nothing(ray_local, postgres, untrained_model, tmp_path,
                                                              monkeypatch):
-    """A wrong password, a query that fails, a missing text column and a labels table of another shape: each a
-    clear message that names what to fix; the existing table is left as it was."""
+    """A wrong password, a query that fails, a missing text column, NULL and blank texts (an error naming them, or
+    dropped and counted with corpus.empty_text: drop) and a labels table of another shape: each a clear message
+    that names what to fix; the existing table is left as it was."""
     from llambert_ray.data import CorpusError, read_corpus
     from llambert_ray.label import label
 
@@ -251,15 +252,22 @@ def test_bad_database_inputs_name_the_input_and_lose_nothing(ray_local, postgres
     db = tmp_path / "c.db"
     con = sqlite3.connect(db)
     con.execute("CREATE TABLE t (id TEXT, body TEXT)")
-    con.execute("INSERT INTO t VALUES ('a', 'fine'), ('b', 'also fine')")
+    con.execute("INSERT INTO t VALUES ('a', 'fine'), ('b', 'also fine'), ('c', NULL), ('d', '  ')")
+    con.execute("CREATE TABLE dups (id TEXT, text TEXT, label TEXT)")
+    con.execute("INSERT INTO dups VALUES ('x', 'one', 'pos'), ('y', 'two', 'neg'), ('x', 'three', 'pos')")
     con.execute("CREATE TABLE old_labels (id TEXT PRIMARY KEY, verdict TEXT)")
     con.execute("INSERT INTO old_labels VALUES ('a', 'kept')")
     con.commit()
     con.close()
     with pytest.raises(CorpusError, match="no column 'text'.*text_column"):
         read_corpus(CorpusConfig(sql=SqlConfig(url=f"sqlite:///{db}", table="t")))
-    ds, _ = read_corpus(CorpusConfig(sql=SqlConfig(url=f"sqlite:///{db}", table="t"), text_column="body",
-                                     label_column=None))
+    with pytest.raises(CorpusError, match=r"1 rows .* no text \(null\) \(e.g. ids \['c'\]\).*empty_text: drop"):
+        read_corpus(CorpusConfig(sql=SqlConfig(url=f"sqlite:///{db}", table="t"), text_column="body"))
+    ds, info = read_corpus(CorpusConfig(sql=SqlConfig(url=f"sqlite:///{db}", table="t"), text_column="body",
+                                        label_column=None, empty_text="drop"), hold=False)
+    assert info.rows == 2 and info.dropped == 2 and sorted(ds.to_pandas()["id"]) == ["a", "b"]
+    with pytest.raises(CorpusError, match=r"1 duplicate ids in column 'id' \(e.g. \['x'\]\)"):  # asked of the database
+        read_corpus(CorpusConfig(sql=SqlConfig(url=f"sqlite:///{db}", table="dups")), hold=False)
     with pytest.raises(SqlError, match="old_labels.*has columns.*another table"):
         label(ds, untrained_model, LabelConfig(cpus_per_actor=0.5), SqlConfig(url=f"sqlite:///{db}",
                                                                                 table="old_labels"))
