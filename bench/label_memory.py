@@ -94,6 +94,18 @@ def _wall_seconds(text: str) -> float:
     return sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
 
 
+def run_cli(cmd: list[str], timeout: int, what: str) -> tuple[subprocess.CompletedProcess, float]:
+    """Run a CLI command in a child process (Ray's auth off, as in the tests); it and its wall seconds. Raises
+    with the end of its stderr if it fails."""
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        raise RuntimeError(f"{what} failed ({p.returncode}): {p.stderr[-3000:]}")
+    return p, wall
+
+
 def label_run(rows: int, model: Path, batch_size: int, sets: list[str], timeout: int) -> dict[str, Any]:
     """Label a fresh corpus of `rows` rows with the CLI in a child process; its wall time, RSS and summary."""
     corpus = synthetic_corpus(rows, TMP / f"corpus-{rows}")
@@ -103,12 +115,7 @@ def label_run(rows: int, model: Path, batch_size: int, sets: list[str], timeout:
            str(corpus), "--output", str(out), "--batch-size", str(batch_size)]
     for s in sets:
         cmd += ["--set", s]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
-    wall = time.perf_counter() - t0
-    if p.returncode:
-        raise RuntimeError(f"label of {rows} rows failed ({p.returncode}): {p.stderr[-3000:]}")
+    p, wall = run_cli(cmd, timeout, f"label of {rows} rows")
     driver = re.search(r"^DRIVER_MAXRSS_KB (\d+)$", p.stderr, flags=re.M)
     summary = json.loads((out / "label_summary.json").read_text())
     if summary["rows"] != rows:
