@@ -225,6 +225,11 @@ def label(
                                             "(default llambert_labels; created when missing, rows keyed by id)"),
     output_password_env: str | None = typer.Option(None, "--output-password-env", help="database output: the "
                                                    "environment variable holding its password"),
+    via: str | None = typer.Option(None, "--via", help="actors (default): a classifier actor pool of this job; "
+                                   "serve: through the running Serve application --serve-app that `llambert serve` "
+                                   "deployed (one model for online requests and the backlog, scaled by Serve)"),
+    serve_app: str | None = typer.Option(None, "--serve-app", help="--via serve: the Serve application's name "
+                                         "(default llambert, as `llambert serve` names it)"),
     incremental: bool = typer.Option(False, "--incremental", help="database output: label only rows the table has "
                                      "no label for from this model, whose text changed, or that failed; keep the "
                                      "rest (label.incremental)"),
@@ -250,7 +255,8 @@ def label(
     overrides: dict[str, Any] = {"task": task, "corpus.id_column": id_column, "corpus.text_column": text_column,
                                  "corpus.label_column": label_column, "label.batch_size": batch_size,
                                  "label.concurrency": concurrency, "cluster.address": address,
-                                 "label.incremental": True if incremental else None}
+                                 "label.incremental": True if incremental else None, "label.via": via,
+                                 "label.serve_app": serve_app}
     if _is_db_url(input):
         overrides.update({"corpus.sql.url": input, "corpus.sql.table": table, "corpus.sql.query": query,
                           "corpus.sql.password_env": password_env})

@@ -239,6 +239,11 @@ class LabelConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
     sql: SqlConfig | None = Field(None, description="`llambert label`: write the labels to this database table "
                                                     "(rows keyed by id: a rerun replaces them) instead of parquet")
+    via: Literal["actors", "serve"] = Field(
+        "actors", description="actors: a classifier actor pool of this job; serve: through the running Ray Serve "
+                              "application label.serve_app (`llambert serve`): one deployed model for online "
+                              "requests and the backlog, scaled by Serve's autoscaler")
+    serve_app: str = Field("llambert", description="via serve: the Serve application's name")
     incremental: bool = Field(False, description="with a labels table (label.sql / --output DB_URL): label only the "
                               "rows it has no label for from this model (the model folder's fingerprint), whose "
                               "text changed since (a hash of it), or that failed; keep the rest")

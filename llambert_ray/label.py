@@ -153,22 +153,82 @@ class Classifier:
                                                f"the model, not the rows, is failing. Last: {errors[i]}") from e
         return out, errors
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
         probs, errors = self.predict_rows(batch["text"].astype(str).tolist())
-        failed = np.array([e is not None for e in errors], dtype=bool)
-        names = np.array(self.labels, dtype=object)[np.nan_to_num(probs, nan=-1.0).argmax(1)]
-        names[failed] = None
-        out = pd.DataFrame({"id": batch["id"].to_numpy(), "label": pd.Series(names, dtype="string")})
-        for j, name in enumerate(self.labels):
-            out[f"prob_{name}"] = probs[:, j]
-        if "label" in batch:
-            out["gold"] = batch["label"].to_numpy()
-        out["error"] = pd.Series(errors, dtype="string")
-        if "text_hash" in batch:  # a table sink's (sql.UnlabelledRows), passed through
-            out["text_hash"] = batch["text_hash"].to_numpy()
+        out = prediction_frame(batch, probs, errors, self.labels)
         if self.progress is not None:
             self.progress(out)
         return _typed_table(out)
+
+
+def prediction_frame(batch: pd.DataFrame, probs: np.ndarray, errors: list[str | None], labels: list[str]
+                     ) -> pd.DataFrame:
+    """The output rows of a batch: id, label (None where the row failed), prob_<class>..., gold (the batch's
+    `label`, when it has one), error, and text_hash passed through (a table sink's: sql.UnlabelledRows)."""
+    failed = np.array([e is not None for e in errors], dtype=bool)
+    names = np.array(labels, dtype=object)[np.nan_to_num(probs, nan=-1.0).argmax(1)] if len(probs) else \
+        np.array([], dtype=object)
+    names[failed] = None
+    out = pd.DataFrame({"id": batch["id"].to_numpy(), "label": pd.Series(names, dtype="string")})
+    for j, name in enumerate(labels):
+        out[f"prob_{name}"] = probs[:, j]
+    if "label" in batch:
+        out["gold"] = batch["label"].to_numpy()
+    out["error"] = pd.Series(errors, dtype="string")
+    if "text_hash" in batch:
+        out["text_hash"] = batch["text_hash"].to_numpy()
+    return out
+
+
+class ServedClassifier:
+    """A Ray Data callable that labels batches through a running Ray Serve application (`llambert serve`) by its
+    deployment handle: the deployed model (its replicas, scaled by Serve's autoscaler) labels the backlog beside
+    its online requests. Same rows out as Classifier: a batch whose call fails is redone row by row, and a row that
+    still fails gets its reason in `error`."""
+
+    def __init__(self, app_name: str, labels: list[str], progress: Callable[[pd.DataFrame], Any] | None = None):
+        from ray import serve
+
+        self.handle = serve.get_app_handle(app_name)
+        self.labels, self.progress = labels, progress
+
+    def _probs(self, texts: list[str]) -> np.ndarray:
+        preds = self.handle.classify_texts.remote(texts).result()
+        return np.array([[p["probs"][lab] for lab in self.labels] for p in preds], dtype=np.float32)
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        texts = batch["text"].astype(str).tolist()
+        errors: list[str | None] = [None] * len(texts)
+        try:
+            probs = self._probs(texts) if texts else np.zeros((0, len(self.labels)), dtype=np.float32)
+        except Exception:
+            probs = np.full((len(texts), len(self.labels)), np.nan, dtype=np.float32)
+            for i, t in enumerate(texts):
+                try:
+                    probs[i] = self._probs([t])[0]
+                except Exception as e:
+                    errors[i] = f"{type(e).__name__}: {str(e)[:500]}"
+        out = prediction_frame(batch, probs, errors, self.labels)
+        if self.progress is not None:
+            self.progress(out)
+        return _typed_table(out)
+
+
+def check_served_model(app_name: str, model_dir: str | Path) -> None:
+    """The Serve application `app_name` runs on this cluster and serves the model folder `model_dir` (the labels
+    and the fingerprint a table keeps are that folder's)."""
+    from ray import serve
+
+    try:
+        info = serve.get_app_handle(app_name).model_info.remote().result(timeout_s=60)
+    except Exception as e:
+        raise LabelError(f"no Serve application {app_name!r} answers on this cluster ({type(e).__name__}: "
+                         f"{str(e)[:200]}); fix: start it with `llambert serve --model {model_dir}` (its app is "
+                         f"named llambert), set label.serve_app to its name, or label.via: actors") from e
+    want = str(Path(model_dir).resolve())
+    if info.get("model_dir") != want:
+        raise LabelError(f"Serve application {app_name!r} serves {info.get('model_dir')}, not --model {want}; fix: "
+                         f"pass the served model folder, or serve this one")
 
 
 def _typed_table(out: pd.DataFrame) -> pa.Table:
@@ -224,7 +284,15 @@ def label_dataset(ds, model_dir: str | Path, cfg: LabelConfig, progress: Callabl
     `Progress.tally()`) is called with each finished batch."""
     from ray.data import ActorPoolStrategy
 
-    model_labels(model_dir)  # fail before any actor starts
+    labels = model_labels(model_dir)  # fail before any actor starts
+    pool = (ActorPoolStrategy(size=cfg.concurrency) if not cfg.max_concurrency else
+            ActorPoolStrategy(min_size=cfg.concurrency, max_size=max(cfg.max_concurrency, cfg.concurrency)))
+    if cfg.via == "serve":  # light actors that call the deployment; the model's work is in Serve's replicas
+        from llambert_ray.ray_env import LIGHT_CPUS
+
+        return ds.map_batches(ServedClassifier, batch_format="pandas", batch_size=cfg.batch_size, compute=pool,
+                              fn_constructor_kwargs={"app_name": cfg.serve_app, "labels": labels,
+                                                     "progress": progress}, num_cpus=LIGHT_CPUS)
     return ds.map_batches(
         Classifier, batch_format="pandas", batch_size=cfg.batch_size,
         fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "max_length": cfg.max_length,
@@ -232,8 +300,7 @@ def label_dataset(ds, model_dir: str | Path, cfg: LabelConfig, progress: Callabl
                                "dtype": cfg.dtype, "quantize": cfg.quantize, "progress": progress},
         # a fixed pool, or an autoscaling one: Ray Data adds actors (up to max_concurrency) while rows wait, on
         # nodes that join the cluster mid-stage too
-        compute=(ActorPoolStrategy(size=cfg.concurrency) if not cfg.max_concurrency else
-                 ActorPoolStrategy(min_size=cfg.concurrency, max_size=max(cfg.max_concurrency, cfg.concurrency))),
+        compute=pool,
         num_cpus=cfg.cpus_per_actor, **({"num_gpus": cfg.gpus_per_actor} if cfg.gpus_per_actor else {}))
 
 
@@ -274,6 +341,8 @@ def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path | SqlC
         raise LabelError(f"label.incremental keeps what a labels table already holds; {output} is a parquet "
                          f"folder (written whole); fix: write to a database table (--output DB_URL, label.sql) "
                          f"or leave label.incremental off")
+    if cfg.via == "serve":
+        check_served_model(cfg.serve_app, model_dir)
     t0 = time.time()
     total = ds.count() if rows is None else rows
     with Progress("label", total) as bar:
@@ -289,7 +358,8 @@ def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path | SqlC
         bar.close(counts.rows + kept)  # the final line says the rows written, not the tally's (redone batches twice)
     return LabelSummary(rows=counts.rows, seconds=seconds, rows_per_s=counts.rows / max(seconds, 1e-9),
                         label_counts=counts.label_counts, accuracy=counts.accuracy, failed=counts.failed,
-                        precision=encoder_precision("cuda" if cfg.gpus_per_actor else "cpu", cfg.dtype, cfg.quantize),
+                        precision=None if cfg.via == "serve" else
+                        encoder_precision("cuda" if cfg.gpus_per_actor else "cpu", cfg.dtype, cfg.quantize),
                         errors=counts.top_errors() or None, kept=kept)
 
 

@@ -181,29 +181,3 @@ def start(model_dir: str | Path, cfg: ServeConfig, *, name: str = "llambert", bl
             f"Serve first with `serve shutdown -y` (this deletes its applications).")
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     return serve.run(build_app({"model_dir": str(model_dir)}, cfg), name=name, route_prefix="/", blocking=blocking)
-
-
-class _ServeLabeler:
-    """Ray Data callable: labels batches through a running deployment's handle."""
-
-    def __init__(self, app_name: str):
-        self.handle = serve.get_app_handle(app_name)
-
-    def __call__(self, batch):
-        import pandas as pd
-
-        preds = self.handle.classify_texts.remote(batch["text"].astype(str).tolist()).result()
-        out = pd.DataFrame({"id": batch["id"].to_numpy(), "label": [p["label"] for p in preds]})
-        for lab in preds[0]["probs"] if preds else []:
-            out[f"prob_{lab}"] = [p["probs"][lab] for p in preds]
-        if "label" in batch:
-            out["gold"] = batch["label"].to_numpy()
-        return out
-
-
-def label_via_serve(ds, app_name: str = "llambert", *, batch_size: int = 64, concurrency: int = 2):
-    """Label a Ray Dataset[id, text] through the running deployment (same output as label.label_dataset)."""
-    from ray.data import ActorPoolStrategy
-
-    return ds.map_batches(_ServeLabeler, fn_constructor_kwargs={"app_name": app_name}, batch_format="pandas",
-                          batch_size=batch_size, compute=ActorPoolStrategy(size=concurrency), num_cpus=0.1)

@@ -118,15 +118,36 @@ def test_a_second_start_on_another_port_is_refused(served):
         start(model_dir, ServeConfig(port=_free_port(), cpus_per_replica=0.5, gpus_per_replica=0), name="other")
 
 
-def test_label_corpus_through_the_deployment(served, tweets_frame):
+def test_label_corpus_through_the_deployment(served, tweets_frame, tmp_path):
+    """label.via serve: the corpus labelled by the running deployment (by handle) into the same parquet sink as the
+    actor pool: rows in = rows out, each id once, and the answers are the model's own (a Classifier in this process,
+    same max_length); an app that is not running, or that serves another folder, is refused before any work."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
     import ray
 
-    from llambert_ray.serve import label_via_serve
+    from llambert_ray.config import LabelConfig
+    from llambert_ray.label import Classifier, LabelError, label
 
+    _, model_dir = served
     rows = tweets_frame.head(200)[["id", "text", "label"]]
-    out = label_via_serve(ray.data.from_pandas(rows), "test-llambert", batch_size=50, concurrency=1).to_pandas()
-    assert len(out) == 200 and out["id"].is_unique and set(out["id"]) == set(rows["id"])
-    assert out["label"].isin(["positive", "negative"]).all()
+    cfg = LabelConfig(via="serve", serve_app="test-llambert", batch_size=50)
+    s = label(ray.data.from_pandas(rows), model_dir, cfg, tmp_path / "labels.parquet")
+    out = pd.read_parquet(tmp_path / "labels.parquet").set_index("id").loc[rows["id"]]
+    assert s.rows == 200 == len(out) and out.index.is_unique and s.failed == 0 and out["error"].isna().all()
+    local = Classifier(str(model_dir), max_length=64).predict_proba(rows["text"].tolist())
+    assert np.allclose(out[["prob_positive", "prob_negative"]].to_numpy(), local, atol=1e-4)
+    assert (out["gold"].to_numpy() == rows["label"].to_numpy()).all()
+    with pytest.raises(LabelError, match="no Serve application 'nope'.*llambert serve"):
+        label(ray.data.from_pandas(rows), model_dir, cfg.model_copy(update={"serve_app": "nope"}),
+              tmp_path / "never.parquet")
+    other = tmp_path / "other-model"
+    shutil.copytree(model_dir, other)
+    with pytest.raises(LabelError, match="serves .*, not --model"):
+        label(ray.data.from_pandas(rows), other, cfg, tmp_path / "never.parquet")
+    assert not (tmp_path / "never.parquet").exists()
 
 
 def test_serve_config_yaml_and_app_builder(tmp_path):
