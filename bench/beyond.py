@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from llambert_ray.active import Probe, embed, plot_curves, run_rounds
-from llambert_ray.annotate import _label_logsoftmax, _relabel, annotate, apply_prior_calibration
+from llambert_ray.active import plot_curves, run_rounds
+from llambert_ray.annotate import annotate, apply_offsets, apply_prior_calibration
+from llambert_ray.annotate.calibration import label_logsoftmax
 from llambert_ray.config import AnnotateConfig, CorpusConfig, SelectConfig
 from llambert_ray.data import read_corpus, sample_corpus
-from llambert_ray.evaluate import classification_metrics
+from llambert_ray.embeddings import Probe, embed
+from llambert_ray.metrics import classification_metrics
 from llambert_ray.models import resolve_model
 from llambert_ray.ray_env import init_ray
 from llambert_ray.tasks import load_task
@@ -68,7 +70,7 @@ def load_mesh(task, pool_rows: int) -> tuple[pd.DataFrame, pd.DataFrame, dict[st
                        cache_dir=OUT / "beyond_cache")
     print("\n".join(s.lines()), flush=True)
     # the default labels are the uncalibrated ones: rebuild them from the raw scores the calibrated run kept
-    raw = [_label_logsoftmax(r, task.labels) for r in pool["llm_raw"]]
+    raw = [label_logsoftmax(r, task.labels) for r in pool["llm_raw"]]
     pool["llm_label"] = [task.labels[int(np.argmax(v))] if v is not None else None for v in raw]
     pool["llm_confidence"] = [float(np.exp(v).max()) if v is not None else None for v in raw]
     return pool, test, s.calibration
@@ -80,11 +82,9 @@ def _ds(df: pd.DataFrame):
     return ray.data.from_pandas(df)
 
 
-def relabel(pool: pd.DataFrame, labels: list[str], offsets: dict[str, float] | None) -> pd.DataFrame:
+def with_offsets(pool: pd.DataFrame, labels: list[str], offsets: dict[str, float] | None) -> pd.DataFrame:
     """The pool's labels with per-label log-prob offsets subtracted (the product's own relabelling)."""
-    if not offsets:
-        return pool.copy()
-    return _relabel(pool.copy(), labels, np.array([offsets[lab] for lab in labels]))
+    return apply_offsets(pool.copy(), labels, offsets) if offsets else pool.copy()
 
 
 def label_quality(df: pd.DataFrame, labels: list[str]) -> dict[str, float]:
@@ -118,7 +118,7 @@ def run_domain(name: str, task, pool: pd.DataFrame, test: pd.DataFrame, cf_offse
     gold_share = pool["label"].dropna().value_counts(normalize=True).to_dict() if "label" in pool else {}
     cal = {"none": label_quality(pool, labels)}
     if cf_offsets:
-        cal["content-free"] = {**label_quality(relabel(pool, labels, cf_offsets), labels), "offsets": cf_offsets}
+        cal["content-free"] = {**label_quality(with_offsets(pool, labels, cf_offsets), labels), "offsets": cf_offsets}
     for tag, prior in (("prior (equal shares)", None), ("prior (gold shares of the pool)", gold_share)):
         df, off = apply_prior_calibration(pool.copy(), labels, prior)
         cal[tag] = {**label_quality(df, labels), "offsets": off}

@@ -9,7 +9,7 @@ same gold test rows and checkpoints at 1/4, 2/4, 3/4 and all of the LLM budget, 
                served engine for the run, the budget spent in 4 calls;
 - ours:        the same engine and prompts, the rows chosen by active selection (`select.strategy active`, 4 rounds).
 
-The encoder at each checkpoint is the selection probe (`llambert_ray.active.Probe`: softmax regression on frozen
+The encoder at each checkpoint is the selection probe (`llambert_ray.embeddings.Probe`: softmax regression on frozen
 MiniLM embeddings) trained on the LLM labels so far, scored on the gold test rows: the cheap stand-in for the
 fine-tuned encoder, the same for every recipe. LLM seconds = wall time inside the LLM calls, the engine's start
 (or the paper model's load) included; total = LLM seconds + embedding the pool and the test rows once + the probes.
@@ -60,7 +60,7 @@ def domain_rows(domain: str, pool: int, test: int, seed: int) -> tuple[pd.DataFr
 
 
 def _probe_accuracy(x_pool, pos, got: pd.DataFrame, labels, x_test, y_test) -> float | None:
-    from llambert_ray.active import Probe
+    from llambert_ray.embeddings import Probe
 
     ok = got[got["llm_label"].isin(labels)]
     if ok["llm_label"].nunique() < 2:
@@ -72,7 +72,7 @@ def _probe_accuracy(x_pool, pos, got: pd.DataFrame, labels, x_test, y_test) -> f
 
 def paper_recipe(pool: pd.DataFrame, x_pool, x_test, y_test, task, checkpoints: list[int], seed: int
                  ) -> list[dict[str, Any]]:
-    from bench.run import paper_loop
+    from bench.paper_loop import paper_loop
 
     order = pool.sample(frac=1.0, random_state=seed).iloc[:checkpoints[-1]]
     preds, secs, _, load = paper_loop(list(order["text"]), task, seed)
@@ -125,8 +125,8 @@ def ours_recipe(pool: pd.DataFrame, x_pool, x_test, y_test, task, budget: int, s
 
 
 def one_domain(domain: str, budget: int, pool_rows: int, test_rows: int, seed: int) -> dict[str, Any]:
-    from llambert_ray.active import embed_in_order
     from llambert_ray.config import SelectConfig
+    from llambert_ray.embeddings import embed_in_order
     from llambert_ray.models import resolve_model
     from llambert_ray.tasks import load_task
 

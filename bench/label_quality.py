@@ -9,7 +9,7 @@ call per domain and gold size: with the task's fixed few-shot examples, and with
 gold rows by MiniLM embeddings, balanced across labels); `--calib-rows` of the gold rows (all of a small gold set)
 are scored the same way, first (a gold row's knn examples never include itself). Then, post hoc on the same scores:
 no calibration, prior (offsets matching the label shares of the gold rows) and gold (offsets fitted to the gold
-rows' scores, annotate.apply_gold_calibration). Label issues: evaluate.cv_label_issues (5-fold probe on frozen
+rows' scores, annotate.apply_gold_calibration). Label issues: screening.cv_label_issues (5-fold probe on frozen
 MiniLM embeddings + cleanlab) on each setting's test-row LLM labels; flag precision = the share of flagged rows
 whose LLM label is wrong, against the LLM's error rate (the chance a random LLM label is wrong).
 encoders phase (encoder_domain): an encoder trained on each label set, scored on held-out gold.
@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from llambert_ray.active import embed_rows
 from llambert_ray.annotate import (
     SHOTS_COLUMN,
     annotate,
@@ -34,11 +33,13 @@ from llambert_ray.annotate import (
     apply_prior_calibration,
     resolved_shots,
 )
+from llambert_ray.annotate.gold import attach_gold_shots, gold_rows
 from llambert_ray.config import AnnotateConfig, CorpusConfig
 from llambert_ray.data import read_corpus, sample_corpus
-from llambert_ray.evaluate import classification_metrics, cv_label_issues, label_issue_summary
-from llambert_ray.gold import attach_gold_shots, gold_rows
+from llambert_ray.embeddings import embed_rows
+from llambert_ray.metrics import classification_metrics
 from llambert_ray.ray_env import init_ray
+from llambert_ray.screening import cv_label_issues, label_issue_summary
 from llambert_ray.tasks import load_task
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -160,13 +161,13 @@ def encoder_domain(name: str, n_gold: int, a) -> dict:
     gold labels (which no set trains on). `gold` trains on the gold rows alone; `combined` continues from the
     gold-knn/gold model on the gold rows (the paper's LLM-labelled data, then gold).
 
-    Two encoders: the probe (active.Probe: softmax regression on frozen MiniLM embeddings, seconds) for every set,
+    Two encoders: the probe (embeddings.Probe: softmax regression on frozen MiniLM embeddings, seconds) for every set,
     and MiniLM fine-tuned by llambert_ray.train.fit (Ray Train, minutes per set on 2 cores) where --finetune
     names this domain and gold size."""
     import numpy as np
 
-    from llambert_ray.active import Probe
     from llambert_ray.config import TrainConfig
+    from llambert_ray.embeddings import Probe
     from llambert_ray.label import Classifier
 
     spec = DOMAINS[name]

@@ -48,6 +48,7 @@ from bench.cost_accuracy import bench_cost_accuracy
 from bench.cost_accuracy import summary_md as cost_accuracy_md
 from bench.fixed_cost import bench_fixed_cost
 from bench.fixed_cost import summary_md as fixed_cost_md
+from bench.paper_loop import paper_loop
 from bench.quantize import bench_quantize
 from bench.quantize import summary_md as quantize_md
 
@@ -89,40 +90,6 @@ def _frac(tokens_per_s: float, model: str, ceil_gflops: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------ annotation
-def paper_loop(texts: list[str], task, seed: int = 0, sample: bool = True
-               ) -> tuple[list[str | None], list[float], int, float]:
-    """The paper's loop: one text at a time through transformers `generate` (sampling as published: T=1, top_k 50;
-    or greedy), 10 new tokens, the paper's 0-shot chat prompt, then its parse rule. Returns (labels, None where
-    unparseable; each row's seconds; prompt tokens; the model's load seconds)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llambert_ray.models import resolve_model
-    from llambert_ray.tasks import OTHER
-
-    t0 = time.perf_counter()
-    path = resolve_model("smollm2-135m-instruct")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    load = time.perf_counter() - t0
-    torch.manual_seed(seed)
-    decoding = {"do_sample": True, "temperature": 1.0, "top_k": 50} if sample else {"do_sample": False}
-    preds: list[str | None] = []
-    seconds: list[float] = []
-    prompt_tokens = 0
-    with torch.inference_mode():
-        for text in texts:
-            t0 = time.perf_counter()
-            ids = tok.apply_chat_template(task.chat_messages(text, 0, 6000), add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)
-            prompt_tokens += ids["input_ids"].shape[1]
-            out = model.generate(**ids, **decoding, max_new_tokens=10, pad_token_id=tok.eos_token_id)
-            label = task.parse(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-            preds.append(None if label == OTHER else label)
-            seconds.append(time.perf_counter() - t0)
-    return preds, seconds, prompt_tokens, load
-
-
 def annotate_paper(df: pd.DataFrame, task, seed: int = 0, sample: bool = True) -> dict[str, Any]:
     """The paper's loop on `df` (sampling as published, or greedy so its speed compares with our greedy engine
     without decoding mixed in); its model load is not counted."""

@@ -142,7 +142,7 @@ def annotate(
         est.stages = [s for s in est.stages if s.stage.startswith("annotate")]
         typer.echo(est.table())
         return
-    from llambert_ray.annotate import annotate_corpus
+    from llambert_ray.annotate.corpus import annotate_corpus
 
     summary = annotate_corpus(cfg, output)
     typer.echo("\n".join(summary.lines()))
@@ -300,7 +300,7 @@ def evaluate(
     import pandas as pd
 
     from llambert_ray.data import CorpusError, read_parquet_frame
-    from llambert_ray.evaluate import classification_metrics
+    from llambert_ray.metrics import classification_metrics
     from llambert_ray.tasks import load_task
 
     df = read_parquet_frame(input)

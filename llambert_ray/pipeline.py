@@ -108,10 +108,12 @@ class Run:
     def gold(self):
         """The run's gold rows for annotate (gold-knn shots, calibration gold), made once for all its annotate
         calls, never a test row; None when the config asks for none."""
-        from llambert_ray.gold import run_gold_set
+        from llambert_ray.annotate.gold import run_gold_set
 
+        cfg = self.cfg
         test_ids = None if self.test_df is None else set(self.test_df["id"].astype(str))
-        return run_gold_set(self.corpus, self.task, self.cfg, exclude=test_ids)
+        return run_gold_set(self.corpus, self.task, cfg.annotate, encoder=cfg.select.model or cfg.train.model,
+                            seed=cfg.corpus.seed, exclude=test_ids)
 
 
 StageWork = Callable[[RunConfig, Run], dict[str, Any]]
@@ -240,7 +242,7 @@ def annotate_stage(run: Run, engine: Any = None) -> None:
     caller's served engine (run_pipeline), else the run's own."""
     from llambert_ray.annotate import run_engine
     from llambert_ray.data import read_parquet_frame
-    from llambert_ray.evaluate import screen_for_training
+    from llambert_ray.screening import screen_for_training
 
     cfg, written, task_hash = run.cfg, run.written, config_hash(run.task)
     # how the engine runs, not what it answers: left out of the stage hashes
@@ -257,7 +259,9 @@ def annotate_stage(run: Run, engine: Any = None) -> None:
             _run_stage(run, "annotate", key, [run.path(ANNOTATIONS)], _annotate_sample)
         # train.label_issues: LLM labels flagged by cross-validated confident learning dropped / relabelled
         run.annotations = read_parquet_frame(run.path(ANNOTATIONS))
-        run.train_annotations = screen_for_training(run.annotations, run.task, cfg, cfg.run_dir, run.log)
+        run.train_annotations = screen_for_training(run.annotations, run.task.labels, cfg.train,
+                                                    encoder=cfg.select.model or cfg.train.model,
+                                                    max_length=cfg.select.max_length, run_dir=cfg.run_dir, log=run.log)
         if cfg.extra is not None:
             _run_stage(run, "annotate_extra", (cfg.extra, key[1], task_hash), [run.path(EXTRA_ANNOTATIONS)],
                        _annotate_extra)
@@ -272,7 +276,7 @@ def annotate_stage(run: Run, engine: Any = None) -> None:
 def _annotate(cfg: RunConfig, run: Run, ds, acfg=None):
     """One annotate() call of the run: its cache, its engine (the run's, or one of its own)."""
     from llambert_ray.annotate import annotate
-    from llambert_ray.gold import gold_for_annotate
+    from llambert_ray.annotate.gold import gold_for_annotate
 
     ds, gold = gold_for_annotate(ds, run.gold)  # gold-knn shots / calibration gold
     df, s = annotate(ds, run.task, acfg or cfg.annotate, cache_dir=run.path("cache") / "annotate",
@@ -368,7 +372,7 @@ def _annotate_with_test(cfg: RunConfig, run: Run) -> dict[str, Any]:
 
 def _llm_accuracy(run: Run, ann: pd.DataFrame, test_ann: pd.DataFrame, offsets) -> dict[str, Any]:
     """The LLM's accuracy against gold on its annotated rows and its test rows, logged."""
-    from llambert_ray.evaluate import classification_metrics
+    from llambert_ray.metrics import classification_metrics
 
     acc = {name: classification_metrics(part["label"], part["llm_label"], run.task.labels)["accuracy"]
            for name, part in (("annotated", ann), ("test", test_ann)) if "label" in part}
@@ -382,8 +386,9 @@ def _annotate_active(cfg: RunConfig, run: Run) -> dict[str, Any]:
     """select.strategy active: corpus.sample LLM calls spent in select.rounds rounds, each round's rows chosen by
     a probe on encoder embeddings (llambert_ray.active). Writes annotations.parquet and active_rounds.json (the
     probe's test accuracy after each round, when the run has a gold test split)."""
-    from llambert_ray.active import embed_in_order, run_rounds
+    from llambert_ray.active import run_rounds
     from llambert_ray.data import sample_corpus, write_parquet
+    from llambert_ray.embeddings import embed_in_order
     from llambert_ray.models import resolve_model
     from llambert_ray.ray_env import from_frames
 
@@ -510,7 +515,7 @@ def _labeller_speeds(cfg: RunConfig, stages: dict[str, Any]) -> dict[str, Any]:
     engine start included) and of the encoder (the label stage: the whole corpus, actor start included), both
     measured in this run; plus the encoder's all-in cost: the LLM labelling its training rows, training the llm
     variant and labelling the corpus, per corpus row."""
-    from llambert_ray.evaluate import throughput
+    from llambert_ray.metrics import throughput
     from llambert_ray.plan import load_hardware
 
     try:
@@ -563,7 +568,8 @@ def _quality_metrics(run: Run) -> dict[str, Any]:
     """The LLM on its annotated rows (and its test rows), each classifier on the test split and, beside the LLM,
     on the same test rows the LLM labelled (the paper's like-for-like comparison)."""
     from llambert_ray.data import read_parquet_frame
-    from llambert_ray.evaluate import classification_metrics, gold_metrics
+    from llambert_ray.evaluate import gold_metrics
+    from llambert_ray.metrics import classification_metrics
 
     cfg, ann, labels = run.cfg, run.annotations, run.task.labels
     assert ann is not None
@@ -589,7 +595,7 @@ def _quality_metrics(run: Run) -> dict[str, Any]:
 def _label_issues(run: Run, metrics: dict[str, Any]) -> pd.DataFrame | None:
     """LLM labels the trained classifier contradicts with confidence: label_issues.parquet and their summary."""
     from llambert_ray.data import read_parquet_frame, write_parquet
-    from llambert_ray.evaluate import label_issue_summary, label_issues
+    from llambert_ray.screening import label_issue_summary, label_issues
 
     try:
         # the annotated rows' probabilities only: labels.parquet holds the whole corpus, the annotations a sample

@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 from conftest import REVIEWS
 
-from llambert_ray.active import Embedder, Probe, run_rounds, select_next
+from llambert_ray.active import run_rounds, select_next
 from llambert_ray.config import SelectConfig
+from llambert_ray.embeddings import Embedder, Probe
 from llambert_ray.models import resolve_model
 
 LABELS = ["positive", "negative"]
@@ -71,7 +72,7 @@ def test_rounds_spend_the_budget_once_per_row(reviews, strategy):
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_embed_through_ray_data_keeps_every_id(ray_local, reviews):
-    from llambert_ray.active import embed
+    from llambert_ray.embeddings import embed
 
     df, x = reviews
     ids, emb = embed(ray_local.data.from_pandas(df), resolve_model("minilm-l6"),

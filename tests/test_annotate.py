@@ -447,7 +447,8 @@ def test_engine_actor_killed_mid_run_every_id_once(ray_local, tmp_path):
 
 
 def test_prompt_key_covers_the_rows_text_and_its_own_examples():
-    from llambert_ray.annotate import SHOTS_COLUMN, _answer_keys, prompt_keys
+    from llambert_ray.annotate import SHOTS_COLUMN, prompt_keys
+    from llambert_ray.annotate.cache import _answer_keys
 
     rows = pd.DataFrame({"id": ["a", "a", "a"], "text": ["good", "bad", "good"],
                          SHOTS_COLUMN: ['[{"text": "x", "label": "positive"}]'] * 2 + ['[]']})
@@ -492,7 +493,7 @@ def _skewed_scores(n, rng, bias):
 
 def test_gold_calibration_undoes_a_label_bias_fitted_on_few_gold_rows():
     from llambert_ray.annotate import apply_gold_calibration, apply_offsets
-    from llambert_ray.evaluate import classification_metrics
+    from llambert_ray.metrics import classification_metrics
 
     rng = np.random.default_rng(0)
     gold, labels = _skewed_scores(100, rng, [2.0, 0.0, -0.5])

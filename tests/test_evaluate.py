@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llambert_ray.evaluate import classification_metrics
+from llambert_ray.metrics import classification_metrics
 
 
 def test_metrics_by_hand():
@@ -28,7 +28,7 @@ def test_gold_outside_the_labels_counts_as_wrong_and_leaves_the_matrix_empty():
 def test_label_issues_flag_contradicted_llm_labels_first():
     import pandas as pd
 
-    from llambert_ray.evaluate import label_issue_summary, label_issues
+    from llambert_ray.screening import label_issue_summary, label_issues
 
     ann = pd.DataFrame({"id": list("abcdef"), "text": list("ABCDEF"),
                         "llm_label": ["pos", "pos", "neg", "neg", "pos", None],
@@ -55,7 +55,7 @@ def test_failed_rows_are_left_out_and_counted():
 
 
 def test_cv_label_issues_flag_planted_flips_far_above_the_random_rate():
-    from llambert_ray.evaluate import cv_label_issues, label_issue_summary, screen_llm_labels
+    from llambert_ray.screening import cv_label_issues, label_issue_summary, screen_llm_labels
     from llambert_ray.train import variant_stages
 
     rng = np.random.default_rng(0)

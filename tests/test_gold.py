@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 
 from llambert_ray.annotate import SHOTS_COLUMN, PromptPlan, row_examples
+from llambert_ray.annotate.gold import attach_gold_shots, gold_rows, nearest_gold, with_gold
 from llambert_ray.config import AnnotateConfig
-from llambert_ray.gold import attach_gold_shots, gold_rows, nearest_gold, with_gold
 from llambert_ray.tasks import load_task
 
 LABELS = ["a", "b", "c", "d"]
@@ -88,7 +88,7 @@ def test_attach_gold_shots_puts_each_rows_neighbours_into_its_prompt():
 
 def test_a_runs_gold_set_embeds_its_gold_rows_once_and_never_takes_a_test_row():
     """A run makes its gold set once: each later annotate call (each active round) embeds only its own rows."""
-    from llambert_ray.gold import gold_set
+    from llambert_ray.annotate.gold import gold_set
 
     task = load_task("imdb-sentiment")
     texts = ["great fun", "awful", "superb", "dull", "lovely", "bad"]

@@ -76,8 +76,9 @@ def test_rows_the_model_rejects_are_recorded_not_fatal(ray_local, tweets_frame, 
     import pandas as pd
 
     from llambert_ray.data import read_corpus
-    from llambert_ray.evaluate import classification_metrics, label_issues
     from llambert_ray.label import label
+    from llambert_ray.metrics import classification_metrics
+    from llambert_ray.screening import label_issues
 
     frame = _with_overlong_rows(tweets_frame, 240, 6)
     src = tmp_path / "corpus.parquet"

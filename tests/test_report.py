@@ -3,7 +3,7 @@ small synthetic metrics dict (no Ray, no models)."""
 
 import pandas as pd
 
-from llambert_ray.evaluate import classification_metrics, throughput
+from llambert_ray.metrics import classification_metrics, throughput
 from llambert_ray.report import check_aims, story_rows, story_sentences, story_table, story_text, write_report
 
 LABELS = ["positive", "negative"]

@@ -223,8 +223,8 @@ def test_four_label_topic_task_with_gold_knn_and_gold_calibration(served, tmp_pa
     import ray
 
     from llambert_ray.annotate import SHOTS_COLUMN, annotate
+    from llambert_ray.annotate.gold import with_gold
     from llambert_ray.config import AnnotateConfig
-    from llambert_ray.gold import with_gold
 
     task = load_task("news-topic")
     df = pd.DataFrame([{"id": f"n{i:02d}", "text": t, "label": lab} for i, (t, lab) in enumerate(NEWS)])

@@ -107,7 +107,7 @@ def test_the_packaged_llm_gets_its_known_good_prompt_unless_the_task_says_otherw
     assert t1.defaults_for("smollm2-135m-instruct")["shots"] == 1
     assert "needs 2 few-shot examples" in t1.prompt_warning("smollm2-135m-instruct", "completion", 1)
 
-    import llambert_ray.annotate as annotate_module
+    import llambert_ray.annotate.prompts as annotate_module
 
     annotate_module._warned.clear()  # warned once per process: earlier tests may have warned already
     said: list[str] = []

@@ -70,8 +70,8 @@ def test_checkpoints_go_once_the_variants_model_is_written(tmp_path, monkeypatch
 def test_zero2_two_workers_learns_real_text(ray_local, tweets_frame, tmp_path):
     """DeepSpeed ZeRO-2, 2 Ray Train workers over gloo: held-out accuracy on real tweets well above chance."""
     from llambert_ray.config import LabelConfig
-    from llambert_ray.evaluate import classification_metrics
     from llambert_ray.label import label_dataset, model_labels
+    from llambert_ray.metrics import classification_metrics
     from llambert_ray.train import fit
 
     train = balanced(tweets_frame[tweets_frame["split"] == "train"], 160)
@@ -131,8 +131,8 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, tweets_frame, tmp
     import ray
 
     from llambert_ray.config import LabelConfig
-    from llambert_ray.evaluate import classification_metrics
     from llambert_ray.label import label_dataset
+    from llambert_ray.metrics import classification_metrics
     from llambert_ray.train import fit
 
     train = balanced(tweets_frame[tweets_frame["split"] == "train"], 160)

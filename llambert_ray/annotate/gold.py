@@ -4,7 +4,7 @@ With `annotate.shots_from: gold-knn`, each row's few-shot examples are the `shot
 similar to it (cosine similarity of the encoder embeddings that active selection uses), taken in turns across labels
 so that no label dominates the context, and never the row itself. They travel with the row in its `llm_shots`
 column (JSON), which the prompt and the row's cache key both include. The same gold rows serve
-`annotate.calibration: gold` (annotate.apply_gold_calibration).
+`annotate.calibration: gold` (calibration.apply_gold_calibration).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from llambert_ray.active import Embed, embed_rows
-from llambert_ray.annotate import SHOTS_COLUMN, resolved_shots
-from llambert_ray.config import AnnotateConfig, RunConfig
+from llambert_ray.annotate.columns import SHOTS_COLUMN
+from llambert_ray.annotate.prompts import resolved_shots
+from llambert_ray.config import AnnotateConfig
+from llambert_ray.embeddings import Embed, embed_rows
 from llambert_ray.ray_env import from_frames
 from llambert_ray.tasks import Task
 
@@ -126,14 +127,15 @@ def with_gold(rows: pd.DataFrame, corpus: pd.DataFrame, task: Task, cfg: Annotat
     return (rows, None) if gold is None else (gold.shots_for(rows), gold.rows)
 
 
-def run_gold_set(corpus_ds, task: Task, cfg: RunConfig, exclude: set[str] | None = None) -> GoldSet | None:
-    """The gold rows of a run (from cfg.corpus's label column, never an id in `exclude`), or None when the config
-    asks for none. Raises ValueError when it asks for some and the corpus has no gold labels."""
-    if not wants_gold(cfg.annotate):  # before the corpus is pulled into this process
+def run_gold_set(corpus_ds, task: Task, cfg: AnnotateConfig, *, encoder: str, seed: int = 0,
+                 exclude: set[str] | None = None) -> GoldSet | None:
+    """The gold rows of a run (from the corpus's label column, never an id in `exclude`; gold-knn embeds them with
+    `encoder`), or None when `cfg` asks for none. Raises ValueError when it asks for some and the corpus has no
+    gold labels."""
+    if not wants_gold(cfg):  # before the corpus is pulled into this process
         return None
     corpus = corpus_ds.to_pandas() if "label" in corpus_ds.columns() else pd.DataFrame(columns=["id", "text", "label"])
-    gold = gold_set(corpus, task, cfg.annotate, encoder=cfg.select.model or cfg.train.model, seed=cfg.corpus.seed,
-                    exclude=exclude)
+    gold = gold_set(corpus, task, cfg, encoder=encoder, seed=seed, exclude=exclude)
     if gold is None or gold.rows.empty:
         raise ValueError("annotate.shots_from gold-knn / calibration gold need gold labels in the corpus's label "
                          "column, and it has none; fix: a labelled corpus, or shots_from: fixed / another calibration")

@@ -1,0 +1,158 @@
+"""The annotation stage: annotate() labels the rows of a Ray Dataset with the LLM through an engine, the answer
+cache and calibration, and sums up what it did."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from llambert_ray.annotate.cache import ATTEMPTS, annotate_cached
+from llambert_ray.annotate.calibration import (
+    CONTENT_FREE_TEXTS,
+    apply_calibration,
+    apply_gold_calibration,
+    apply_prior_calibration,
+)
+from llambert_ray.annotate.columns import OUTPUT_COLUMNS, SHOTS_COLUMN, AnnotationError
+from llambert_ray.annotate.engines import AnnotationEngine, VLLMEngine
+from llambert_ray.annotate.prompts import make_plan
+from llambert_ray.config import AnnotateConfig
+from llambert_ray.models import resolve_model
+from llambert_ray.progress import Progress
+from llambert_ray.ray_env import from_frames
+from llambert_ray.tasks import Task
+
+_GOLD_PREFIX = "__llambert_gold_"
+_CF_PREFIX = "__llambert_content_free_"
+
+
+@dataclass
+class AnnotationSummary:
+    rows_in: int
+    labelled: int
+    dropped: int
+    failed: int
+    seconds: float
+    rows_per_s: float
+    prompt_tokens: int
+    prompt_tokens_per_s: float
+    mode: str
+    style: str
+    shots: int
+    model: str
+    label_counts: dict[str, int]
+    accuracy: float | None = None  # against gold labels, over all rows (dropped rows count as wrong)
+    calibration: dict[str, float] | None = None  # log-prob offsets subtracted per label (content-free / prior)
+    cached: int = 0  # rows whose answers were reused from the cache of an earlier (interrupted) run
+    attempts: int = 1  # engine runs (> 1: a run failed, the rows it left were sent again; 0: all were cached)
+    resent: int = 0  # rows sent to the engine again after a failed run
+    calibration_report: dict[str, Any] | None = None  # calibration gold: before / after on held-out gold rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        acc = f", accuracy vs gold {self.accuracy:.2%}" if self.accuracy is not None else ""
+        return [f"annotated {self.rows_in} rows with {self.model} ({self.mode} mode, {self.style} prompt, "
+                f"{self.shots} shots) in {self.seconds:.1f}s",
+                f"  labelled {self.labelled}, dropped {self.dropped} (unparseable), failed {self.failed}{acc}"
+                + (f"; {self.cached} reused from the cache" if self.cached else "")
+                + (f"; {self.attempts} attempts ({self.resent} rows sent again after a failed run)"
+                   if self.attempts > 1 else ""),
+                f"  {self.rows_per_s:.2f} rows/s, {self.prompt_tokens_per_s:.0f} prompt tokens/s; "
+                f"labels {self.label_counts}"] + self._calibration_lines()
+
+    def _calibration_lines(self) -> list[str]:
+        r = self.calibration_report
+        if not r:
+            return []
+        b, a = r["before"], r["after"]
+        return [f"  gold calibration, on {r['held_out']} held-out gold rows: accuracy {b['accuracy']:.2%} -> "
+                f"{a['accuracy']:.2%}, macro F1 {b['macro_f1']:.2%} -> {a['macro_f1']:.2%}"]
+
+
+def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | None = None,
+             cache_dir: str | Path | None = None, attempts: int = ATTEMPTS, gold: pd.DataFrame | None = None):
+    """Label every row of `ds` (columns id, text, label?) with the LLM. Returns (pandas frame, summary).
+
+    Rows keep their ids; unparseable answers get llm_label null; engine failures are recorded per row in
+    llm_error instead of failing the run. With cache_dir, answers are streamed to
+    CACHE_DIR/<model + prompt hash>/ as the engine finishes each chunk of rows, and rows already answered there
+    (by an interrupted run with the same model and prompt) are not sent to the engine again. An engine actor
+    that dies is restarted by Ray Data, which retries its batches; if a run fails anyway after answering some
+    rows, the rows it left are sent again (up to `attempts` runs, needs cache_dir). Every input row comes out
+    exactly once.
+
+    With cfg.calibration "gold", `gold` (columns id, text, label[, llm_shots]: e.g. annotate.gold.gold_rows)
+    is sent to the LLM with the rows (ids prefixed, left out of the output); per-label offsets are fitted to the
+    LLM's scores on it and applied to every row (summary.calibration; summary.calibration_report: before / after
+    on held-out gold rows).
+    """
+    model_path = resolve_model(cfg.model)
+    plan = make_plan(task, cfg, model_path)
+    engine = engine or VLLMEngine(cfg, model_path)
+    calibrate = cfg.calibration == "content-free" and plan.mode == "score"
+    if calibrate:
+        ds = ds.union(_content_free_rows(ds))
+    if cfg.calibration == "gold":
+        if gold is None or gold.empty:
+            raise AnnotationError("annotate.calibration gold needs gold-labelled rows, and none were given; fix: "
+                                  "a corpus with a label column (annotate.gold_rows of them are used)")
+        ds = ds.union(_gold_rows_for(ds, gold))
+    t0 = time.time()
+    cached, runs, resent = 0, 1, 0
+    if cache_dir is None:
+        with Progress("annotate", None) as bar:
+            df = bar.count(engine.run(ds, plan)).to_pandas()
+            bar.update(len(df))
+    else:
+        df, cached, runs, resent = annotate_cached(engine, plan, ds, cfg, Path(cache_dir), attempts)
+    seconds = time.time() - t0
+    for col in OUTPUT_COLUMNS:
+        if col not in df:
+            df[col] = None
+    offsets = report = None
+    if cfg.calibration == "gold":
+        is_gold = df["id"].astype(str).str.startswith(_GOLD_PREFIX)
+        df, offsets, report = apply_gold_calibration(df[~is_gold].copy(), df[is_gold], task.labels,
+                                                     temperature=cfg.calibration_temperature)
+    if calibrate:
+        cf = df["id"].astype(str).str.startswith(_CF_PREFIX)
+        df, offsets = apply_calibration(df[~cf].copy(), df[cf], task.labels)
+    elif cfg.calibration == "prior" and plan.mode == "score":
+        df, offsets = apply_prior_calibration(df, task.labels, cfg.label_prior)
+    failed = int(df["llm_error"].notna().sum())
+    labelled = int(df["llm_label"].notna().sum())
+    tokens = int(df["prompt_tokens"].fillna(0).sum())
+    acc = None
+    if "label" in df and df["label"].notna().any():
+        gold = df[df["label"].notna()]
+        acc = float((gold["llm_label"] == gold["label"]).fillna(False).astype(bool).mean())
+    summary = AnnotationSummary(
+        rows_in=len(df), labelled=labelled, dropped=len(df) - labelled - failed, failed=failed,
+        seconds=seconds, rows_per_s=len(df) / seconds if seconds else 0.0, prompt_tokens=tokens,
+        prompt_tokens_per_s=tokens / seconds if seconds else 0.0, mode=plan.mode, style=plan.style,
+        shots=plan.shots, model=cfg.model,
+        label_counts={str(k): int(v) for k, v in df["llm_label"].value_counts().items()}, accuracy=acc,
+        calibration=offsets, cached=cached, attempts=runs, resent=resent, calibration_report=report)
+    return df.sort_values("id", kind="stable").reset_index(drop=True), summary
+
+
+def _content_free_rows(ds):
+    """The content-free rows, with the same (string) columns as the corpus rows (id, text[, label])."""
+    cols = ds.columns()
+    rows = [{c: (f"{_CF_PREFIX}{i}" if c == "id" else t if c == "text" else None) for c in cols}
+            for i, t in enumerate(CONTENT_FREE_TEXTS)]
+    return from_frames(pd.DataFrame(rows, columns=cols).astype("string"))
+
+
+def _gold_rows_for(ds, gold: pd.DataFrame):
+    """The gold rows as extra rows of `ds`: ids prefixed, the same (string) columns (llm_shots kept)."""
+    cols = list(dict.fromkeys([*ds.columns(), *(c for c in (SHOTS_COLUMN,) if c in gold)]))
+    g = gold.reindex(columns=cols).copy()
+    g["id"] = _GOLD_PREFIX + gold["id"].astype(str)
+    return from_frames(g.astype("string"))
