@@ -251,12 +251,23 @@ def label(
     gold when the corpus has labels), OUTPUT/label_summary.json and OUTPUT/logs/. A database corpus or output
     (SQLite, PostgreSQL) is read and written by Ray Data's read_sql / write_sql: reads sharded by the id column,
     labels upserted by id, so a rerun replaces rows and never duplicates them."""
-    into_db = _is_db_url(output)
     overrides: dict[str, Any] = {"task": task, "corpus.id_column": id_column, "corpus.text_column": text_column,
                                  "corpus.label_column": label_column, "label.batch_size": batch_size,
                                  "label.concurrency": concurrency, "cluster.address": address,
                                  "label.incremental": True if incremental else None, "label.via": via,
-                                 "label.serve_app": serve_app}
+                                 "label.serve_app": serve_app,
+                                 **_label_io(input, table, query, password_env, output, output_table,
+                                             output_password_env)}
+    cfg = _config(config, overrides, set_, preflight)
+    where, report, summary = _label_to(cfg, model, output, report_dir)
+    typer.echo("\n".join(summary.lines()))
+    typer.echo(f"wrote {where}; summary and logs: {report}")
+
+
+def _label_io(input: str | None, table: str | None, query: str | None, password_env: str | None, output: str,
+              output_table: str | None, output_password_env: str | None) -> dict[str, Any]:
+    """`llambert label`'s corpus and output flags as config overrides: a file / folder or a database each way."""
+    overrides: dict[str, Any] = {}
     if _is_db_url(input):
         overrides.update({"corpus.sql.url": input, "corpus.sql.table": table, "corpus.sql.query": query,
                           "corpus.sql.password_env": password_env})
@@ -265,25 +276,27 @@ def label(
             raise typer.BadParameter("--table / --query read a database; --input is not a database URL ("
                                      + DB_URL_HELP + ")")
         overrides["corpus.path"] = input
-    if into_db:
+    if _is_db_url(output):
         overrides.update({"label.sql.url": output, "label.sql.table": output_table,
                           "label.sql.password_env": output_password_env})
-    cfg = _config(config, overrides, set_, preflight)
+    return overrides
+
+
+def _label_to(cfg: Any, model: Path, output: str, report_dir: Path | None) -> tuple[str, Path, Any]:
+    """Run the label stage into `output` (a folder, a bucket folder or a database): (where the labels went, the
+    report folder, the stage's summary)."""
     from llambert_ray.label import label_corpus
 
-    if into_db:
+    if _is_db_url(output):
         report = report_dir or Path("label-report")
         summary = label_corpus(cfg, model, None, report)
-        where = f"table {cfg.label.sql.table or 'llambert_labels'} of {output}"
-    else:
-        from llambert_ray.data import is_uri, join_path
+        return f"table {cfg.label.sql.table or 'llambert_labels'} of {output}", report, summary
+    from llambert_ray.data import is_uri, join_path
 
-        report = report_dir or (Path("label-report") if is_uri(output) else Path(output))
-        labels_at = join_path(output, "labels.parquet")
-        summary = label_corpus(cfg, model, labels_at, report)
-        where = str(labels_at).partition("?")[0]
-    typer.echo("\n".join(summary.lines()))
-    typer.echo(f"wrote {where}; summary and logs: {report}")
+    report = report_dir or (Path("label-report") if is_uri(output) else Path(output))
+    labels_at = join_path(output, "labels.parquet")
+    summary = label_corpus(cfg, model, labels_at, report)
+    return str(labels_at).partition("?")[0], report, summary
 
 
 @app.command()

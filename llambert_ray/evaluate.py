@@ -34,3 +34,24 @@ def evaluate_on_corpus(corpus_cfg, task, model_dir, label_cfg) -> dict[str, Any]
 
     ds, _ = read_corpus(corpus_cfg, task)
     return gold_metrics(predict_gold(ds, {"model": model_dir}, label_cfg), task.labels)
+
+
+def quality_metrics(ann: pd.DataFrame, labels: list[str], variants: list[str], test_ann: pd.DataFrame | None = None,
+                    preds: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The LLM on its annotated rows `ann` (where they have gold labels) and on its test rows `test_ann`; each
+    variant's classifier on the test split (`preds`, predict_gold's) and, beside the LLM, on the same test rows
+    the LLM labelled (the paper's like-for-like comparison)."""
+    metrics: dict[str, Any] = {"variants": {}}
+    if "label" in ann and ann["label"].notna().any():
+        metrics["llm"] = classification_metrics(ann["label"], ann["llm_label"], labels)
+    if test_ann is not None:
+        metrics["llm_test"] = classification_metrics(test_ann["label"], test_ann["llm_label"], labels)
+        metrics["variants_on_llm_test"] = {}
+    if preds is None:
+        return metrics
+    for variant in variants:
+        p = preds[preds["variant"] == variant]
+        metrics["variants"][variant] = gold_metrics(p, labels)
+        if test_ann is not None:
+            metrics["variants_on_llm_test"][variant] = gold_metrics(p[p["id"].isin(set(test_ann["id"]))], labels)
+    return metrics

@@ -24,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from llambert_ray.accounting import labeller_speeds, reserved_devices
 from llambert_ray.config import RunConfig, config_hash
 from llambert_ray.tasks import Task
 
@@ -147,7 +148,7 @@ def _run_stage(run: Run, name: str, key: tuple[Any, ...], outputs: list[Path], w
     t0 = time.time()
     record = work(run.cfg, run)
     record.setdefault("seconds", time.time() - t0)
-    device, devices = _reserved_devices(run.cfg, name)
+    device, devices = reserved_devices(name, run.cfg.annotate, run.cfg.train, run.cfg.label)
     record.update(device=device, device_seconds=record["seconds"] * devices)
     run.manifest.record(name, stage_hash, **record)
     run.log(f"[{name}] done in {record['seconds']:.1f}s")
@@ -475,76 +476,6 @@ def _predict_test(cfg: RunConfig, run: Run) -> dict[str, Any]:
     return {"rows": len(run.test_df) * len(run.model_dirs)}
 
 
-# ------------------------------------------------------------------------------------------ accounting
-def _reserved_devices(cfg: RunConfig, stage: str) -> tuple[str, float]:
-    """The device kind a stage runs on and how many it reserves from Ray while it runs (the manifest's
-    device_seconds = these x its seconds): the engines' placement (annotate.engine_devices); a training worker's
-    GPU or CPUs x workers; a labelling actor's GPUs or CPUs x actors (label, and evaluate on the test split)."""
-    from llambert_ray.annotate import engine_devices
-
-    a, t, lab = cfg.annotate, cfg.train, cfg.label
-    if stage.startswith("annotate"):
-        return a.device, engine_devices(a, a.device == "gpu")
-    if stage.startswith("train"):
-        return ("gpu", t.workers) if t.use_gpu else ("cpu", t.workers * t.cpus_per_worker)
-    return ("gpu" if lab.gpus_per_actor else "cpu"), (lab.gpus_per_actor or lab.cpus_per_actor) * lab.concurrency
-
-
-def _busy_devices(cfg: RunConfig, stage: str, device: str) -> float:
-    """The devices a stage computes on while it runs (its cost = these x its wall seconds): the GPUs it holds, or
-    on CPUs the cores its threads run on. That is more than the CPUs it reserves from Ray (the manifest's
-    device_seconds): the vLLM engine binds OpenMP to every core of its node, a classifier actor runs
-    ray_env.torch_threads(cpus_per_actor) torch threads, a training worker torch_threads(cpus_per_worker)."""
-    import ray
-
-    from llambert_ray.ray_env import torch_threads
-
-    a, t, lab = cfg.annotate, cfg.train, cfg.label
-    if stage == "annotate":
-        if device == "gpu":
-            return float(a.tensor_parallel_size * a.pipeline_parallel_size * a.concurrency)
-        return float(min((os.cpu_count() or 1) * a.concurrency, ray.cluster_resources().get("CPU", 1)))
-    if stage == "label":
-        per_actor = lab.gpus_per_actor if device == "gpu" else torch_threads(lab.cpus_per_actor)
-        return float(per_actor * lab.concurrency)
-    return float(t.workers * (1 if device == "gpu" else torch_threads(t.cpus_per_worker)))
-
-
-def _labeller_speeds(cfg: RunConfig, stages: dict[str, Any]) -> dict[str, Any]:
-    """Rows/s and cost per 1,000 rows of the LLM (the annotate stage: its rows and test rows in one engine call,
-    engine start included) and of the encoder (the label stage: the whole corpus, actor start included), both
-    measured in this run; plus the encoder's all-in cost: the LLM labelling its training rows, training the llm
-    variant and labelling the corpus, per corpus row."""
-    from llambert_ray.metrics import throughput
-    from llambert_ray.plan import load_hardware
-
-    try:
-        core_price = load_hardware()["devices"]["cpu-core"]["usd_per_hour"]
-    except Exception:  # no price, no USD column; the device-seconds stand
-        core_price = None
-    out: dict[str, Any] = {}
-    busy: dict[str, float] = {}
-    for key, name in (("llm", "annotate"), ("encoder", "label"), ("train_llm", "train[llm]")):
-        st = stages.get(name)
-        if not st or not st.get("seconds") or not st.get("rows"):
-            continue
-        busy[key] = _busy_devices(cfg, name.split("[")[0], st.get("device", "cpu"))
-        price = core_price if st.get("device", "cpu") == "cpu" else None
-        if key != "train_llm":
-            out[key] = throughput(st["rows"], st["seconds"], busy[key], st.get("device", "cpu"), price)
-    if {"llm", "encoder", "train_llm"} <= set(busy):
-        ann, lab, tr = stages["annotate"], stages["label"], stages["train[llm]"]
-        share = ann.get("annotated_rows", ann["rows"]) / ann["rows"]  # the test rows are evaluation, not method
-        dev_s = ann["seconds"] * busy["llm"] * share + tr["seconds"] * busy["train_llm"] \
-            + lab["seconds"] * busy["encoder"]
-        per_1k = dev_s / lab["rows"] * 1000
-        out["encoder_all_in"] = {"rows": lab["rows"], "device_seconds_per_1k": per_1k,
-                                 "usd_per_1k": per_1k * core_price / 3600 if core_price and
-                                 out["llm"]["device"] == "cpu" else None}
-    return out
-
-
-
 # ------------------------------------------------------------------------------------------ metrics and report
 def _finish(run: Run) -> dict[str, Any]:
     """metrics.json, label_issues.parquet and the report, from the stages' outputs (whether they ran now or were
@@ -554,7 +485,7 @@ def _finish(run: Run) -> dict[str, Any]:
     cfg, manifest = run.cfg, run.manifest
     metrics = _quality_metrics(run)
     metrics["labels_summary"] = manifest.data["stages"]["label"].get("summary")
-    metrics["speed"] = _labeller_speeds(cfg, manifest.data["stages"])
+    metrics["speed"] = labeller_speeds(manifest.data["stages"], cfg.annotate, cfg.train, cfg.label)
     metrics["run"] = {"seconds": time.time() - run.started, "stages_ran": list(manifest.ran),
                       "stages_reused": [st for st in manifest.data["stages"] if st not in manifest.ran],
                       "aims": cfg.evaluate.model_dump(exclude={"llm_test_sample"})}
@@ -565,31 +496,17 @@ def _finish(run: Run) -> dict[str, Any]:
 
 
 def _quality_metrics(run: Run) -> dict[str, Any]:
-    """The LLM on its annotated rows (and its test rows), each classifier on the test split and, beside the LLM,
-    on the same test rows the LLM labelled (the paper's like-for-like comparison)."""
+    """The run's quality metrics (evaluate.quality_metrics) from its annotations and test predictions."""
     from llambert_ray.data import read_parquet_frame
-    from llambert_ray.evaluate import gold_metrics
-    from llambert_ray.metrics import classification_metrics
+    from llambert_ray.evaluate import quality_metrics
 
-    cfg, ann, labels = run.cfg, run.annotations, run.task.labels
+    cfg, ann = run.cfg, run.annotations
     assert ann is not None
-    metrics: dict[str, Any] = {"task": run.task.name, "llm_model": cfg.annotate.model, "encoder": cfg.train.model,
-                               "corpus_rows": run.corpus_rows, "annotated_rows": len(ann), "variants": {}}
-    if "label" in ann and ann["label"].notna().any():
-        metrics["llm"] = classification_metrics(ann["label"], ann["llm_label"], labels)
     test_ann = read_parquet_frame(run.path(TEST_ANNOTATIONS)) if run.llm_on_test else None
-    if test_ann is not None:
-        metrics["llm_test"] = classification_metrics(test_ann["label"], test_ann["llm_label"], labels)
-        metrics["variants_on_llm_test"] = {}
-    if run.test_df is None:
-        return metrics
-    preds = read_parquet_frame(run.path(TEST_PREDICTIONS))
-    for variant in cfg.train.variants:
-        p = preds[preds["variant"] == variant]
-        metrics["variants"][variant] = gold_metrics(p, labels)
-        if test_ann is not None:
-            metrics["variants_on_llm_test"][variant] = gold_metrics(p[p["id"].isin(set(test_ann["id"]))], labels)
-    return metrics
+    preds = read_parquet_frame(run.path(TEST_PREDICTIONS)) if run.test_df is not None else None
+    return {"task": run.task.name, "llm_model": cfg.annotate.model, "encoder": cfg.train.model,
+            "corpus_rows": run.corpus_rows, "annotated_rows": len(ann),
+            **quality_metrics(ann, run.task.labels, cfg.train.variants, test_ann, preds)}
 
 
 def _label_issues(run: Run, metrics: dict[str, Any]) -> pd.DataFrame | None:

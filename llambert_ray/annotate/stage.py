@@ -19,7 +19,7 @@ from llambert_ray.annotate.calibration import (
 )
 from llambert_ray.annotate.columns import OUTPUT_COLUMNS, SHOTS_COLUMN, AnnotationError
 from llambert_ray.annotate.engines import AnnotationEngine, VLLMEngine
-from llambert_ray.annotate.prompts import make_plan
+from llambert_ray.annotate.prompts import PromptPlan, make_plan
 from llambert_ray.config import AnnotateConfig
 from llambert_ray.models import resolve_model
 from llambert_ray.progress import Progress
@@ -125,6 +125,13 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
         df, offsets = apply_calibration(df[~cf].copy(), df[cf], task.labels)
     elif cfg.calibration == "prior" and plan.mode == "score":
         df, offsets = apply_prior_calibration(df, task.labels, cfg.label_prior)
+    summary = _summary(df, plan, cfg.model, seconds, offsets=offsets, cached=cached, attempts=runs, resent=resent,
+                       calibration_report=report)
+    return df.sort_values("id", kind="stable").reset_index(drop=True), summary
+
+
+def _summary(df: pd.DataFrame, plan: PromptPlan, model: str, seconds: float, **done: Any) -> AnnotationSummary:
+    """What an annotate() call did, from its answers (`done`: cached, attempts, resent, offsets, calibration_report)."""
     failed = int(df["llm_error"].notna().sum())
     labelled = int(df["llm_label"].notna().sum())
     tokens = int(df["prompt_tokens"].fillna(0).sum())
@@ -132,14 +139,13 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
     if "label" in df and df["label"].notna().any():
         gold = df[df["label"].notna()]
         acc = float((gold["llm_label"] == gold["label"]).fillna(False).astype(bool).mean())
-    summary = AnnotationSummary(
+    return AnnotationSummary(
         rows_in=len(df), labelled=labelled, dropped=len(df) - labelled - failed, failed=failed,
         seconds=seconds, rows_per_s=len(df) / seconds if seconds else 0.0, prompt_tokens=tokens,
         prompt_tokens_per_s=tokens / seconds if seconds else 0.0, mode=plan.mode, style=plan.style,
-        shots=plan.shots, model=cfg.model,
+        shots=plan.shots, model=model,
         label_counts={str(k): int(v) for k, v in df["llm_label"].value_counts().items()}, accuracy=acc,
-        calibration=offsets, cached=cached, attempts=runs, resent=resent, calibration_report=report)
-    return df.sort_values("id", kind="stable").reset_index(drop=True), summary
+        calibration=done.pop("offsets"), **done)
 
 
 def _content_free_rows(ds):
