@@ -21,6 +21,8 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "llambert-test-secret")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
+from llambert_ray.annotate.engines import DatasetEngine  # noqa: E402  (after the environment it reads at import)
+
 
 @pytest.fixture(scope="session")
 def ray_local():
@@ -124,9 +126,10 @@ def finished_parts(folder: Path, pattern: str = "*/*.parquet") -> list[Path]:
     return whole
 
 
-class CountingEngine:
-    """A stand-in engine, for the cache's and retries' decisions (the real vLLM engines are tested beside it in
-    test_annotate.py and test_served_engine.py): answers 'positive' and counts the rows it got."""
+class CountingEngine(DatasetEngine):
+    """A stand-in engine (a Ray Data pipeline, as VLLMEngine is), for the cache's and retries' decisions (the real
+    vLLM engines are tested beside it in test_annotate.py and test_served_engine.py): answers 'positive' and
+    counts the rows it got."""
 
     def __init__(self):
         self.rows = 0

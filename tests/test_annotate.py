@@ -8,6 +8,7 @@ import pytest
 from conftest import CountingEngine
 
 from llambert_ray.annotate import PromptPlan
+from llambert_ray.annotate.engines import DatasetEngine
 from llambert_ray.tasks import load_task
 
 TASK = load_task("imdb-sentiment")
@@ -302,7 +303,7 @@ def test_engine_configs_through_ray_data_llms_stage_setup(ray_local, tiny_llama)
     assert n_bundles == 4 and pg["strategy"] == "PACK" and engine_devices(pp_cfg, True) == 4
 
 
-class FlakyEngine:
+class FlakyEngine(DatasetEngine):
     """A stand-in engine whose first run dies (a real Ray task failure) once some chunks are in the cache, like a
     run whose engine is lost for good mid-way. `failing` rows come back with a per-row engine error instead."""
 

@@ -5,18 +5,15 @@ the rows it left."""
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 
 from llambert_ray.annotate.columns import OUTPUT_COLUMNS, PROMPT_KEY, AnnotationError
-from llambert_ray.annotate.engines import AnnotationEngine, FrameEngine
+from llambert_ray.annotate.engines import AnnotationEngine
 from llambert_ray.annotate.prompts import PromptPlan, plan_hash, prompt_keys
 from llambert_ray.config import AnnotateConfig
 from llambert_ray.progress import Progress
-from llambert_ray.ray_env import LIGHT, from_frames
 
 # Runs of the engine over the rows still without an answer, when a run fails after answering some (see annotate).
 ATTEMPTS = 3
@@ -73,15 +70,7 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
             log.warning("annotation run %d/%d: sending the %d rows the last run left without an answer",
                         attempt, attempts, len(todo))
         try:
-            if isinstance(engine, FrameEngine):  # answered in this process (the run's served engine)
-                _write_parts(engine.answer_frames(todo, plan, chunk), folder, bar)
-            else:
-                # one block per chunk, so finished chunks reach the cache while later ones are still in the engine
-                blocks = [todo.iloc[i:i + chunk] for i in range(0, len(todo), chunk)]
-                answers = engine.run(from_frames(blocks), plan)
-                if bar is not None:
-                    answers = bar.count(answers)
-                answers.write_parquet(str(folder), ray_remote_args=dict(LIGHT))  # a copy: Ray may add keys to it
+            engine.write_answers(todo, plan, folder, chunk, bar)
             error = None
         except Exception as e:  # what Ray raises when the run failed; the finished chunks are on disk
             error = e
@@ -103,20 +92,6 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
         raise AnnotationError(f"{left} of {len(rows)} rows got no answer in {attempts} annotation runs; the "
                               f"answers so far are cached in {folder}")
     return attempts, resent
-
-
-def _write_parts(frames: Iterator[pd.DataFrame], folder: Path, bar: Progress | None) -> None:
-    """Each frame of answers as a part of the cache folder as it arrives (written whole, then renamed into place)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    done = bar.done if bar is not None else 0
-    for frame in frames:
-        part = folder / f"{uuid.uuid4().hex}.parquet"
-        tmp = part.with_suffix(".tmp")
-        frame.to_parquet(tmp, index=False)
-        tmp.rename(part)
-        done += len(frame)
-        if bar is not None:
-            bar.update(done)
 
 
 def annotate_cached(engine: AnnotationEngine, plan: PromptPlan, ds, cfg: AnnotateConfig, cache_dir: Path,

