@@ -64,7 +64,7 @@ def bench_active_cost(runs: int = 3, budget: int = 400, pool_rows: int = 1000, r
     the settings to run (the others' results are kept from bench/results/active_cost.json)."""
     import pandas as pd
 
-    from llambert_ray.data import fetch_tweets
+    from llambert_ray.fetch import fetch_tweets
 
     tmp = Path(tempfile.mkdtemp(prefix="active-cost-"))
     tweets = pd.read_parquet(fetch_tweets(tmp / "tweets.parquet"))

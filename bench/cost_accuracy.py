@@ -48,7 +48,7 @@ def domain_rows(domain: str, pool: int, test: int, seed: int) -> tuple[pd.DataFr
         df = pd.DataFrame({"id": df["source_path"].astype(str), "text": df["text"], "split": df["split"],
                            "label": df["label"].map({1: "positive", 0: "negative"})})
     else:
-        from llambert_ray.data import fetch_tweets
+        from llambert_ray.fetch import fetch_tweets
 
         with tempfile.TemporaryDirectory(prefix="cost-acc-") as tmp:
             df = pd.read_parquet(fetch_tweets(Path(tmp) / "tweets.parquet"))

@@ -59,7 +59,7 @@ def one_run(corpus: str, rows: int, tokenize_in_engine: bool) -> dict[str, float
 def bench_fixed_cost(runs: int = 3, rows: int = 200, settings: tuple[str, ...] = tuple(SETTINGS)) -> dict[str, Any]:
     import pandas as pd
 
-    from llambert_ray.data import fetch_tweets
+    from llambert_ray.fetch import fetch_tweets
 
     tmp = Path(tempfile.mkdtemp(prefix="fixed-cost-"))
     corpus = tmp / "tweets1000.parquet"

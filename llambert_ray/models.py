@@ -213,17 +213,10 @@ def copy_tree(src: str, dst: str, *, skip_suffixes: tuple[str, ...] = ()) -> int
     roles), as for every pyarrow filesystem."""
     import pyarrow.fs as pafs
 
-    def fs_of(p: str):
-        if "://" in p:
-            try:
-                return pafs.FileSystem.from_uri(p)
-            except Exception as e:
-                raise ModelNotFoundError(f"cannot open {p!r}: {e}; fix: check the scheme, bucket and credentials "
-                                         f"(AWS_* / GOOGLE_APPLICATION_CREDENTIALS or the node's role)") from e
-        return pafs.LocalFileSystem(), str(Path(p).expanduser().resolve())
+    from llambert_ray.storage import filesystem
 
-    sfs, sp = fs_of(src)
-    dfs, dp = fs_of(dst)
+    sfs, sp = filesystem(src, error=ModelNotFoundError, what="model folder ")
+    dfs, dp = filesystem(dst, error=ModelNotFoundError, what="model folder ")
     try:
         files = [f for f in sfs.get_file_info(pafs.FileSelector(sp, recursive=True)) if f.type == pafs.FileType.File]
     except (FileNotFoundError, OSError) as e:

@@ -242,8 +242,8 @@ def annotate_stage(run: Run, engine: Any = None) -> None:
     evaluate.llm_test_sample also that many test rows in the same engine call; then the extra rows. `engine`: the
     caller's served engine (run_pipeline), else the run's own."""
     from llambert_ray.annotate import run_engine
-    from llambert_ray.data import read_parquet_frame
     from llambert_ray.screening import screen_for_training
+    from llambert_ray.storage import read_parquet_frame
 
     cfg, written, task_hash = run.cfg, run.written, config_hash(run.task)
     # how the engine runs, not what it answers: left out of the stage hashes
@@ -315,7 +315,7 @@ def evaluate_stage(run: Run) -> None:
 
 # ------------------------------------------------------------------------------------------ the stages' work
 def _annotate_rows(cfg: RunConfig, run: Run, ds, path: Path) -> dict[str, Any]:
-    from llambert_ray.data import write_parquet
+    from llambert_ray.storage import write_parquet
 
     # answers stream into the cache as they come, so an interrupted run resumes without redoing them
     df, s = _annotate(cfg, run, ds)
@@ -340,8 +340,9 @@ def _annotate_extra(cfg: RunConfig, run: Run) -> dict[str, Any]:
 def _annotate_with_test(cfg: RunConfig, run: Run) -> dict[str, Any]:
     """The sample and the LLM's test rows in one engine call (one engine start), written apart."""
     from llambert_ray.annotate import apply_offsets, apply_prior_calibration
-    from llambert_ray.data import sample_ids, write_parquet
+    from llambert_ray.data import sample_ids
     from llambert_ray.ray_env import from_frames
+    from llambert_ray.storage import write_parquet
 
     assert cfg.test is not None and run.test_df is not None and cfg.evaluate.llm_test_sample is not None
     test_df, labels = run.test_df, run.task.labels
@@ -388,10 +389,11 @@ def _annotate_active(cfg: RunConfig, run: Run) -> dict[str, Any]:
     a probe on encoder embeddings (llambert_ray.active). Writes annotations.parquet and active_rounds.json (the
     probe's test accuracy after each round, when the run has a gold test split)."""
     from llambert_ray.active import run_rounds
-    from llambert_ray.data import sample_corpus, write_parquet
+    from llambert_ray.data import sample_corpus
     from llambert_ray.embeddings import embed_in_order
     from llambert_ray.models import resolve_model
     from llambert_ray.ray_env import from_frames
+    from llambert_ray.storage import write_parquet
 
     sel = cfg.select
     pool_ds = run.corpus if sel.pool_rows is None else sample_corpus(
@@ -466,9 +468,9 @@ def _label_corpus(cfg: RunConfig, run: Run) -> dict[str, Any]:
 
 
 def _predict_test(cfg: RunConfig, run: Run) -> dict[str, Any]:
-    from llambert_ray.data import write_parquet
     from llambert_ray.evaluate import predict_gold
     from llambert_ray.ray_env import from_frames
+    from llambert_ray.storage import write_parquet
 
     assert run.test_df is not None
     test_ds = from_frames(run.test_df[["id", "text", "label"]])
@@ -497,8 +499,8 @@ def _finish(run: Run) -> dict[str, Any]:
 
 def _quality_metrics(run: Run) -> dict[str, Any]:
     """The run's quality metrics (evaluate.quality_metrics) from its annotations and test predictions."""
-    from llambert_ray.data import read_parquet_frame
     from llambert_ray.evaluate import quality_metrics
+    from llambert_ray.storage import read_parquet_frame
 
     cfg, ann = run.cfg, run.annotations
     assert ann is not None
@@ -511,8 +513,8 @@ def _quality_metrics(run: Run) -> dict[str, Any]:
 
 def _label_issues(run: Run, metrics: dict[str, Any]) -> pd.DataFrame | None:
     """LLM labels the trained classifier contradicts with confidence: label_issues.parquet and their summary."""
-    from llambert_ray.data import read_parquet_frame, write_parquet
     from llambert_ray.screening import label_issue_summary, label_issues
+    from llambert_ray.storage import read_parquet_frame, write_parquet
 
     try:
         # the annotated rows' probabilities only: labels.parquet holds the whole corpus, the annotations a sample

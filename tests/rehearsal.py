@@ -169,11 +169,8 @@ def make_hub_cache(hf_home: str | Path, repo_id: str, src_folder: str | Path, *,
 
 
 def _file_hash(p: Path) -> str:
-    h = hashlib.sha256()
     with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def offline_hub_env(hf_home: str | Path) -> dict[str, str]:

@@ -83,7 +83,8 @@ def test_fetch_tweets_and_offline_imdb(tmp_path):
     assert len(df) > 15000 and df["id"].is_unique and set(df["label"]) == {"positive", "negative"}
     assert set(df["split"]) == {"train", "test"}
 
-    from llambert_ray.data import CorpusError, fetch_imdb
+    from llambert_ray.data import CorpusError
+    from llambert_ray.fetch import fetch_imdb
 
     with pytest.raises(CorpusError, match="offline"):  # a closed loopback port stands in for no network
         fetch_imdb(tmp_path / "imdb", url="http://127.0.0.1:9/aclImdb_v1.tar.gz", timeout_s=5)

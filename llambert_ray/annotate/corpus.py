@@ -10,9 +10,10 @@ from llambert_ray.annotate.gold import gold_for_annotate, run_gold_set
 from llambert_ray.annotate.prompts import make_plan
 from llambert_ray.annotate.stage import AnnotationSummary, annotate
 from llambert_ray.config import RunConfig
-from llambert_ray.data import check_corpus_path, read_corpus, sample_corpus, write_parquet
+from llambert_ray.data import check_corpus_path, read_corpus, sample_corpus
 from llambert_ray.models import resolve_model
 from llambert_ray.ray_env import init_ray, is_local, require_shared_path
+from llambert_ray.storage import write_parquet
 from llambert_ray.tasks import load_task
 
 
