@@ -143,7 +143,7 @@ def annotate(
         est.stages = [s for s in est.stages if s.stage.startswith("annotate")]
         typer.echo(est.table())
         return
-    from llambert_ray.annotate.corpus import annotate_corpus
+    from llambert_ray.commands import annotate_corpus
 
     summary = annotate_corpus(cfg, output)
     typer.echo("\n".join(summary.lines()))
@@ -183,10 +183,10 @@ def train(
         "train.workers": workers, "train.zero_stage": zero_stage, "train.epochs": epochs,
         "train.learning_rate": learning_rate, "train.batch_size": batch_size, "train.max_length": max_length,
         "train.use_gpu": use_gpu, "cluster.address": address}, set_, preflight)
+    from llambert_ray.commands import train_from_files
     from llambert_ray.config import CorpusConfig
     from llambert_ray.evaluate import evaluate_on_corpus
     from llambert_ray.tasks import load_task
-    from llambert_ray.train import train_from_files
 
     def score(model_dir: Path) -> dict[str, Any]:
         return evaluate_on_corpus(CorpusConfig(path=eval_path), load_task(cfg.task), model_dir, cfg.label)
@@ -286,7 +286,7 @@ def _label_io(input: str | None, table: str | None, query: str | None, password_
 def _label_to(cfg: Any, model: Path, output: str, report_dir: Path | None) -> tuple[str, Path, Any]:
     """Run the label stage into `output` (a folder, a bucket folder or a database): (where the labels went, the
     report folder, the stage's summary)."""
-    from llambert_ray.label import label_corpus
+    from llambert_ray.commands import label_corpus
 
     if _is_db_url(output):
         report = report_dir or Path("label-report")

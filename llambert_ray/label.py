@@ -453,60 +453,7 @@ def output_counts(output: str | Path) -> OutputCounts:
     return counts
 
 
-def label_corpus(cfg, model_dir: str | Path, output: str | Path | None, report_dir: str | Path | None = None
-                 ) -> LabelSummary:
-    """The `llambert label` command: read cfg.corpus (all rows) and label it with the model folder into OUTPUT
-    (labels.parquet: a local / shared-disk path, or s3:// / gs://, published by a manifest), or into the table
-    cfg.label.sql when OUTPUT is None. label_summary.json and logs/ go to REPORT_DIR (default: OUTPUT's folder;
-    ./label-report for a table or a bucket, where label_summary.json is also written beside labels.parquet)."""
-    from llambert_ray.data import check_corpus_path, read_corpus
-    from llambert_ray.ray_env import init_ray, require_shared_path
-    from llambert_ray.tasks import load_task
-
-    model_labels(model_dir)  # a wrong model folder, path or task fails here, before Ray starts
-    check_corpus_path(cfg.corpus)
-    sink: str | Path | SqlConfig
-    if cfg.label.incremental and (output is not None or cfg.label.sql is None):
-        raise LabelError("label.incremental (--incremental) keeps what a labels table already holds; this run "
-                         "writes a parquet folder (written whole); fix: --output a database URL (or set "
-                         "label.sql), or leave it off")
-    if output is None:
-        if cfg.label.sql is None:
-            raise LabelError("no output given; fix: pass --output FOLDER or a database URL, or set label.sql")
-        sink = cfg.label.sql
-        _check_sink(sink)
-    else:
-        sink = output
-    from llambert_ray.storage import is_uri
-
-    if report_dir is not None:
-        report = Path(report_dir)
-    else:
-        report = Path("label-report") if output is None or is_uri(output) else Path(str(output)).parent
-    task = load_task(cfg.task) if cfg.task else None
-    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=report / "logs")
-    if isinstance(sink, SqlConfig):
-        if sink.dialect == "sqlite":
-            from llambert_ray.sql import sqlite_path
-
-            require_shared_path(sqlite_path(sink.url), "the SQLite file of label.sql.url")
-    else:
-        require_shared_path(sink, "--output")
-    ds, info = read_corpus(cfg.corpus, task, hold=False)  # one pass: streamed, never held whole
-    summary = label(ds, model_dir, cfg.label, sink, rows=info.rows or None)
-    summary.dropped = info.dropped
-    report.mkdir(parents=True, exist_ok=True)
-    (report / "label_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
-    if not isinstance(sink, SqlConfig) and is_uri(sink):  # beside the labels in the bucket too
-        from llambert_ray.storage import join_path, write_text
-
-        head, sep, query = str(sink).partition("?")
-        write_text(join_path(head.rstrip("/").rsplit("/", 1)[0] + sep + query, "label_summary.json"),
-                   json.dumps(summary.to_dict(), indent=2))
-    return summary
-
-
-def _check_sink(sink: SqlConfig) -> None:
+def check_sink(sink: SqlConfig) -> None:
     """Fail before Ray starts when the labels table cannot be reached (connection, password variable)."""
     from llambert_ray.sql import connector
 

@@ -18,7 +18,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from llambert_ray.config import TrainConfig
-from llambert_ray.data import check_corpus_path, read_corpus
+from llambert_ray.data import read_corpus
 from llambert_ray.models import cache_dir, local_model_dir, resolve_model
 from llambert_ray.progress import Progress
 from llambert_ray.ray_env import from_frames, torch_threads, worker_env
@@ -392,35 +391,3 @@ def read_training_frame(path: str | Path, task) -> pd.DataFrame:
             pass
     ds, _ = read_corpus(CorpusConfig(path=str(path)), task)
     return ds.to_pandas()
-
-
-def train_from_files(cfg, train_path: str | Path, output: str | Path, *, extra_path: str | None = None,
-                     eval_path: str | None = None, evaluate: Callable[[Path], dict[str, Any]] | None = None
-                     ) -> tuple[TrainResult, dict[str, Any] | None]:
-    """The `llambert train` command: train cfg.train.variants[0] from files. With eval_path (checked before Ray
-    starts), `evaluate(model_dir)` scores the model on it: the caller's, as evaluating needs the labelling stage,
-    which comes after this one."""
-    from llambert_ray.config import CorpusConfig
-    from llambert_ray.ray_env import init_ray, is_local, require_shared_path
-    from llambert_ray.tasks import load_task
-
-    # a wrong path, task or model fails here, in seconds, before Ray starts
-    task = load_task(cfg.task)
-    for flag, path in (("--train", train_path), ("--extra", extra_path), ("--eval", eval_path)):
-        if path is not None:
-            check_corpus_path(CorpusConfig(path=str(path)), flag)  # type: ignore[arg-type]
-    resolve_model(cfg.train.model, check_hub=is_local(cfg.cluster.address))
-    init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=Path(output) / "logs")
-    require_shared_path(output, "--output")  # workers on every node write checkpoints there
-    annotations = read_training_frame(train_path, task)
-    extra = read_training_frame(extra_path, task) if extra_path else None
-    variant = cfg.train.variants[0]
-    model_dir, results = fit_variant(variant, annotations, task.labels, cfg.train, output, extra=extra)
-    summary = TrainResult(model_dir=str(model_dir), rows=sum(r.rows for r in results), epochs=cfg.train.epochs,
-                          seconds=sum(r.seconds for r in results),
-                          samples_per_s=float(pd.Series([r.samples_per_s for r in results]).mean()),
-                          metrics={"stages": [r.to_dict() for r in results]})
-    metrics = evaluate(model_dir) if eval_path and evaluate else None
-    Path(output, "train_summary.json").write_text(json.dumps({**summary.to_dict(), "eval": metrics}, indent=2,
-                                                             default=str))
-    return summary, metrics

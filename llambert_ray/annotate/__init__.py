@@ -14,7 +14,8 @@ Output columns added to each row: `llm_label` (null when dropped), `llm_confiden
 
 The package, by concern (each module imports only those named before it): columns (what annotation adds to
 a row), calibration, prompts (the prompt plan), engines (the per-call engine), served (the run-long engine),
-cache (the answer cache and retries), stage (annotate()). The names below are its public interface.
+cache (the answer cache and retries), stage (annotate()), gold (gold rows: gold-knn shots, calibration gold).
+The names below are its public interface.
 """
 
 from llambert_ray.annotate.cache import ATTEMPTS, read_cache
