@@ -433,34 +433,10 @@ def _per_class_section(metrics: dict[str, Any]) -> list[str]:
 
 
 def _to_html(md: str, title: str) -> str:
-    """A small Markdown subset (headings, tables, images, paragraphs) to self-contained HTML."""
-    out = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
-           "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-           "td,th{border:1px solid #ccc;padding:.3em .6em}img{max-width:100%}</style>"]
-    table: list[str] = []
+    """The Markdown report as self-contained HTML (markdown-it-py, CommonMark with tables; raw HTML escaped)."""
+    from markdown_it import MarkdownIt
 
-    def flush() -> None:
-        if table:
-            head, *body = [r for r in table if not set(r.replace("|", "").strip()) <= set("-: ")]
-            cells = lambda r: [html.escape(c.strip()) for c in r.strip().strip("|").split("|")]  # noqa: E731
-            out.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cells(head)) + "</tr>" +
-                       "".join("<tr>" + "".join(f"<td>{c}</td>" for c in cells(r)) + "</tr>" for r in body) +
-                       "</table>")
-            table.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
-        elif line.startswith("!["):
-            alt, src = line[2:].split("](", 1)
-            out.append(f"<figure><img src='{html.escape(src[:-1])}' alt='{html.escape(alt)}'>"
-                       f"<figcaption>{html.escape(alt)}</figcaption></figure>")
-        elif line.strip():
-            out.append(f"<p>{html.escape(line).replace('`', '')}</p>")
-    flush()
-    return "\n".join(out)
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(md)
+    return (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:.3em .6em}img{max-width:100%}</style>\n" + body)
