@@ -77,7 +77,7 @@ class ServedVLLMEngine:
     The rows of an annotation call are a sample the driver holds anyway, so they go to the deployment straight from
     here, a window of requests in flight (vLLM batches them), answers streamed back chunk by chunk. Calling it
     through a Ray Data stage (`ServeDeploymentProcessorConfig`) started a stage actor per call, which imports Ray
-    Serve LLM and vLLM's OpenAI layer afresh (~30 s on 2 CPUs, every active round).
+    Serve LLM and vLLM's OpenAI layer afresh, every active round.
 
     Use as a context manager around the run's annotation calls; Serve runs without HTTP proxies (the engine is
     reached by handle only) and is shut down at the end if this engine started it."""
@@ -105,8 +105,7 @@ class ServedVLLMEngine:
         CPUs (e.g. embedding the active-selection pool: a 70B model loads for minutes meanwhile); the first call
         waits for it. Only when the cluster's free CPUs give each whole cores of its own: with less, Ray could keep
         the other work waiting for CPUs the engine holds, forever, and on 2 cores the two slow each other down more
-        than they overlap (an active run measured 272 s overlapped vs 195 s one after the other). Returns whether
-        it began."""
+        than they overlap (bench/README.md, active selection). Returns whether it began."""
         import ray
 
         if self.starts or self._starting is not None:
@@ -156,7 +155,7 @@ class ServedVLLMEngine:
                            if self.device == "gpu" and self.cfg.accelerator_type else {}),
                         deployment_config={"num_replicas": self.cfg.concurrency,
                                            "ray_actor_options": {"num_cpus": LIGHT["num_cpus"]}})
-        # the request classes import vLLM's OpenAI layer (~25 s on 2 CPUs): here, while the engine loads
+        # the request classes import vLLM's OpenAI layer (slow): here, while the engine loads
         preload = threading.Thread(target=importlib.import_module, args=("llambert_ray.served_requests",),
                                    name="llambert-preload", daemon=True)
         preload.start()
