@@ -151,29 +151,13 @@ def test_int8_encoder_tracks_fp32_on_real_text(tweets_frame, untrained_model):
     assert np.corrcoef(a[:, 0], b[:, 0])[0, 1] > 0.8
 
 
-def test_int8_labelling_through_ray_data(ray_local, tweets_frame, untrained_model, tmp_path):
-    import pandas as pd
-
-    from llambert_ray.data import read_corpus
-    from llambert_ray.label import label
-
-    src = tmp_path / "corpus.parquet"
-    tweets_frame.head(400).to_parquet(src)
-    ds, _ = read_corpus(CorpusConfig(path=str(src)))
-    s = label(ds, untrained_model, LabelConfig(batch_size=100, cpus_per_actor=0.5, max_length=48, quantize="int8"),
-              tmp_path / "labels.parquet")
-    out = pd.read_parquet(tmp_path / "labels.parquet")
-    assert s.precision == "int8" and "int8" in s.lines()[0]
-    assert s.rows == 400 and len(out) == 400 and out["id"].is_unique and out["error"].isna().all()
-
-
 def test_summary_is_counted_exactly_from_the_streamed_output(ray_local, tweets_frame, untrained_model, tmp_path,
                                                              monkeypatch, capsys):
     """The predictions stream to the sink (nothing materializes them) and the summary, counted from the published
     files, equals what they hold: rows, label counts, failed rows, the top failure reasons with their counts, and
     accuracy over the labelled rows that have gold. 10 rows of 6 lengths over 512 tokens fail, each with its length
     in the reason (6 reasons, one more than the summary keeps); gold is missing on a third of the rows, failed ones
-    included."""
+    included. The classifier runs in int8 here (label.quantize), so its Ray Data path is tested with this run."""
     import pandas as pd
     import ray
 
@@ -198,8 +182,10 @@ def test_summary_is_counted_exactly_from_the_streamed_output(ray_local, tweets_f
         return real(self)
 
     monkeypatch.setattr(ray.data.Dataset, "materialize", recording)
-    cfg = LabelConfig(batch_size=40, sub_batch_size=8, concurrency=1, cpus_per_actor=0.5, max_length=600)
+    cfg = LabelConfig(batch_size=40, sub_batch_size=8, concurrency=1, cpus_per_actor=0.5, max_length=600,
+                      quantize="int8")
     s = label(ds.repartition(4), untrained_model, cfg, tmp_path / "labels.parquet")
+    assert s.precision == "int8" and "int8" in s.lines()[0]
     assert set(materialized) <= {"Write"}  # only the write's own per-task results, never the predictions
     out = pd.read_parquet(tmp_path / "labels.parquet")
     assert len(out) == s.rows == len(frame) == 160 and out["id"].is_unique and set(out["id"]) == set(frame["id"])
