@@ -8,7 +8,12 @@ stage's own seconds (label_summary.json), the driver's peak RSS (the CLI process
 and the peak RSS `time -v` reports (the largest process of the tree it waited for: the driver or one of the Ray
 processes it started), and between consecutive sizes the growth of the driver's peak in MB and bytes per row.
 
-    python -m bench.label_memory [--rows 200000,2000000] [--batch-size 512] [--set label.cpus_per_actor=1 ..]
+    python -m bench.label_memory [--rows 200000,2000000] [--io parquet,postgres] [--batch-size 512]
+                                 [--set label.cpus_per_actor=1 ..]
+
+`--io postgres`: the same corpus in a PostgreSQL table (a server of the bench's own on a loopback port,
+bench.pg_server), labelled into a labels table of the same database (`--input postgresql://... --table corpus
+--output postgresql://... --output-table labels`): database in, database out, beside parquet in, parquet out.
 
 Writes bench/results/label_memory.json and .md; corpora, model and outputs go to bench/results/bench_tmp/ (removed
 after each size's run, the model kept).
@@ -106,13 +111,43 @@ def run_cli(cmd: list[str], timeout: int, what: str) -> tuple[subprocess.Complet
     return p, wall
 
 
-def label_run(rows: int, model: Path, batch_size: int, sets: list[str], timeout: int) -> dict[str, Any]:
-    """Label a fresh corpus of `rows` rows with the CLI in a child process; its wall time, RSS and summary."""
+PG_PASSWORD_ENV = "LLAMBERT_BENCH_PG_PASSWORD"
+
+
+def load_postgres(url: str, corpus: Path, table: str = "corpus") -> None:
+    """The synthetic corpus's files into a fresh PostgreSQL table (COPY), id its primary key; labels dropped."""
+    import pandas as pd
+
+    from llambert_ray.config import SqlConfig
+    from llambert_ray.sql import connector
+
+    with connector(SqlConfig(url=url, password_env=PG_PASSWORD_ENV, table=table))() as con:
+        con.execute("DROP TABLE IF EXISTS labels")
+        con.execute(f"DROP TABLE IF EXISTS {table}")
+        con.execute(f"CREATE TABLE {table} (id TEXT PRIMARY KEY, text TEXT NOT NULL, label TEXT)")
+        with con.cursor() as cur:
+            for f in sorted(corpus.glob("*.parquet")):
+                with cur.copy(f"COPY {table} (id, text, label) FROM STDIN") as cp:
+                    for row in pd.read_parquet(f, columns=["id", "text", "label"]).itertuples(index=False):
+                        cp.write_row(row)
+        con.commit()
+
+
+def label_run(rows: int, model: Path, batch_size: int, sets: list[str], timeout: int,
+              pg_url: str | None = None) -> dict[str, Any]:
+    """Label a fresh corpus of `rows` rows with the CLI in a child process; its wall time, RSS and summary. With
+    `pg_url`, from a PostgreSQL table into a labels table of the same database instead of parquet to parquet."""
     corpus = synthetic_corpus(rows, TMP / f"corpus-{rows}")
     out = TMP / f"out-{rows}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-c", DRIVER, "label", "--model", str(model), "--input",
-           str(corpus), "--output", str(out), "--batch-size", str(batch_size)]
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-c", DRIVER, "label", "--model", str(model)]
+    if pg_url:
+        load_postgres(pg_url, corpus)
+        cmd += ["--input", pg_url, "--table", "corpus", "--password-env", PG_PASSWORD_ENV, "--output", pg_url,
+                "--output-table", "labels", "--output-password-env", PG_PASSWORD_ENV, "--report-dir", str(out)]
+    else:
+        cmd += ["--input", str(corpus), "--output", str(out)]
+    cmd += ["--batch-size", str(batch_size)]
     for s in sets:
         cmd += ["--set", s]
     p, wall = run_cli(cmd, timeout, f"label of {rows} rows")
@@ -123,8 +158,9 @@ def label_run(rows: int, model: Path, batch_size: int, sets: list[str], timeout:
     shutil.rmtree(corpus, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     secs = _wall_seconds(_time_v(p.stderr, "Elapsed (wall clock) time (h:mm:ss or m:ss)"))
-    return {"rows": rows, "wall_s": secs, "rows_per_s": rows / secs, "measured_wall_s": wall,
-            "label_stage_s": summary["seconds"], "label_stage_rows_per_s": summary["rows_per_s"],
+    return {"io": "postgres" if pg_url else "parquet", "rows": rows, "wall_s": secs, "rows_per_s": rows / secs,
+            "measured_wall_s": wall, "label_stage_s": summary["seconds"],
+            "label_stage_rows_per_s": summary["rows_per_s"],
             "driver_peak_rss_mb": int(driver.group(1)) / 1024 if driver else None,
             "tree_max_rss_mb": int(_time_v(p.stderr, "Maximum resident set size (kbytes)")) / 1024,
             "failed": summary["failed"], "accuracy": summary["accuracy"]}
@@ -134,11 +170,11 @@ def growth(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The driver's peak RSS growth between consecutive sizes, in MB and bytes per added row."""
     out = []
     for a, b in zip(runs[:-1], runs[1:], strict=True):
-        if a["driver_peak_rss_mb"] is None or b["driver_peak_rss_mb"] is None:
+        if a["driver_peak_rss_mb"] is None or b["driver_peak_rss_mb"] is None or a.get("io") != b.get("io"):
             continue
         mb = b["driver_peak_rss_mb"] - a["driver_peak_rss_mb"]
         tree = b["tree_max_rss_mb"] - a["tree_max_rss_mb"]
-        out.append({"from_rows": a["rows"], "to_rows": b["rows"], "driver_mb": mb,
+        out.append({"io": b.get("io", "parquet"), "from_rows": a["rows"], "to_rows": b["rows"], "driver_mb": mb,
                     "driver_bytes_per_row": mb * 2**20 / (b["rows"] - a["rows"]), "tree_max_mb": tree})
     return out
 
@@ -147,24 +183,32 @@ def summary_md(res: dict[str, Any]) -> str:
     lines = ["# Label stage: driver memory against corpus size", "",
              f"`python -m bench.label_memory`: {res['model']}; batch size {res['batch_size']}"
              + (f"; {', '.join(res['sets'])}" if res["sets"] else "") + f"; {res['machine']}.", "",
-             "| rows | wall s | rows/s | label stage s | driver peak RSS MB | process tree max RSS MB |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "| in -> out | rows | wall s | rows/s | label stage s | driver peak RSS MB | process tree max RSS MB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["runs"]:
         drv = f"{r['driver_peak_rss_mb']:.0f}" if r["driver_peak_rss_mb"] is not None else "–"
-        lines.append(f"| {r['rows']:,} | {r['wall_s']:.1f} | {r['rows_per_s']:.0f} | {r['label_stage_s']:.1f} | "
-                     f"{drv} | {r['tree_max_rss_mb']:.0f} |")
+        lines.append(f"| {r.get('io', 'parquet')} | {r['rows']:,} | {r['wall_s']:.1f} | {r['rows_per_s']:.0f} | "
+                     f"{r['label_stage_s']:.1f} | {drv} | {r['tree_max_rss_mb']:.0f} |")
     if res["growth"]:
-        lines += ["", "| from rows | to rows | driver growth MB | bytes per added row | tree max growth MB |",
-                  "|---:|---:|---:|---:|---:|"]
+        lines += ["", "| in -> out | from rows | to rows | driver growth MB | bytes per added row "
+                  "| tree max growth MB |", "|---|---:|---:|---:|---:|---:|"]
         for g in res["growth"]:
-            lines.append(f"| {g['from_rows']:,} | {g['to_rows']:,} | {g['driver_mb']:+.0f} | "
-                         f"{g['driver_bytes_per_row']:+.1f} | {g['tree_max_mb']:+.0f} |")
+            lines.append(f"| {g.get('io', 'parquet')} | {g['from_rows']:,} | {g['to_rows']:,} | "
+                         f"{g['driver_mb']:+.0f} | {g['driver_bytes_per_row']:+.1f} | {g['tree_max_mb']:+.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _run_printed(rows: int, model: Path, a: argparse.Namespace, pg_url: str | None) -> dict[str, Any]:
+    r = label_run(rows, model, a.batch_size, a.sets, a.timeout, pg_url)
+    print(json.dumps(r), flush=True)
+    return r
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="200000,2000000", help="comma-separated corpus sizes, smallest first")
+    ap.add_argument("--io", default="parquet", help="comma-separated: parquet (files in, files out), postgres "
+                    "(a table in, a labels table out)")
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="passed to the CLI's --set")
     ap.add_argument("--timeout", type=int, default=7200, help="seconds per size")
@@ -174,9 +218,20 @@ def main() -> None:
 
     model = tiny_model(TMP / "model")
     runs = []
-    for rows in sorted(int(r) for r in a.rows.split(",")):
-        runs.append(label_run(rows, model, a.batch_size, a.sets, a.timeout))
-        print(json.dumps(runs[-1]), flush=True)
+    sizes = sorted(int(r) for r in a.rows.split(","))
+    for io in a.io.split(","):
+        if io == "parquet":
+            runs += [_run_printed(rows, model, a, None) for rows in sizes]
+        elif io == "postgres":
+            import secrets
+
+            from bench.pg_server import postgres_server
+
+            os.environ[PG_PASSWORD_ENV] = secrets.token_hex(12)
+            with postgres_server(os.environ[PG_PASSWORD_ENV]) as url:
+                runs += [_run_printed(rows, model, a, url) for rows in sizes]
+        else:
+            raise SystemExit(f"--io {io!r}: use parquet or postgres")
     res = {"model": "random BERT, 1 layer, hidden 32, 2 labels, MiniLM's tokenizer", "batch_size": a.batch_size,
            "sets": a.sets, "machine": f"{os.cpu_count()} CPUs, {platform.platform()}", "runs": runs,
            "growth": growth(runs)}

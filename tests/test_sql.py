@@ -4,20 +4,12 @@ password authentication: the password comes from an environment variable and mus
 
 from __future__ import annotations
 
-import glob
-import importlib.util
-import os
-import pwd
-import shutil
-import socket
 import sqlite3
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from bench.pg_server import postgres_server
 from llambert_ray.cli import app
 from llambert_ray.config import ConfigError, CorpusConfig, LabelConfig, SqlConfig, load_config
 from llambert_ray.sql import SqlError, connector, text_hashes
@@ -51,58 +43,11 @@ def test_the_password_comes_from_its_variable_and_stays_out_of_reprs(monkeypatch
 
 
 # ------------------------------------------------------------------------------------------ PostgreSQL server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pg_bindir() -> Path:
-    """The machine's PostgreSQL (Debian's /usr/lib/postgresql/N/bin, or pg_ctl on PATH), else pgserver's."""
-    for cand in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        if Path(cand, "initdb").exists():
-            return Path(cand)
-    if shutil.which("pg_ctl") and Path(os.path.realpath(shutil.which("pg_ctl"))).with_name("initdb").exists():
-        return Path(os.path.realpath(shutil.which("pg_ctl"))).parent
-    spec = importlib.util.find_spec("pgserver")
-    assert spec and spec.submodule_search_locations, "no PostgreSQL here and no pgserver wheel: run make setup"
-    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
-
-
 @pytest.fixture(scope="module")
 def postgres():
-    """A PostgreSQL server of its own on a loopback port: scram-sha-256 passwords over TCP. PostgreSQL refuses
-    to run as root: as root it runs as the `postgres` system user (else `nobody`)."""
-    bindir = _pg_bindir()
-    base = Path(tempfile.mkdtemp(prefix="llambert-pg-", dir="/tmp"))
-    run_as: dict = {}
-    if os.geteuid() == 0:
-        try:
-            entry = pwd.getpwnam("postgres")
-        except KeyError:
-            entry = pwd.getpwnam("nobody")
-        # subprocess drops to that user itself: no runuser/su needed (a fresh machine's PATH may lack /usr/sbin)
-        run_as = dict(user=entry.pw_uid, group=entry.pw_gid, extra_groups=[],
-                      env={**os.environ, "HOME": str(base), "USER": entry.pw_name})
-        os.chown(base, entry.pw_uid, entry.pw_gid)
-    (base / "pw").write_text(SECRET)
-    if run_as:
-        os.chown(base / "pw", run_as["user"], -1)
-    port = _free_port()
-    data = base / "data"
-
-    def pg(*args: str, check: bool = True) -> None:
-        subprocess.run(list(args), check=check, capture_output=True, text=True, timeout=120, cwd=base, **run_as)
-
-    pg(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={base / 'pw'}", "-E", "UTF8",
-       "--auth-host=scram-sha-256", "--auth-local=trust", "--no-sync")
-    pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-t", "60", "-o",
-       f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop", check=False)
-        shutil.rmtree(base, ignore_errors=True)
+    """A PostgreSQL server of this module's own on a loopback port (bench.pg_server), password SECRET."""
+    with postgres_server(SECRET) as url:
+        yield url
 
 
 def _pg(url: str):
