@@ -2,7 +2,7 @@
 
     POST /v1/classify {"texts": [...]}  -> {"predictions": [{"label", "probs": {label: p}}], "model": ...}
     GET  /healthz                       -> {"status": "ok"}
-    GET  /v1/model                      -> model folder, labels, version (hash of the model config)
+    GET  /v1/model                      -> model folder, labels, version (as a labels table names the model)
     GET  /docs                          -> OpenAPI docs
 
 Each text is one element of a `@serve.batch` batch, so texts from concurrent requests share a forward pass.
@@ -12,7 +12,6 @@ Each text is one element of a `@serve.batch` batch, so texts from concurrent req
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from llambert_ray.config import ServeConfig
-from llambert_ray.label import Classifier, model_labels
+from llambert_ray.label import Classifier, model_fingerprint, model_labels
 
 
 class ClassifyRequest(BaseModel):
@@ -46,11 +45,10 @@ api = FastAPI(title="llambert-ray classifier", version="1",
 
 
 def model_version(model_dir: str | Path) -> str:
-    """A short hash of the model's config and weights' size: changes when the model changes."""
-    p = Path(model_dir)
-    parts = [(p / "config.json").read_text()]
-    parts += [f"{f.name}:{f.stat().st_size}" for f in sorted(p.glob("*.safetensors"))]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+    """The model's version as GET /v1/model reports it: the first 12 hex digits of its fingerprint (the `model` column
+    of a labels table, label.model_fingerprint: a hash of every file of the folder), so a served prediction and
+    a labelled row name the same model the same way."""
+    return model_fingerprint(model_dir).removeprefix("sha256:")[:12]
 
 
 # Above ClassifierService: the replica sees the module globals as they were when its decorators ran.

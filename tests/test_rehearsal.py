@@ -6,8 +6,8 @@ DeepSpeed workers) -> label (an autoscaling actor pool that takes in a node adde
 split -> Serve from the shared output; and `llambert preflight` catches, against that cluster, each defect a real
 cluster would hit late. The suite's one multi-node cluster: `make submit` of a pipeline job, its status, the work
 spread over the nodes and the outputs checked here. Its corpus is the one the project installs (Rotten Tomatoes
-snippets), nothing from outside the clone. Also: the offline hub cache, and RoBERTa through train / label / serve
-at length 512."""
+snippets, a tenth of them made longer than 512 tokens), nothing from outside the clone; train, label and Serve use
+the flagship's max_length 512. Also: the offline hub cache, and RoBERTa labelling texts longer than 512 tokens."""
 
 from __future__ import annotations
 
@@ -50,47 +50,29 @@ def test_cpu_bind_ranges_one_list_per_rank():
     assert cpu_bind_ranges(4, list(range(8))).count("|") == 3
 
 
-# ------------------------------------------------------------------------------------------ RoBERTa, by hub id
-@pytest.mark.ray
-@pytest.mark.timeout(1800)
-def test_roberta_by_hub_id_trains_labels_and_serves_long_texts(ray_local, offline_hub, tmp_path, monkeypatch):
-    """The flagship's encoder path with a RoBERTa: loaded by hub id from the offline cache on the Ray Train workers,
-    max_length 512 (its max_position_embeddings is 514: position ids start at pad_token_id + 1) and texts longer than
-    that, so the last position is used."""
-    import httpx
-    import ray
+# ------------------------------------------------------------------------------------------ RoBERTa at 512
+def test_roberta_labels_texts_longer_than_512_tokens(offline_hub, tmp_path):
+    """No Ray: a RoBERTa loaded by hub id from the offline cache, given a 2-label head as a trained model has, labels
+    texts longer than max_length 512 (its max_position_embeddings is 514: position ids start at pad_token_id + 1,
+    so the last position is used). The rehearsal below trains, labels and serves RoBERTa by hub id at 512 on a
+    cluster."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from llambert_ray.config import LabelConfig, ServeConfig, TrainConfig
-    from llambert_ray.label import label_dataset, model_labels
-    from llambert_ray.train import fit
+    from llambert_ray.label import Classifier
 
-    for k, v in offline_hub_env(offline_hub).items():
-        monkeypatch.setenv(k, v)  # fit() passes HF_HOME / HF_HUB_OFFLINE on to its workers
-    rows = [{"id": f"r{i:02d}", "text": t + (" And so on." * 150 if i % 4 == 0 else ""), "label": lab}
-            for i, (t, lab) in enumerate(REVIEWS)]
-    df = pd.DataFrame(rows)
-    cfg = TrainConfig(model="rehearsal/tiny-roberta", workers=2, cpus_per_worker=0.5, zero_stage=2, epochs=1,
-                      batch_size=8, max_length=512, max_failures=0)
-    r = fit(df[["text", "label"]], ["positive", "negative"], cfg, tmp_path / "train", name="roberta")
-    assert model_labels(r.model_dir) == ["positive", "negative"]
-    assert json.loads(Path(r.model_dir, "config.json").read_text())["model_type"] == "roberta"
-    preds = label_dataset(ray.data.from_pandas(df), r.model_dir,
-                          LabelConfig(cpus_per_actor=0.4, max_length=512)).to_pandas()
-    assert len(preds) == 40 and preds["error"].isna().all(), preds["error"].dropna().head().tolist()
-
-    from ray import serve
-
-    from llambert_ray.serve import start
-
-    port = _free_port()
-    start(r.model_dir, ServeConfig(port=port, cpus_per_replica=0.4, max_length=512), name="rehearsal-roberta")
-    try:
-        resp = httpx.post(f"http://127.0.0.1:{port}/v1/classify",
-                          json={"texts": ["A wonderful film.", rows[0]["text"]]}, timeout=120)
-        assert resp.status_code == 200, resp.text
-        assert len(resp.json()["predictions"]) == 2
-    finally:
-        serve.shutdown()  # not just delete: a Serve left running keeps its HTTP port for later tests
+    # this process imported huggingface_hub long ago (its HF_HOME is read at import): the cache named explicitly
+    hub = {"cache_dir": offline_hub / "hub", "local_files_only": True}
+    m = AutoModelForSequenceClassification.from_pretrained("rehearsal/tiny-roberta", num_labels=2,
+                                                           id2label={0: "positive", 1: "negative"},
+                                                           label2id={"positive": 0, "negative": 1}, **hub)
+    tok = AutoTokenizer.from_pretrained("rehearsal/tiny-roberta", **hub)
+    assert m.config.max_position_embeddings == 514
+    m.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    texts = [t + " And so on." * 150 if i % 2 == 0 else t for i, (t, _) in enumerate(REVIEWS[:8])]
+    assert len(tok(texts[0])["input_ids"]) > 512
+    probs, errors = Classifier(str(tmp_path / "model"), max_length=512, sub_batch=4).predict_rows(texts)
+    assert errors == [None] * 8 and probs.shape == (8, 2) and abs(probs.sum(axis=1) - 1).max() < 1e-5
 
 
 def _free_port() -> int:
@@ -116,6 +98,7 @@ SIZE_KEYS = {"corpus.sample", "test.sample", "annotate.tensor_parallel_size", "a
              "label.cpus_per_actor", "label.sub_batch_size"}
 LOCATION_KEYS = {"corpus.path", "test.path", "output_dir"}  # the flagship's placeholders (bucket, shared mount)
 LLM_ID, ENCODER_ID = "rehearsal/smollm2-tp2", "rehearsal/roberta-small"
+LONG_TAIL = " And so on." * 150  # > 512 tokens
 
 
 def rehearsal_overrides(data: Path, runs: Path) -> dict:
@@ -128,8 +111,8 @@ def rehearsal_overrides(data: Path, runs: Path) -> dict:
         # sizes: TP 4 -> 2 over two 0.5-CPU bundles, 1 replica, everything small enough for 2 cores
         "corpus.sample": 24, "test.sample": 120, "annotate.tensor_parallel_size": 2, "annotate.concurrency": 1,
         "annotate.max_model_len": 1024, "annotate.batch_size": 8, "annotate.cpus_per_engine": 0.5,
-        "annotate.max_text_chars": 600, "train.epochs": 1, "train.batch_size": 4, "train.max_length": 64,
-        "train.workers": 2, "train.cpus_per_worker": 0.3, "label.batch_size": 16, "label.max_length": 128,
+        "annotate.max_text_chars": 600, "train.epochs": 1, "train.batch_size": 4,
+        "train.workers": 2, "train.cpus_per_worker": 0.3, "label.batch_size": 16,
         # 3 to 4 actors of 0.6 CPU: one per 1-CPU node, so the third needs the node that joins mid-run
         "label.concurrency": 3, "label.max_concurrency": 4, "label.cpus_per_actor": 0.6, "label.sub_batch_size": 16,
         # locations: a parquet of film reviews for the bucket, a folder all nodes see for /mnt/shared
@@ -165,8 +148,10 @@ def _review_rows(path: Path) -> Path:
     from llambert_ray.fetch import fetch_rotten_tomatoes
 
     df = pd.read_parquet(fetch_rotten_tomatoes(path.with_name("rotten_tomatoes.parquet")))
-    parts = [df[df["split"] == "train"].sample(600, random_state=0), df[df["split"] == "test"].sample(200,
-                                                                                                     random_state=0)]
+    train = df[df["split"] == "train"].sample(600, random_state=0)
+    # every 10th corpus row longer than 512 tokens: train, label and Serve truncate at max_length 512
+    train["text"] = [t + LONG_TAIL if i % 10 == 0 else t for i, t in enumerate(train["text"])]
+    parts = [train, df[df["split"] == "test"].sample(200, random_state=0)]
     pd.concat(parts)[["id", "text", "label", "split"]].to_parquet(path)
     return path
 
@@ -193,7 +178,7 @@ import httpx, ray
 from llambert_ray.config import ServeConfig
 from llambert_ray.serve import start
 ray.init(address={gcs!r})
-start({model!r}, ServeConfig(host="127.0.0.1", port={port}, cpus_per_replica=0.3, max_length=128), name="rehearsal")
+start({model!r}, ServeConfig(host="127.0.0.1", port={port}, cpus_per_replica=0.3, max_length=512), name="rehearsal")
 r = httpx.post("http://127.0.0.1:{port}/v1/classify", json={{"texts": {texts!r}}}, timeout=300)
 print("RESULT " + json.dumps({{"status": r.status_code, "body": r.json()}}))
 """
@@ -297,7 +282,7 @@ def test_rehearsal_of_the_70b_topology(tmp_path, tmp_path_factory):
         assert sum(_workers_on(cluster, i, "vLLMEngineStageUDF") for i in range(1, len(cluster.cmds))) >= 1
         # ---- Serve from the shared output
         run_dir = shared / "runs" / "imdb-llama2-70b"
-        texts = ["A wonderful, moving film.", "Dull and far too long."]
+        texts = ["A wonderful, moving film.", "Dull and far too long." + LONG_TAIL]
         t0 = time.time()
         srv = _driver(cluster, _SERVE_DRIVER.format(gcs=cluster.gcs, model=str(run_dir / "models" / "llm" / "model"),
                                                     port=_free_port(), texts=texts), cluster.workdirs[0])
@@ -319,6 +304,7 @@ def test_rehearsal_of_the_70b_topology(tmp_path, tmp_path_factory):
     assert len(ann) == 24 and ann["id"].is_unique and set(ann["id"]) <= train_ids
     assert ann["llm_label"].notna().sum() >= 8  # real SmolLM2 answers through TP=2, parsed by the paper's rule
     assert len(labels) == len(train_ids) and labels["id"].is_unique and set(labels["id"]) == train_ids
+    assert labels["error"].isna().all(), labels["error"].dropna().head().tolist()  # the long rows too
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["variants"]["llm"]["rows"] == 120  # the test split, evaluated
     assert json.loads((run_dir / "models" / "llm" / "model" / "config.json").read_text())["model_type"] == "roberta"

@@ -101,6 +101,10 @@ def test_health_model_docs(served):
     assert httpx.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
     info = httpx.get(f"{url}/v1/model", timeout=30).json()
     assert info["labels"] == ["positive", "negative"] and len(info["version"]) == 12
+    from llambert_ray.label import model_fingerprint
+
+    # the version names the model as a labels table's `model` column does (its first 12 hex digits)
+    assert model_fingerprint(model_dir).startswith("sha256:" + info["version"])
     # gpus_per_replica 0: the replica stays on the CPU in fp32, as before the GPU option existed
     assert (info["device"], info["dtype"]) == ("cpu", "float32")
     assert "/v1/classify" in httpx.get(f"{url}/openapi.json", timeout=30).json()["paths"]

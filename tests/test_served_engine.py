@@ -12,6 +12,7 @@ session-scoped: the served engine holds CPUs (0.6 of the 2 here) that other modu
 read task asks for one CPU), so it goes away when this module is done."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -195,6 +196,82 @@ def test_active_selection_run(served, tweets_frame, tmp_path):
     labels = pd.read_parquet(run_dir / "labels.parquet")
     assert len(labels) == 60 and set(labels["id"]) == set(pool["id"])
     assert "llm" in metrics["variants"]
+
+
+def test_run_then_rerun_skips(served, tmp_path, capsys):
+    """The whole pipeline on 40 reviews (annotate with the LLM's test rows in the same engine call and prior
+    calibration, train llm + combined, label the corpus, evaluate, report), then `llambert run` on the same config:
+    every stage is up to date and nothing is redone. The first run asks the module's served engine, as a notebook
+    passes one (`run_pipeline(engine=...)`); the run-long engine a run starts itself, and `llambert run` doing all
+    of it, are the rehearsal's (tests/test_rehearsal.py)."""
+    from typer.testing import CliRunner
+
+    from llambert_ray import console
+    from llambert_ray.cli import app
+    from llambert_ray.config import load_config
+    from llambert_ray.pipeline import run_pipeline
+
+    corpus = pd.DataFrame(ROWS)
+    corpus.to_parquet(tmp_path / "corpus.parquet")
+    (tmp_path / "run.yaml").write_text(f"""
+name: small
+output_dir: {tmp_path / 'runs'}
+task: imdb-sentiment
+corpus: {{path: {tmp_path / 'corpus.parquet'}, sample: 32, seed: 0}}
+test: {{path: {tmp_path / 'corpus.parquet'}}}
+evaluate: {{llm_test_sample: 6}}
+annotate: {{batch_size: 8, calibration: prior, engine_lifetime: run, cpus_per_engine: {ENGINE_CPUS}}}
+train: {{variants: [llm, combined], epochs: 1, batch_size: 8, max_length: 48, workers: 1,
+         cpus_per_worker: 0.5}}
+label: {{batch_size: 16, max_length: 48, cpus_per_actor: 0.5}}
+""")
+    capsys.readouterr()
+    metrics = run_pipeline(load_config(tmp_path / "run.yaml"), log=console.echo, engine=served)
+    captured = capsys.readouterr()
+    first = captured.out + captured.err  # the stage lines (stdout) and the progress lines (stderr)
+    run_dir = tmp_path / "runs" / "small"
+    for name in ["annotations.parquet", "labels.parquet", "report.md", "report.html", "manifest.json",
+                 "metrics.json", "plots/variants.png", "plots/confusion_llm_labels.png",
+                 "models/llm/model/config.json", "label_issues.parquet"]:
+        assert (run_dir / name).exists(), name
+    ann = pd.read_parquet(run_dir / "annotations.parquet")
+    labels = pd.read_parquet(run_dir / "labels.parquet")
+    assert len(ann) == 32 and ann["id"].is_unique
+    assert len(labels) == 40 and set(labels["id"]) == set(corpus["id"])  # the whole corpus, each id once
+    assert Path(metrics["report"]) == run_dir / "report.md"  # what run_pipeline returns: metrics.json and the report
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["variants"]) == {"llm", "combined"} and metrics["llm"]["accuracy"] > 0.6
+    # the LLM's test rows: answered in the one engine call, scored beside every variant on the same rows
+    test_ann = pd.read_parquet(run_dir / "test_annotations.parquet")
+    assert len(test_ann) == 6 and test_ann["llm_label"].notna().all()
+    assert metrics["llm_test"]["rows"] == 6 and {v["rows"] for v in metrics["variants_on_llm_test"].values()} == {6}
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    stages = manifest["stages"]
+    # 32 + 6 rows in one engine call (here the test split is the corpus itself: a row in both is asked once)
+    assert stages["annotate"]["rows"] == len(set(ann["id"]) | set(test_ann["id"]))
+    assert stages["annotate"]["test_rows"] == 6
+    assert manifest["engine_starts"] == {"lifetime": "run", "starts": 1} and served.starts == 1
+    assert stages["annotate"]["summary"]["calibration"]  # prior offsets, fitted on the 32 annotated rows
+    assert stages["train[combined]"]["reuses"] == "train[llm]"
+    assert metrics["speed"]["llm"]["rows_per_s"] > 0 and metrics["speed"]["encoder"]["rows_per_s"] > 0
+    assert "(plots/cost_accuracy.png)" in (run_dir / "report.md").read_text()
+    assert "## Label issues" in (run_dir / "report.md").read_text() and metrics["label_issues"]["annotated"] == 32
+    # what a person reads: stage lines, one progress line per stage; no tracebacks
+    assert "Traceback" not in first and len(first.splitlines()) < 100, first
+    n_llm = stages["annotate"]["rows"]  # the 32 annotated rows and the LLM's test rows, one progress line
+    assert f"annotate  {n_llm}/{n_llm} rows  100%" in first and "label  40/40 rows  100%" in first, first
+    assert list(ann.columns) == ["id", "text", "label", "llm_label", "llm_confidence", "llm_raw", "llm_error",
+                                 "prompt_tokens"]
+    assert (run_dir / "logs" / "llambert.log").stat().st_size > 0
+    assert not list(run_dir.glob("models/*/stage*")), "checkpoints left after the models were written"
+
+    second = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "run.yaml")])
+    assert second.exit_code == 0, second.output
+    for stage in ["annotate", "train[llm]", "train[combined]", "label", "evaluate"]:
+        assert f"[{stage}] up to date" in second.output, stage
+    assert "| LLM (" in second.output and "Aims:" in second.output and "report:" in second.output
+    assert json.loads((run_dir / "manifest.json").read_text())["stages"] == stages
+    assert served.starts == 1
 
 
 NEWS = [  # written for these tests: 4 per topic

@@ -73,21 +73,21 @@ def test_label_writes_to_a_bucket_and_its_output_reads_back_as_a_corpus(ray_loca
     from llambert_ray.data import read_corpus
 
     corpus = tmp_path / "tweets.parquet"
-    tweets_frame.head(500).to_parquet(corpus, index=False)
+    tweets_frame.head(200).to_parquet(corpus, index=False)
     out = f"s3://labels-bucket/runs/r1?{s3_endpoint}"
     res = CliRunner().invoke(app, ["label", "--model", str(untrained_model), "--input", str(corpus), "--output", out,
-                                   "--report-dir", str(tmp_path / "report"), "--batch-size", "100",
+                                   "--report-dir", str(tmp_path / "report"), "--batch-size", "50",
                                    "--set", "label.cpus_per_actor=0.5", "--set", "label.max_length=48"])
     assert res.exit_code == 0, res.output
-    assert "labelled 500 of 500 rows" in res.output and "s3://labels-bucket/runs/r1/labels.parquet" in res.output
+    assert "labelled 200 of 200 rows" in res.output and "s3://labels-bucket/runs/r1/labels.parquet" in res.output
     labels = f"s3://labels-bucket/runs/r1/labels.parquet?{s3_endpoint}"
     frame = pd.concat(iter_parquet_frames(labels))
-    assert len(frame) == 500 and frame["id"].is_unique and set(frame["id"]) == set(tweets_frame.head(500)["id"])
+    assert len(frame) == 200 and frame["id"].is_unique and set(frame["id"]) == set(tweets_frame.head(200)["id"])
     fs, files, manifest = published_files(labels)
-    assert manifest["rows"] == 500 == sum(pq.read_metadata(fs.open_input_file(f)).num_rows for f in files)
+    assert manifest["rows"] == 200 == sum(pq.read_metadata(fs.open_input_file(f)).num_rows for f in files)
     with fs.open_input_stream("labels-bucket/runs/r1/label_summary.json") as f:
-        assert json.loads(f.read())["rows"] == 500
+        assert json.loads(f.read())["rows"] == 200
     with fs.open_output_stream("labels-bucket/runs/r1/labels.parquet/parts-dead/part-0.parquet") as f:
         frame.head(7).assign(id=lambda d: "ghost-" + d["id"]).to_parquet(f, index=False)
     ds, info = read_corpus(CorpusConfig(path=labels, text_column="label", label_column=None), hold=False)
-    assert info.rows == 500 and not any(i.startswith("ghost-") for i in ds.to_pandas()["id"])
+    assert info.rows == 200 and not any(i.startswith("ghost-") for i in ds.to_pandas()["id"])
