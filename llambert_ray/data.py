@@ -92,7 +92,8 @@ def check_corpus_path(cfg: CorpusConfig | None, where: str = "corpus.path") -> N
 
 
 def _aclimdb_rows(path: str) -> Iterator[dict[str, Any]]:
-    """Rows of an aclImdb tree: id = '<split>/<pos|neg|unsup>/<file stem>', label pos/neg/None."""
+    """Rows of an aclImdb tree: id = '<split>/<pos|neg|unsup>/<file stem>', label pos/neg/None; split train, test,
+    or unsup for the 50k unlabelled reviews under train/unsup (so `split: [train]` is the 25k labelled ones)."""
     pat = re.compile(r"(?:^|/)(train|test)/(pos|neg|unsup)/([^/]+)\.txt$")
     fs, p = _filesystem(path)
     if p.lower().endswith((".tar.gz", ".tgz")):
@@ -114,7 +115,7 @@ def _aclimdb_rows(path: str) -> Iterator[dict[str, Any]]:
 def _acl_row(m: re.Match[str], data: bytes) -> dict[str, Any]:
     split, cls, stem = m.groups()
     return {"id": f"{split}/{cls}/{stem}", "text": data.decode("utf-8", errors="replace"),
-            "label": None if cls == "unsup" else cls, "split": split}
+            "label": None if cls == "unsup" else cls, "split": "unsup" if cls == "unsup" else split}
 
 
 def _read_aclimdb(path: str):

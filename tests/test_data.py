@@ -54,6 +54,11 @@ def test_aclimdb_folder_and_tarball(ray_local, tmp_path):
         t.add(tmp_path / "aclImdb", arcname="aclImdb")
     ds2, _ = read_corpus(CorpusConfig(path=str(tar), filters={"split": ["test"]}), TASK)
     assert ds2.to_pandas()["id"].tolist() == ["test/pos/0_7"]
+    # the flagship's corpus filter: the labelled train reviews only; the unlabelled ones are split unsup
+    train, info = read_corpus(CorpusConfig(path=str(tar), filters={"split": ["train"]}), TASK)
+    assert len(train.to_pandas()) == 4 and info.label_counts == {"positive": 2, "negative": 2}
+    unsup, _ = read_corpus(CorpusConfig(path=str(tar), filters={"split": ["unsup"]}), TASK)
+    assert unsup.to_pandas()["id"].tolist() == ["train/unsup/0_7"]
 
 
 def test_rows_without_ids_are_numbered(ray_local, tmp_path):
