@@ -453,6 +453,15 @@ def output_counts(output: str | Path) -> OutputCounts:
     return counts
 
 
+def frame_blocks(df: pd.DataFrame, cfg: LabelConfig) -> list[pd.DataFrame]:
+    """An in-memory frame (e.g. the test split) cut into blocks so that every labelling actor gets work: four a
+    pool actor (its largest size), none smaller than a batch. As one block, one actor would label it while the
+    others held their GPUs."""
+    actors = max(cfg.max_concurrency or cfg.concurrency, cfg.concurrency)
+    parts = max(1, min(actors * 4, len(df) // cfg.batch_size))
+    return [df.iloc[i * len(df) // parts:(i + 1) * len(df) // parts] for i in range(parts)]
+
+
 def check_sink(sink: SqlConfig) -> None:
     """Fail before Ray starts when the labels table cannot be reached (connection, password variable)."""
     from llambert_ray.sql import connector

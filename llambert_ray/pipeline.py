@@ -397,11 +397,12 @@ def _label_corpus(cfg: RunConfig, run: Run) -> dict[str, Any]:
 
 def _predict_test(cfg: RunConfig, run: Run) -> dict[str, Any]:
     from llambert_ray.evaluate import predict_gold
+    from llambert_ray.label import frame_blocks
     from llambert_ray.ray_env import from_frames
     from llambert_ray.storage import write_parquet
 
     assert run.test_df is not None
-    test_ds = from_frames(run.test_df[["id", "text", "label"]])
+    test_ds = from_frames(frame_blocks(run.test_df[["id", "text", "label"]], cfg.label))  # work for every actor
     write_parquet(predict_gold(test_ds, run.model_dirs, cfg.label), run.path(TEST_PREDICTIONS))
     return {"rows": len(run.test_df) * len(run.model_dirs)}
 

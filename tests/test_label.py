@@ -1,6 +1,7 @@
 """Full-corpus labelling with an actor pool: every id exactly once, probabilities sum to one."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from llambert_ray.config import CorpusConfig, LabelConfig
@@ -120,6 +121,21 @@ def test_a_model_failing_on_every_row_still_fails_the_batch(tweets_frame, untrai
         clf.predict_proba(long[:1])
     probs, errors = clf.predict_rows(["fine", long[0], "also fine"])
     assert errors[0] is None and errors[2] is None and "512" in errors[1] and np.isnan(probs[1]).all()
+
+
+def test_an_in_memory_split_gives_every_labelling_actor_work(tweets_frame):
+    """The test split (a frame the driver holds) is cut into 4 blocks a labelling actor, none under a batch: on the
+    flagship's 4 GPU actors the 25k test reviews are 16 blocks, not 1 that one actor labels while 3 GPUs wait."""
+    from llambert_ray.label import frame_blocks
+
+    flagship = LabelConfig(batch_size=256, concurrency=4, gpus_per_actor=1)
+    test = pd.DataFrame({"id": [f"t{i}" for i in range(25_000)], "text": "x"})
+    blocks = frame_blocks(test, flagship)
+    assert len(blocks) == 16 and sum(map(len, blocks)) == 25_000
+    assert pd.concat(blocks)["id"].tolist() == test["id"].tolist()  # every row once, in order
+    assert len(frame_blocks(test.head(300), flagship)) == 1  # 300 rows: one batch, one block
+    pool = LabelConfig(batch_size=16, concurrency=2, max_concurrency=3)  # autoscaling: its largest size counts
+    assert len(frame_blocks(tweets_frame.head(1000), pool)) == 12
 
 
 def test_precision_rule():
