@@ -180,6 +180,7 @@ class _Estimator:
 
     def __init__(self, hardware: dict[str, Any], gpu: str, measured: dict[str, Any] | None):
         self.devices, self.util, self.params = hardware["devices"], hardware["utilization"], hardware["models"]
+        self.shapes = hardware.get("llm_shapes") or {}
         self.gpu, self.measured, self.plan = gpu, measured or {}, Plan()
 
     def model_params(self, ref: str) -> float:
@@ -194,6 +195,20 @@ class _Estimator:
         u = float((d.get("utilization") or {}).get(phase, self.util[phase]))
         flops = float(d["peak_tflops"]) * 1e12 * u
         return flops / (mult * self.model_params(ref)), f"{u:.0%} of {d['peak_tflops']} TFLOP/s ({phase})"
+
+    def gpu_memory(self, a) -> None:
+        """A note on whether one engine's weights and KV cache fit its GPUs (llambert_ray.gpu_memory)."""
+        from llambert_ray.gpu_memory import engine_check, shape_of
+
+        shape = shape_of(a.model, self.shapes)
+        mem = self.devices[self.gpu].get("memory_gib")
+        if shape is None or not mem:
+            self.plan.notes.append(f"GPU memory not checked: no shape for {a.model} (config.json not at hand; add "
+                                   f"it to the hardware table's llm_shapes)" if shape is None else
+                                   f"GPU memory not checked: no memory_gib for {self.gpu} in the hardware table")
+            return
+        status, detail, fix = engine_check(shape, a, mem, self.gpu)
+        self.plan.notes.append(f"GPU memory {status.upper()}: {detail}" + (f"; fix: {fix}" if fix else ""))
 
     def measured_stage(self, stage: str) -> dict[str, Any] | None:
         return self.measured.get("stages", {}).get(stage)
@@ -233,6 +248,8 @@ class _Estimator:
         llm_gpu = a.device == "gpu"
         dev = self.gpu if llm_gpu else "cpu-core"
         ndev = engine_devices(a, llm_gpu)
+        if llm_gpu:
+            self.gpu_memory(a)
         if not llm_tok.exact:
             self.plan.notes.append(f"{a.model}: tokenizer not available offline, tokens estimated at "
                                    f"{CHARS_PER_TOKEN:g} characters per token")

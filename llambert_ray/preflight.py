@@ -76,7 +76,8 @@ def _probe_node(models: list[str], paths: list[str], output_dir: str, marker: st
             cfg = read_model_config(ref)
             out["models"][ref] = {"ok": True, "config": {k: cfg.get(k) for k in (
                 "model_type", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
-                "max_position_embeddings", "type_vocab_size", "text_config")}}
+                "max_position_embeddings", "type_vocab_size", "text_config", "hidden_size", "intermediate_size",
+                "vocab_size", "tie_word_embeddings", "head_dim")}}
         except Exception as e:
             out["models"][ref] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
     for p in paths:
@@ -345,6 +346,8 @@ def _check_engine(cfg: RunConfig, llm: dict[str, Any] | None, shapes: list[NodeS
     device = resolve_device(a.device, gpu_elsewhere=cfg.train.use_gpu or cfg.label.gpus_per_actor > 0)
     if llm:
         _check_parallelism(a, llm, checks)
+        if device == "gpu":
+            _check_gpu_memory(a, llm, shapes, checks)
     placement = engine_placement(a, device == "gpu")
     bundles = placement["bundles"]
     if a.accelerator_type and device == "gpu":
@@ -368,6 +371,31 @@ def _check_engine(cfg: RunConfig, llm: dict[str, Any] | None, shapes: list[NodeS
     if a.device == "auto" and cfg.cluster.address not in (None, "local") and device == "cpu":
         checks.append(Check("annotate.device", "annotate", "warn", "auto resolved to cpu: no GPU node is up",
                             "say device: gpu on an autoscaling cluster whose GPU groups start at 0"))
+
+
+def _check_gpu_memory(a, llm: dict[str, Any], shapes: list[NodeShape], checks: list[Check]) -> None:
+    """One engine's weights and KV cache against its GPUs' memory (llambert_ray.gpu_memory), where the GPU type is
+    known: annotate.accelerator_type, or the accelerator_type:X resource of the GPU nodes (Ray sets it)."""
+    from llambert_ray.gpu_memory import ModelShape, engine_check
+    from llambert_ray.plan import load_hardware
+
+    kinds = {a.accelerator_type} if a.accelerator_type else {
+        k.split(":", 1)[1] for s in shapes if s.resources.get("GPU") for k in s.resources
+        if k.startswith("accelerator_type:")}
+    devices = {d.get("ray_accelerator"): (name, d.get("memory_gib")) for name, d in load_hardware()["devices"].items()}
+    known = [devices[k] for k in sorted(kinds) if k in devices and devices[k][1]]
+    try:
+        shape = ModelShape.from_config(llm)
+    except KeyError:  # not a decoder config this estimate knows
+        return
+    if not known:
+        checks.append(Check("GPU memory", "annotate", "warn", f"GPU type unknown ({sorted(kinds) or 'none seen'}): "
+                            "weights and KV cache not checked against its memory", "set annotate.accelerator_type "
+                            "(e.g. A100-80G, H100) or add the GPU to the hardware table"))
+        return
+    name, mem = min(known, key=lambda nm: nm[1])  # the smallest GPU an engine may land on
+    status, detail, fix = engine_check(shape, a, mem, name)
+    checks.append(Check("GPU memory", "annotate", status, detail, fix))
 
 
 def _check_parallelism(a, llm: dict[str, Any], checks: list[Check]) -> None:

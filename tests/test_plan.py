@@ -60,6 +60,29 @@ def test_plan_uses_gpu_rows_and_measured_rates(corpus, tmp_path):
     assert by["train[llm]"].basis.startswith("measured") and by["label"].basis.startswith("40%")
 
 
+def test_plan_says_whether_the_engine_fits_its_gpus(corpus):
+    """Llama-2-70b in bf16 is ~128 GiB of weights: over 4 A100-80GB it fits with its KV cache (the flagship), on one
+    it cannot start (vLLM would refuse after minutes of loading); a max_model_len too long for the batch warns."""
+    from llambert_ray.config import AnnotateConfig
+    from llambert_ray.gpu_memory import ModelShape, engine_check
+
+    hw, task = load_hardware(), load_task("imdb-sentiment")
+    llama70 = {"annotate.model": "meta-llama/Llama-2-70b-chat-hf", "annotate.device": "gpu",
+               "annotate.max_model_len": 4096, "annotate.batch_size": 64,
+               "annotate.engine_kwargs": {"gpu_memory_utilization": 0.9}}
+    flagship = plan_run(_cfg(corpus, **llama70, **{"annotate.tensor_parallel_size": 4}), task, hardware=hw)
+    (note,) = [n for n in flagship.notes if n.startswith("GPU memory")]
+    assert note.startswith("GPU memory OK") and "weights 32.1 GiB" in note, note
+    one = plan_run(_cfg(corpus, **llama70, **{"annotate.tensor_parallel_size": 1}), task, hardware=hw)
+    (note,) = [n for n in one.notes if n.startswith("GPU memory")]
+    assert note.startswith("GPU memory FAIL") and "weights 128.5 GiB" in note and "tensor_parallel_size" in note
+    shape = ModelShape.from_config(hw["llm_shapes"]["meta-llama/Llama-2-70b-chat-hf"])
+    assert shape.params == pytest.approx(68.98e9, rel=1e-3)  # the published parameter count
+    long = AnnotateConfig(model="m", device="gpu", tensor_parallel_size=4, max_model_len=65536, batch_size=64)
+    status, detail, _ = engine_check(shape, long, 80, "a100-80gb")
+    assert status == "warn" and "7 sequences at once" in detail, detail
+
+
 def test_plan_errors_name_the_fix(corpus, tmp_path):
     task = load_task("imdb-sentiment")
     cfg = load_config(None, {"corpus.path": str(tmp_path / "missing.parquet")})

@@ -113,6 +113,33 @@ def test_node_shapes_from_the_autoscaler(monkeypatch):
     assert "train-1gpu (autoscaler)" in c.detail, c
 
 
+def test_the_engine_must_fit_its_gpus_memory():
+    """Llama-2-70b (its config.json's shape) on A100-80GB nodes, as the GPU nodes' accelerator type says: TP=4 fits
+    weights and KV cache, TP=1 cannot start (vLLM would refuse after loading for minutes); an unknown GPU type
+    warns that memory went unchecked."""
+    from llambert_ray.plan import load_hardware
+
+    llm = {**load_hardware()["llm_shapes"]["meta-llama/Llama-2-70b-chat-hf"], "model_type": "llama"}
+    a100 = [NodeShape("llm-4gpu (autoscaler)", {"CPU": 48.0, "GPU": 4.0, "accelerator_type:A100-80G": 1.0}, 2, False)]
+
+    def memory(shapes, **over):
+        checks = []
+        cfg = load_config(None, {"annotate.device": "gpu", "annotate.model": "meta-llama/Llama-2-70b-chat-hf",
+                                 "annotate.max_model_len": 4096, "annotate.batch_size": 64, **over})
+        _check_engine(cfg, llm, shapes, checks)
+        (check,) = [c for c in checks if c.check == "GPU memory"]
+        return check
+
+    c = memory(a100, **{"annotate.tensor_parallel_size": 4})
+    assert c.status == "ok" and "weights 32.1 GiB" in c.detail and "a100-80gb" in c.detail, c
+    c = memory(a100, **{"annotate.tensor_parallel_size": 1})
+    assert c.status == "fail" and "tensor_parallel_size" in c.fix, c
+    c = memory([NodeShape("gpu", {"CPU": 8.0, "GPU": 4.0}, 1, False)], **{"annotate.tensor_parallel_size": 4})
+    assert c.status == "warn" and "accelerator_type" in c.fix, c
+    c = memory([], **{"annotate.tensor_parallel_size": 4, "annotate.accelerator_type": "H100"})
+    assert c.status == "ok" and "h100-80gb" in c.detail, c
+
+
 @pytest.mark.ray
 def test_cli_preflight_exits_2_with_the_table(ray_local, corpus, tmp_path):
     from typer.testing import CliRunner
