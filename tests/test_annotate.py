@@ -264,6 +264,7 @@ def _engine_stage(cfg, model, plan):
 
     stage = build_processor(VLLMEngine(cfg, model).processor_config(plan)).get_stage_by_name("vLLMEngineStage")
     kw = stage.map_batches_kwargs
+    assert kw["compute"].min_size == kw["compute"].max_size  # a fixed pool: every replica starts at once
     return kw, kw["compute"].max_size
 
 

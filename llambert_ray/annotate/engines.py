@@ -117,7 +117,9 @@ class VLLMEngine(DatasetEngine):
             engine_kwargs=engine_kwargs,
             runtime_env={"env_vars": env},
             batch_size=cfg.batch_size,
-            concurrency=cfg.concurrency,
+            # (n, n): a fixed pool, every engine started at once; Ray Data LLM makes an int n a pool that autoscales
+            # from 1 and starts a replica (minutes of loading a 70B model, its GPUs held) only on backlog, late
+            concurrency=(cfg.concurrency, cfg.concurrency),
             chat_template_stage={"enabled": plan.style == "chat", **LIGHT},
             # vLLM tokenizes a text prompt and returns the answer's text itself: separate stages only add
             # actor pools to start (a process and a tokenizer each, every call) unless asked for
