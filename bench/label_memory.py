@@ -39,10 +39,37 @@ WORDS = ("good bad great awful fine film plot actor scene music story boring lov
          "bright dark long short clever silly moving flat rich thin kind").split()
 
 # Runs the CLI as `python -m llambert_ray.cli` would and prints this process's own peak RSS (kB) at exit, after
-# Ray has shut down (atexit runs last-registered first: Ray's shutdown, registered by ray.init, comes before it).
-DRIVER = """import atexit, resource, runpy, sys
+# Ray has shut down (atexit runs last-registered first: Ray's shutdown, registered by ray.init, comes before it);
+# and, around the label stage, the object store's peak use (sampled each second) and what it spilled to disk.
+DRIVER = """import atexit, re, resource, runpy, sys, threading
 atexit.register(lambda: print("DRIVER_MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                               file=sys.stderr, flush=True))
+import llambert_ray.label as stage
+real = stage.label
+def watched(*a, **k):
+    from ray._private.internal_api import memory_summary
+    peak, stop = [0], threading.Event()
+    def used():
+        m = re.search(r"Plasma memory usage (\\d+) MiB", memory_summary(stats_only=True))
+        return int(m.group(1)) if m else 0
+    def poll():
+        while not stop.is_set():
+            try:
+                peak[0] = max(peak[0], used())
+            except Exception:
+                pass
+            stop.wait(1.0)
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    try:
+        return real(*a, **k)
+    finally:
+        stop.set()
+        t.join(10)
+        spilled = re.search(r"Spilled (\\d+) MiB", memory_summary(stats_only=True))
+        print("OBJECT_STORE_PEAK_MIB", peak[0], file=sys.stderr, flush=True)
+        print("SPILLED_MIB", int(spilled.group(1)) if spilled else 0, file=sys.stderr, flush=True)
+stage.label = watched
 sys.argv = ["llambert_ray.cli", *sys.argv[1:]]
 runpy.run_module("llambert_ray.cli", run_name="__main__")
 """
@@ -162,8 +189,15 @@ def label_run(rows: int, model: Path, batch_size: int, sets: list[str], timeout:
             "measured_wall_s": wall, "label_stage_s": summary["seconds"],
             "label_stage_rows_per_s": summary["rows_per_s"],
             "driver_peak_rss_mb": int(driver.group(1)) / 1024 if driver else None,
+            "object_store_peak_mb": _stderr_int(p.stderr, "OBJECT_STORE_PEAK_MIB"),
+            "spilled_mb": _stderr_int(p.stderr, "SPILLED_MIB"),
             "tree_max_rss_mb": int(_time_v(p.stderr, "Maximum resident set size (kbytes)")) / 1024,
             "failed": summary["failed"], "accuracy": summary["accuracy"]}
+
+
+def _stderr_int(stderr: str, key: str) -> int | None:
+    m = re.search(rf"^{key} (\d+)$", stderr, flags=re.M)
+    return int(m.group(1)) if m else None
 
 
 def growth(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -183,12 +217,13 @@ def summary_md(res: dict[str, Any]) -> str:
     lines = ["# Label stage: driver memory against corpus size", "",
              f"`python -m bench.label_memory`: {res['model']}; batch size {res['batch_size']}"
              + (f"; {', '.join(res['sets'])}" if res["sets"] else "") + f"; {res['machine']}.", "",
-             "| in -> out | rows | wall s | rows/s | label stage s | driver peak RSS MB | process tree max RSS MB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| in -> out | rows | wall s | rows/s | label stage s | driver peak RSS MB | process tree max RSS MB "
+             "| object store peak MB | spilled MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["runs"]:
         drv = f"{r['driver_peak_rss_mb']:.0f}" if r["driver_peak_rss_mb"] is not None else "–"
         lines.append(f"| {r.get('io', 'parquet')} | {r['rows']:,} | {r['wall_s']:.1f} | {r['rows_per_s']:.0f} | "
-                     f"{r['label_stage_s']:.1f} | {drv} | {r['tree_max_rss_mb']:.0f} |")
+                     f"{r['label_stage_s']:.1f} | {drv} | {r['tree_max_rss_mb']:.0f} | "
+                     f"{r.get('object_store_peak_mb', '–')} | {r.get('spilled_mb', '–')} |")
     if res["growth"]:
         lines += ["", "| in -> out | from rows | to rows | driver growth MB | bytes per added row "
                   "| tree max growth MB |", "|---|---:|---:|---:|---:|---:|"]
