@@ -430,7 +430,8 @@ class OutputCounts:
         self.rows += len(frame)
         self.failed += int(failed.sum())
         self.graded += len(graded)
-        self.correct += int((graded["label"].astype(str) == graded["gold"].astype(str)).sum())
+        if len(graded):  # a corpus without gold labels has no gold column at all
+            self.correct += int((graded["label"].astype(str) == graded["gold"].astype(str)).sum())
         for into, counts in ((self.label_counts, ok["label"].value_counts()),
                              (self.reasons, frame.loc[failed, "error"].astype(str).str.slice(0, REASON_CHARS)
                               .value_counts())):

@@ -138,6 +138,18 @@ def test_an_in_memory_split_gives_every_labelling_actor_work(tweets_frame):
     assert len(frame_blocks(tweets_frame.head(1000), pool)) == 12
 
 
+def test_an_output_without_gold_labels_is_counted():
+    """A corpus with no gold labels writes no gold column: the summary counts it all the same (found by the
+    rehearsal's backlog, which has none)."""
+    from llambert_ray.label import OutputCounts
+
+    c = OutputCounts()
+    c.add(pd.DataFrame({"label": ["positive", "negative", None], "error": [None, None, "too long"]}))
+    c.add(pd.DataFrame({"label": ["positive"], "error": [None], "gold": ["positive"]}))
+    assert (c.rows, c.failed, c.graded, c.correct) == (4, 1, 1, 1)
+    assert c.label_counts == {"positive": 2, "negative": 1}
+
+
 def test_precision_rule():
     from llambert_ray.label import encoder_precision
 
