@@ -255,6 +255,18 @@ def test_the_engine_tokenizes_unless_asked_for_ray_data_stages():
     assert enabled(tokenize_in_engine=False) == (True, True)
 
 
+def test_ray_ends_a_gpu_engines_child_processes():
+    """On CPU the engine stops its own vLLM processes (Ray killing them first only prints tracebacks); on GPUs Ray
+    must end them with the actor, or a crashed engine's vLLM process keeps holding its GPUs."""
+    from llambert_ray.annotate.engines import engine_setup
+    from llambert_ray.config import AnnotateConfig
+
+    _, cpu_env, _ = engine_setup(AnnotateConfig(device="cpu"), "cpu")
+    _, gpu_env, _ = engine_setup(AnnotateConfig(device="gpu", tensor_parallel_size=4), "gpu")
+    assert cpu_env["RAY_kill_child_processes_on_worker_exit"] == "false"
+    assert "RAY_kill_child_processes_on_worker_exit" not in gpu_env
+
+
 def _engine_stage(cfg, model, plan):
     """The vLLM engine stage Ray Data LLM builds from our processor config (build_processor, as a run does), and the
     actor pool's size."""

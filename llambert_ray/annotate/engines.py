@@ -91,8 +91,10 @@ def engine_setup(cfg: AnnotateConfig, device: str) -> tuple[dict[str, Any], dict
     # vLLM's EngineCore and workers, and multiprocessing's resource tracker. The engine's shutdown and the
     # shared-memory finalizers then find the tracker gone, start a new one that never registered their segments,
     # and it prints `KeyError: '/psm_...'` tracebacks (and, when the engine core dies under a running client,
-    # EngineDeadError). vLLM stops its own processes on shutdown (SIGKILL after 5 s), so Ray need not.
-    env["RAY_kill_child_processes_on_worker_exit"] = "false"
+    # EngineDeadError). vLLM stops its own processes on shutdown (SIGKILL after 5 s), so Ray need not, on CPU. On
+    # GPUs Ray still does: an engine actor that crashed must not leave a vLLM process holding its GPUs.
+    if not on_gpu:
+        env["RAY_kill_child_processes_on_worker_exit"] = "false"
     return engine_kwargs, env, engine_placement(cfg, on_gpu)
 
 
