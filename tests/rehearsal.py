@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -246,20 +245,6 @@ class RehearsalCluster:
         self.cmds.append(self._cmd(i, cpus, group))
         self._start_node(i, self.cmds[i], timeout_s, attempts)
         return i
-
-    def kill_node(self, i: int) -> None:
-        """Node i lost at once, as a machine that dies: its `ray start` process group (the raylet, its object
-        store and its workers) killed with SIGKILL."""
-        os.killpg(self.procs[i].pid, signal.SIGKILL)
-
-    def node_index(self, node_id: str) -> int | None:
-        """Which of this cluster's nodes (0: the head) a Ray node id is, by the node<i> resource each one has."""
-        from ray.util.state import list_nodes
-
-        for n in list_nodes(address=self.dashboard, raise_on_missing_output=False):
-            if n.node_id == node_id:
-                return next((int(k[4:]) for k in (n.resources_total or {}) if re.fullmatch(r"node\d+", k)), None)
-        return None
 
     def start(self, timeout_s: float = 240, attempts: int = 5) -> RehearsalCluster:
         for i, cmd in enumerate(self.cmds):
