@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 from bench.label_incremental import minilm_model
 from bench.label_memory import synthetic_corpus, tiny_model
 from bench.pg_server import free_port
+from bench.quantize import spread
 from bench.serve_load import load
 
 RESULTS = Path("bench/results")
@@ -75,10 +75,6 @@ def backlog(via: str, ds, model: Path, rows: int, url: str, clients: int, batch_
     assert s.rows == rows and s.failed == 0, (s.rows, s.failed)
     shutil.rmtree(out, ignore_errors=True)
     return {"via": via, "rows": s.rows, "seconds": s.seconds, "rows_per_s": s.rows_per_s, "online": online}
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def bench(rows: int, encoder: str, clients: int, repeats: int, batch_size: int) -> dict[str, Any]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.pg_server import free_port
 
 TEXTS = ["what a great day, loving the new phone", "worst service ever, never again",
          "the flight was delayed three hours and nobody told us anything", "thanks for the quick help!",
@@ -61,12 +62,6 @@ async def load(url: str, requests: int, concurrency: int, time_limit_s: float, t
             "client_cpu_ms_per_request": 1000 * cpu / max(len(lat), 1)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def compare(model: str, requests: int, concurrency: int, time_limit_s: float) -> dict:
     from ray import serve
 
@@ -75,7 +70,7 @@ def compare(model: str, requests: int, concurrency: int, time_limit_s: float) ->
     from llambert_ray.serve import start
 
     init_ray(None, num_cpus=2)
-    port = _free_port()
+    port = free_port()
     out = {}
     for name, mbs in [("batch_1", 1), ("batch_32", 32)]:
         cfg = ServeConfig(port=port, max_batch_size=mbs, batch_wait_timeout_s=0.005, cpus_per_replica=1.0,
