@@ -42,32 +42,70 @@ def busy_devices(stage: str, device: str, a: AnnotateConfig, t: TrainConfig, lab
     return float(t.workers * (1 if device == "gpu" else torch_threads(t.cpus_per_worker)))
 
 
+def usd_per_device_hour(device: str, gpu_type: str | None = None) -> float | None:
+    """The hardware table's price of one device-hour: a CPU core, or one GPU of Ray's accelerator type `gpu_type`
+    (e.g. A100-80G, H100); None where the type or its price is unknown."""
+    try:
+        devices = load_hardware()["devices"]
+    except Exception:  # no table, no price; the device-seconds stand
+        return None
+    if device == "cpu":
+        return devices.get("cpu-core", {}).get("usd_per_hour")
+    for d in devices.values():
+        if gpu_type and str(d.get("ray_accelerator", "")).lower() == gpu_type.lower():
+            return d.get("usd_per_hour")
+    return None
+
+
+def gpu_type(a: AnnotateConfig) -> str | None:
+    """The GPU type a run's GPU stages ran on: annotate.accelerator_type, else the one accelerator type of the
+    cluster's GPU nodes (Ray's accelerator_type:X resource; nodes up now or earlier in the run); None if several or
+    none."""
+    import ray
+
+    if a.accelerator_type:
+        return a.accelerator_type
+    kinds = {k.split(":", 1)[1] for n in ray.nodes() if (n.get("Resources") or {}).get("GPU")
+             for k in n["Resources"] if k.startswith("accelerator_type:")}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def stage_cost(stage: str, seconds: float, a: AnnotateConfig, t: TrainConfig, lab: LabelConfig) -> dict[str, Any]:
+    """What a stage reserved and what that costs, for its manifest record: the device kind, device-seconds
+    (reserved_devices x seconds), on GPUs the GPU type, and USD at the hardware table's price where it is known."""
+    device, devices = reserved_devices(stage, a, t, lab)
+    out: dict[str, Any] = {"device": device, "device_seconds": seconds * devices}
+    if device == "gpu":
+        out["gpu_type"] = gpu_type(a)
+    price = usd_per_device_hour(device, out.get("gpu_type"))
+    out["usd"] = out["device_seconds"] * price / 3600 if price is not None else None
+    return out
+
+
 def labeller_speeds(stages: dict[str, Any], a: AnnotateConfig, t: TrainConfig, lab: LabelConfig) -> dict[str, Any]:
     """Rows/s and cost per 1,000 rows of the LLM (the annotate stage: its rows and test rows in one engine call,
     engine start included) and of the encoder (the label stage: the whole corpus, actor start included), both
     measured in this run; plus the encoder's all-in cost: the LLM labelling its training rows, training the llm
     variant and labelling the corpus, per corpus row."""
-    try:
-        core_price = load_hardware()["devices"]["cpu-core"]["usd_per_hour"]
-    except Exception:  # no price, no USD column; the device-seconds stand
-        core_price = None
     out: dict[str, Any] = {}
     busy: dict[str, float] = {}
+    price: dict[str, float | None] = {}
     for key, name in (("llm", "annotate"), ("encoder", "label"), ("train_llm", "train[llm]")):
         st = stages.get(name)
         if not st or not st.get("seconds") or not st.get("rows"):
             continue
         busy[key] = busy_devices(name.split("[")[0], st.get("device", "cpu"), a, t, lab)
-        price = core_price if st.get("device", "cpu") == "cpu" else None
+        price[key] = usd_per_device_hour(st.get("device", "cpu"), st.get("gpu_type"))
         if key != "train_llm":
-            out[key] = throughput(st["rows"], st["seconds"], busy[key], st.get("device", "cpu"), price)
+            out[key] = throughput(st["rows"], st["seconds"], busy[key], st.get("device", "cpu"), price[key])
     if {"llm", "encoder", "train_llm"} <= set(busy):
         ann, lab, tr = stages["annotate"], stages["label"], stages["train[llm]"]
         share = ann.get("annotated_rows", ann["rows"]) / ann["rows"]  # the test rows are evaluation, not method
-        dev_s = ann["seconds"] * busy["llm"] * share + tr["seconds"] * busy["train_llm"] \
-            + lab["seconds"] * busy["encoder"]
-        per_1k = dev_s / lab["rows"] * 1000
+        dev_s = {"llm": ann["seconds"] * busy["llm"] * share, "train_llm": tr["seconds"] * busy["train_llm"],
+                 "encoder": lab["seconds"] * busy["encoder"]}
+        per_1k = sum(dev_s.values()) / lab["rows"] * 1000
+        priced = all(price[k] is not None for k in dev_s)
         out["encoder_all_in"] = {"rows": lab["rows"], "device_seconds_per_1k": per_1k,
-                                 "usd_per_1k": per_1k * core_price / 3600 if core_price and
-                                 out["llm"]["device"] == "cpu" else None}
+                                 "usd_per_1k": sum(dev_s[k] * price[k] for k in dev_s) / 3600 / lab["rows"] * 1000
+                                 if priced else None}
     return out

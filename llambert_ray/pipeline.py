@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from llambert_ray.accounting import labeller_speeds, reserved_devices
+from llambert_ray.accounting import labeller_speeds, stage_cost
 from llambert_ray.config import RunConfig, config_hash
 from llambert_ray.manifest import Manifest
 from llambert_ray.preflight import check_run_inputs
@@ -112,8 +112,7 @@ def _run_stage(run: Run, name: str, key: tuple[Any, ...], outputs: list[Path], w
     t0 = time.time()
     record = work(run.cfg, run)
     record.setdefault("seconds", time.time() - t0)
-    device, devices = reserved_devices(name, run.cfg.annotate, run.cfg.train, run.cfg.label)
-    record.update(device=device, device_seconds=record["seconds"] * devices)
+    record.update(stage_cost(name, record["seconds"], run.cfg.annotate, run.cfg.train, run.cfg.label))
     run.manifest.record(name, stage_hash, **record)
     run.log(f"[{name}] done in {record['seconds']:.1f}s")
 

@@ -297,12 +297,16 @@ def _plot_confidence(ann: pd.DataFrame, path: Path) -> bool:
 
 
 def cost_table(manifest: dict[str, Any]) -> str:
-    lines = ["| stage | rows | seconds | device-seconds | prompt tokens | rows/s |", "|---|---:|---:|---:|---:|---:|"]
+    """Per stage: rows, seconds, the devices it reserved x seconds (a GPU stage names its GPU type), tokens, rows/s
+    and USD at the hardware table's price (– where the device's price is unknown)."""
+    lines = ["| stage | rows | seconds | device-seconds | prompt tokens | rows/s | USD |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, st in manifest.get("stages", {}).items():
         rows, secs = st.get("rows") or 0, st.get("seconds") or 0
-        lines.append(f"| {name} | {rows} | {secs:.1f} | {st.get('device_seconds', 0):.1f} "
-                     f"({st.get('device', 'cpu')}) | {st.get('tokens', 0) or '–'} | "
-                     f"{rows / secs if secs else 0:.1f} |")
+        device = st.get("device", "cpu") + (f" {st['gpu_type']}" if st.get("gpu_type") else "")
+        usd = _num(st.get("usd"), ".4f")
+        lines.append(f"| {name} | {rows} | {secs:.1f} | {st.get('device_seconds', 0):.1f} ({device}) | "
+                     f"{st.get('tokens', 0) or '–'} | {rows / secs if secs else 0:.1f} | {usd} |")
     return "\n".join(lines)
 
 

@@ -72,3 +72,34 @@ def test_report_has_the_comparison_and_the_cost_plot(tmp_path):
     png = tmp_path / "plots" / "cost_accuracy.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
     assert "<h2>The comparison</h2>" in (tmp_path / "report.html").read_text()
+
+
+def test_a_gpu_runs_stages_are_priced_at_their_gpus_price():
+    """A GPU run's stages get USD at the hardware table's price of their GPU type (annotate.accelerator_type, or
+    the GPU nodes' accelerator_type:X), in the manifest's stage records, the cost table and the speed table;
+    a GPU of unknown type stays unpriced (–), never priced as a CPU core."""
+    from llambert_ray.accounting import labeller_speeds, stage_cost, usd_per_device_hour
+    from llambert_ray.config import load_config
+    from llambert_ray.report import cost_table
+
+    cfg = load_config(None, {"annotate.device": "gpu", "annotate.accelerator_type": "A100-80G",
+                             "annotate.tensor_parallel_size": 4, "train.use_gpu": True, "train.workers": 1,
+                             "label.gpus_per_actor": 1, "label.concurrency": 4})
+    a, t, lab = cfg.annotate, cfg.train, cfg.label
+    a100 = usd_per_device_hour("gpu", "A100-80G")
+    assert a100 == 2.0 and usd_per_device_hour("gpu", "no-such-gpu") is None
+    stages = {}
+    for name, secs, rows in (("annotate", 3600.0, 10_000), ("train[llm]", 600.0, 10_000), ("label", 900.0, 1_000_000)):
+        stages[name] = {"seconds": secs, "rows": rows, **stage_cost(name, secs, a, t, lab)}
+    assert stages["annotate"]["gpu_type"] == "A100-80G"
+    assert stages["annotate"]["usd"] == 4 * 3600 * a100 / 3600  # 4 GPUs (TP 4) for an hour
+    assert stages["label"]["usd"] == 4 * 900 * a100 / 3600
+    speed = labeller_speeds(stages, a, t, lab)
+    assert speed["llm"]["usd_per_1k"] == 4 * 3600 / 10 * a100 / 3600  # 4 GPU-hours for 10k rows
+    all_in = (4 * 3600 + 600 + 4 * 900) / 1_000_000 * 1000 * a100 / 3600
+    assert abs(speed["encoder_all_in"]["usd_per_1k"] - all_in) < 1e-12
+    table = cost_table({"stages": stages})
+    assert "| USD |" in table and "(gpu A100-80G)" in table and "| 8.0000 |" in table, table
+    unknown = load_config(None, {"annotate.device": "gpu", "annotate.accelerator_type": "B300-NEW"})
+    cost = stage_cost("annotate", 60.0, unknown.annotate, unknown.train, unknown.label)
+    assert cost["usd"] is None and cost["device"] == "gpu"
