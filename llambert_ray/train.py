@@ -124,7 +124,8 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     steps_per_epoch = max(1, config["rows"] // world // (cfg.batch_size * cfg.grad_accum))
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else cfg.use_gpu
-    engine, tok = _deepspeed_engine(cfg, config["model_path"], labels, steps_per_epoch * cfg.epochs, use_bf16)
+    engine, tok = _deepspeed_engine(cfg, config["model_path"], labels, steps_per_epoch * cfg.epochs, use_bf16,
+                                    device)
     start_epoch, history = _restore(engine)
 
     def encode(texts: list[str]) -> dict[str, Any]:
@@ -153,9 +154,12 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     _report_final_model(engine, tok, cfg, labels, history)
 
 
-def _deepspeed_engine(cfg: TrainConfig, model_ref: str, labels: list[str], total_steps: int, use_bf16: bool):
-    """The classifier (a fresh head over `labels`), AdamW and the LR schedule wrapped by DeepSpeed; and the
-    tokenizer."""
+def _deepspeed_engine(cfg: TrainConfig, model_ref: str, labels: list[str], total_steps: int, use_bf16: bool,
+                      device=None):
+    """The classifier (a fresh head over `labels`), AdamW and the LR schedule wrapped by DeepSpeed, on `device`
+    (this worker's, from Ray Train); and the tokenizer."""
+    import argparse
+
     import deepspeed
     import torch
     from transformers import (
@@ -180,7 +184,13 @@ def _deepspeed_engine(cfg: TrainConfig, model_ref: str, labels: list[str], total
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = (get_constant_schedule_with_warmup(optimizer, warmup) if cfg.lr_schedule == "constant"
                  else get_linear_schedule_with_warmup(optimizer, warmup, total_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+    # DeepSpeed puts its engine on cuda:LOCAL_RANK unless it is given the device (args.device_rank), while the
+    # inputs go to Ray Train's device for this worker: the two agree only by the order Ray starts its workers in.
+    args = None
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
+        args = argparse.Namespace(device_rank=device.index if device.index is not None else 0)
+    engine, _, _, _ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=_deepspeed_config(cfg, use_bf16))
     return engine, tok
 

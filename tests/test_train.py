@@ -157,3 +157,46 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, tweets_frame, tmp
     m = classification_metrics(preds["gold"], preds["label"], ["positive", "negative"])
     assert m["accuracy"] >= 0.70, m  # balanced: chance is 0.5
     assert abs(m["accuracy"] - hist[-1]["eval_accuracy"]) < 0.02
+
+
+def test_deepspeed_is_given_ray_trains_device_not_local_rank(monkeypatch):
+    """DeepSpeed places its engine on cuda:LOCAL_RANK unless it is given args.device_rank (DeepSpeedEngine.
+    _set_distributed_vars); Ray Train gives each worker its own GPU (get_device), which agrees with LOCAL_RANK only
+    by the order Ray starts its workers in. A worker whose Ray device is cuda:1 while LOCAL_RANK is 0 makes cuda:1
+    current and hands DeepSpeed device_rank 1, and DeepSpeed's own rule then picks cuda:1. No GPU here: CUDA's
+    set_device, DeepSpeed's initialize and its accelerator are recorded stand-ins; model, optimizer and DeepSpeed's
+    device rule are the real ones."""
+    import types
+
+    import deepspeed
+    import deepspeed.runtime.engine as ds_engine
+    import torch
+
+    from llambert_ray.train import _deepspeed_engine
+
+    seen: dict = {}
+
+    class Stop(Exception):
+        pass
+
+    def initialize(**kw):
+        seen["args"] = kw.get("args")
+        raise Stop
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.setdefault("current", torch.device(d)))
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    with pytest.raises(Stop):
+        _deepspeed_engine(TrainConfig(), "minilm-l6", ["positive", "negative"], 10, False, torch.device("cuda", 1))
+    assert seen["current"] == torch.device("cuda", 1) and seen["args"].device_rank == 1
+
+    accel = types.SimpleNamespace(set_device=lambda r: seen.setdefault("accel_rank", r),
+                                  device_name=lambda r: f"cpu:{r}")  # cpu: torch.device needs no GPU to exist
+    monkeypatch.setattr(ds_engine, "get_accelerator", lambda: accel)
+    monkeypatch.setattr(ds_engine.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(ds_engine.dist, "get_rank", lambda: 0)
+    engine = types.SimpleNamespace(local_rank=0)
+    ds_engine.DeepSpeedEngine._set_distributed_vars(engine, seen["args"])
+    assert seen["accel_rank"] == 1 and engine.device.index == 1
+    ds_engine.DeepSpeedEngine._set_distributed_vars(engine, None)  # what it did without our args: LOCAL_RANK's 0
+    assert engine.device.index == 0
