@@ -288,7 +288,28 @@ class _Estimator:
             else:
                 tps, basis = self.rate("train", dev, t.model, 6)
             self.add(f"train[{variant}]", nrows, nrows * t.epochs * enc_per_row, dev, ndev, tps, basis)
+        self.training_topology(t)
         return enc_per_row
+
+    ONE_GPU_MINUTES = 30  # training that one GPU does in less than this needs no data parallelism over pods
+
+    def training_topology(self, t) -> None:
+        """A note choosing the training topology by this estimate: data-parallel GPU workers all-reduce the encoder's
+        gradients every step, over the pod network when each worker is its own 1-GPU pod; where one GPU trains every
+        variant in under ONE_GPU_MINUTES, one worker (grad_accum keeping the effective batch) costs less."""
+        if not t.use_gpu:
+            return
+        one_gpu_min = sum(s.device_hours for s in self.plan.stages if s.stage.startswith("train[")) * 60
+        grads_gb = 2 * self.model_params(t.model) / 1e9  # bf16 gradients, all-reduced every optimizer step
+        if t.workers > 1 and one_gpu_min < self.ONE_GPU_MINUTES:
+            self.plan.notes.append(
+                f"training topology: one GPU trains every variant in ~{one_gpu_min:.0f} min by this estimate; "
+                f"{t.workers} data-parallel workers would all-reduce ~{grads_gb:.1f} GB of gradients every step, "
+                f"over the pod network where each is a 1-GPU pod: set train.workers: 1 and train.grad_accum: "
+                f"{t.grad_accum * t.workers} (the same effective batch)")
+        else:
+            self.plan.notes.append(f"training topology: {t.workers} GPU worker(s); one GPU trains every variant in "
+                                   f"~{one_gpu_min:.0f} min by this estimate")
 
     def label(self, cfg: RunConfig, enc_tok: TokenCounter, texts: list[str], n: int) -> None:
         """label the whole corpus; evaluate every variant on the test split."""

@@ -143,3 +143,25 @@ def test_calibration_gold_counts_its_gold_rows_once(corpus):
                                          task, hardware=hw).stages}
     assert plain["annotate"].rows == 60 and gold["annotate"].rows == 70
     assert gold["label"].rows == plain["label"].rows
+
+
+def test_plan_chooses_the_training_topology_and_the_flagship_follows_it():
+    """roberta-large on 10k LLM-labelled rows x 5 epochs: one A100 trains it in minutes by the plan's estimate, so
+    4 data-parallel workers (each a 1-GPU pod, all-reducing ~0.6 GB of bf16 gradients every step) are advised
+    against, with the settings that keep the effective batch; the flagship config trains on one GPU as advised, and
+    its plan says so."""
+    from conftest import REPO
+
+    hw, task = load_hardware(), load_task("imdb-sentiment")
+    big = {"train.model": "roberta-large", "train.use_gpu": True, "train.epochs": 5, "train.variants": ["llm"],
+           "label.gpus_per_actor": 1, "corpus.sample": None}
+    four = plan_run(_cfg(REPO / "configs" / "no-such.parquet", **big, **{"train.workers": 4, "train.grad_accum": 1}),
+                    task, hardware=hw, rows=12_500, mean_chars=1300)
+    (note,) = [n for n in four.notes if n.startswith("training topology")]
+    assert "set train.workers: 1 and train.grad_accum: 4" in note and "0.6 GB" in note, note
+    flagship = load_config(REPO / "configs" / "imdb-llama2-70b.yaml")
+    t = flagship.train
+    assert (t.workers, t.grad_accum * t.batch_size) == (1, 64)
+    plan = plan_run(flagship, task, hardware=hw, rows=25_000, mean_chars=1300)
+    (note,) = [n for n in plan.notes if n.startswith("training topology")]
+    assert note.startswith("training topology: 1 GPU worker(s)"), note
