@@ -571,3 +571,36 @@ def test_a_run_takes_the_callers_engine_only_if_it_is_the_configured_one():
     with pytest.raises(ValueError, match="engine_lifetime: run"):
         with run_engine(AnnotateConfig(), kept):
             pass
+
+
+def test_a_chat_prompt_reaches_the_llm_with_one_bos_on_either_engine():
+    """Llama-2's chat template writes `<s>` and its tokenizer adds one too. The per-call engine sends vLLM a text
+    prompt, which vLLM encodes with add_special_tokens=True; the served engine's chat endpoint renders the template
+    and encodes without special tokens. chat_prompt drops the template's BOS where the tokenizer adds one, so both
+    engines send the model the same tokens under their shared cache key, with one BOS; rendered as Ray Data LLM's
+    template stage renders it (the template's own text), the per-call prompt had two. A Llama-2-style tokenizer
+    built from the packaged SmolLM2 vocabulary (BOS added by the tokenizer, `{{ bos_token }}[INST] ...` template)."""
+    from transformers import AutoTokenizer, LlamaTokenizerFast
+
+    from llambert_ray.annotate.engines import VLLMEngine, chat_prompt
+    from llambert_ray.config import AnnotateConfig
+    from llambert_ray.models import resolve_model
+
+    base = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
+    tok = LlamaTokenizerFast(tokenizer_object=base.backend_tokenizer, bos_token="<|endoftext|>",
+                             eos_token="<|endoftext|>", add_bos_token=True)
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
+                         " [/INST]{% else %} {{ m['content'] }}{% endif %}{% endfor %}")
+    messages = _plan("generate", style="chat").request("A wonderful film.")["messages"]
+    bos = tok.bos_token_id
+    served = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+    per_call = tok(chat_prompt(tok, messages))["input_ids"]  # as vLLM encodes a text prompt
+    assert per_call == served and per_call[0] == bos and per_call.count(bos) == 1
+    as_ray_renders = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))["input_ids"]
+    assert as_ray_renders[:2] == [bos, bos]  # the defect chat_prompt removes
+    # a tokenizer that adds no BOS (SmolLM2's) keeps its template's text whole
+    assert chat_prompt(base, messages) == base.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # and the per-call engine renders chat rows itself: Ray Data LLM's template stage stays off
+    config = VLLMEngine(AnnotateConfig(device="cpu"), resolve_model("smollm2-135m-instruct")).processor_config(
+        _plan("generate", style="chat"))
+    assert config.chat_template_stage is False

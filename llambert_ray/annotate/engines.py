@@ -42,6 +42,35 @@ class DatasetEngine:
         answers.write_parquet(str(folder), ray_remote_args=dict(LIGHT))  # a copy: Ray may add keys to it
 
 
+def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    """Chat messages as the text prompt the per-call engine sends: the model's chat template rendered (with the
+    generation prompt), less the BOS the template writes itself where the tokenizer adds one too. vLLM encodes a
+    text prompt with add_special_tokens=True, so a template that starts with `<s>` (Llama-2's) would reach the model
+    as two BOS tokens; the served engine's chat endpoint renders the same template and encodes it without special
+    tokens. With this, both engines send the model the same tokens (one BOS), as their shared cache key assumes."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos):
+        ids = tokenizer("x")["input_ids"]
+        if ids and ids[0] == tokenizer.bos_token_id:
+            text = text[len(bos):]
+    return text
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(model_path: str):
+    """The LLM's tokenizer, loaded once per process (each Ray Data worker that renders prompts)."""
+    if model_path not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        from llambert_ray.models import local_model_dir
+
+        _TOKENIZERS[model_path] = AutoTokenizer.from_pretrained(local_model_dir(model_path, tokenizer_only=True))
+    return _TOKENIZERS[model_path]
+
+
 def engine_devices(cfg: AnnotateConfig, on_gpu: bool) -> float:
     """Devices the engines reserve while they run (GPUs, or CPUs on a CPU cluster): every replica's placement
     group, one bundle per TP x PP rank (engine_placement). Used for device-seconds, planned and recorded."""
@@ -122,7 +151,8 @@ class VLLMEngine(DatasetEngine):
             # (n, n): a fixed pool, every engine started at once; Ray Data LLM makes an int n a pool that autoscales
             # from 1 and starts a replica (minutes of loading a 70B model, its GPUs held) only on backlog, late
             concurrency=(cfg.concurrency, cfg.concurrency),
-            chat_template_stage={"enabled": plan.style == "chat", **LIGHT},
+            # chat rows are rendered in `pre` (chat_prompt: one BOS), not by Ray Data LLM's template stage
+            chat_template_stage=False,
             # vLLM tokenizes a text prompt and returns the answer's text itself: separate stages only add
             # actor pools to start (a process and a tokenizer each, every call) unless asked for
             tokenize_stage=False if cfg.tokenize_in_engine else LIGHT,
@@ -135,8 +165,13 @@ class VLLMEngine(DatasetEngine):
     def run(self, ds, plan: PromptPlan):
         from ray.data.llm import build_processor
 
+        model_path = self.model_path
+
         def pre(row: dict[str, Any]) -> dict[str, Any]:
-            return plan.request(row["text"], row_examples(row))
+            req = plan.request(row["text"], row_examples(row))
+            if "messages" in req:
+                req["prompt"] = chat_prompt(_tokenizer(model_path), req.pop("messages"))
+            return req
 
         def finish(row: dict[str, Any]) -> dict[str, Any]:
             # A step of its own after the processor, not its `postprocess`: Ray Data LLM passes a row the engine
