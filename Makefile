@@ -30,6 +30,10 @@ CONFIG ?= configs/imdb-llama2-70b.yaml
 # a stock rayproject/ray image (pip-installs vLLM, DeepSpeed); runtime_env-cpu.yaml: CPU-only clusters.
 RUNTIME_ENV ?= jobs/runtime_env.yaml
 ENTRYPOINT_CPUS ?= 0.1
+# The checkout uploaded to every node as the job's working dir; empty: none (the nodes' image or environment already
+# holds the project, e.g. cluster/Dockerfile's /home/ray/llambert-ray); then JOBS names jobs/ where the nodes see it.
+WORKING_DIR ?= .
+JOBS ?= jobs
 JOB_ARGS ?=
 JOB_PYTHON ?= python
 WAIT ?=
@@ -46,6 +50,7 @@ help:
 	@echo "make plan CONFIG=...   - estimate tokens, device-hours and cost of a config before running it"
 	@echo "make submit STAGE=pipeline|annotate|train|label CONFIG=... ADDRESS=http://HEAD:8265 [WAIT=1]"
 	@echo "             [RUNTIME_ENV=jobs/runtime_env.yaml] [JOB_ARGS='...'] - submit a Ray job (ray job submit)"
+	@echo "             [WORKING_DIR= JOBS=/home/ray/llambert-ray/jobs] - no upload: the nodes' image holds the project"
 	@echo "make job-status|job-logs|job-stop JOB=raysubmit_... ADDRESS=...; make job-list ADDRESS=..."
 
 setup: $(STAMP)
@@ -91,9 +96,9 @@ plan: setup
 # and exits non-zero if the job fails. JOB_PYTHON is the interpreter on the cluster's nodes (the image's `python`;
 # a local cluster started from this venv needs .venv/bin/python).
 submit:
-	$(VENV)/bin/ray job submit --address $(ADDRESS) --working-dir . --runtime-env $(RUNTIME_ENV) \
-		--entrypoint-num-cpus $(ENTRYPOINT_CPUS) $(if $(WAIT),,--no-wait) \
-		-- $(JOB_PYTHON) jobs/$(STAGE).py --config $(CONFIG) $(JOB_ARGS)
+	$(VENV)/bin/ray job submit --address $(ADDRESS) $(if $(WORKING_DIR),--working-dir $(WORKING_DIR),) \
+		--runtime-env $(RUNTIME_ENV) --entrypoint-num-cpus $(ENTRYPOINT_CPUS) $(if $(WAIT),,--no-wait) \
+		-- $(JOB_PYTHON) $(JOBS)/$(STAGE).py --config $(CONFIG) $(JOB_ARGS)
 
 job-status:
 	$(VENV)/bin/ray job status --address $(ADDRESS) $(JOB)

@@ -307,6 +307,9 @@ class ServeConfig(_Strict):
 class ClusterConfig(_Strict):
     address: str | None = Field(None, description="Ray address; null = start a local Ray")
     num_cpus: int | None = Field(None, description="local Ray only: CPUs to give it")
+    manifest: str | None = Field(None, description="the RayCluster manifest (KubeRay) or cluster-launcher YAML the "
+                                 "cluster was made from: preflight checks the stages against its node groups where "
+                                 "the autoscaler's own config cannot be read (KubeRay runs it in a sidecar)")
 
 
 class RunConfig(_Strict):

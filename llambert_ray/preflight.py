@@ -9,16 +9,17 @@ where, status, fix. `llambert run` and the job entrypoints run it before the fir
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llambert_ray.checks import Check, checks_to_dicts, table  # noqa: F401  (the table and rows are preflight's)
+from llambert_ray.cluster_shapes import live_nodes, node_name
 from llambert_ray.config import RunConfig
+from llambert_ray.placement import check_engine, check_workers, node_types
 from llambert_ray.tasks import Task
 
 # Hub orgs whose models are gated (a token is needed to download them); the hub itself is asked when reachable.
@@ -28,36 +29,6 @@ NODE_TASK_TIMEOUT_S = 120
 
 class PreflightError(RuntimeError):
     """One or more preflight checks failed; the message is the table."""
-
-
-@dataclass
-class Check:
-    check: str
-    where: str
-    status: str  # ok | warn | fail
-    detail: str
-    fix: str = ""
-
-
-@dataclass
-class NodeShape:
-    """A node that is up, or a node type the autoscaler can add (`count` of them at most)."""
-
-    name: str
-    resources: dict[str, float]
-    count: int
-    live: bool
-
-
-def table(checks: list[Check]) -> str:
-    lines = ["| check | where | status | detail | fix |", "|---|---|---|---|---|"]
-    for c in checks:
-        mark = {"ok": "ok", "warn": "WARN", "fail": "FAIL"}[c.status]
-        lines.append(f"| {c.check} | {c.where} | {mark} | {c.detail} | {c.fix} |")
-    fails = sum(c.status == "fail" for c in checks)
-    warns = sum(c.status == "warn" for c in checks)
-    lines.append(f"\npreflight: {len(checks)} checks, {fails} failed, {warns} warnings")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ what runs on each node
@@ -103,55 +74,6 @@ def _probe_node(models: list[str], paths: list[str], output_dir: str, marker: st
     return out
 
 
-def _live_nodes() -> list[dict[str, Any]]:
-    import ray
-
-    return [n for n in ray.nodes() if n.get("Alive")]
-
-
-def _node_name(n: dict[str, Any]) -> str:
-    labels = n.get("Labels") or {}
-    group = labels.get("ray.io/node-group") or labels.get("llambert/group") or labels.get("ray.io/node-type")
-    head = "head" if n.get("Resources", {}).get("node:__internal_head__") else None
-    return f"{group or head or 'node'}@{n.get('NodeManagerAddress')}:{n.get('NodeManagerPort')}"
-
-
-def node_shapes() -> list[NodeShape]:
-    """Live nodes, and the node types the autoscaler may add (from the cluster config it reports to the GCS)."""
-    shapes = [NodeShape(_node_name(n), {k: float(v) for k, v in n["Resources"].items()
-                                        if k in ("CPU", "GPU", "memory") or k.startswith("accelerator_type:")},
-                        1, True) for n in _live_nodes()]
-    try:
-        import ray._private.state as state
-
-        cc = state.state.get_cluster_config()
-        for g in (cc.node_group_configs if cc else []):
-            shapes.append(NodeShape(f"{g.name} (autoscaler)", {k: float(v) for k, v in g.resources.items()},
-                                    max(int(g.max_count), 0), False))
-    except Exception:  # no autoscaler config reported (a fixed cluster, a local Ray)
-        pass
-    return shapes
-
-
-def _need(bundles: list[dict[str, float]]) -> dict[str, float]:
-    """What a set of bundles asks of one node, summed per resource."""
-    need: dict[str, float] = {}
-    for b in bundles:
-        for k, v in b.items():
-            need[k] = need.get(k, 0.0) + v
-    return need
-
-
-def _fits(bundles: list[dict[str, float]], shape: NodeShape) -> bool:
-    return all(shape.resources.get(k, 0.0) + 1e-9 >= v for k, v in _need(bundles).items() if v)
-
-
-def _replicas_on(bundles: list[dict[str, float]], shape: NodeShape) -> int:
-    """How many copies of `bundles` the node shape (times its count) holds."""
-    per = [math.floor(shape.resources.get(k, 0.0) / v + 1e-9) for k, v in _need(bundles).items() if v]
-    return (min(per) if per else 0) * shape.count
-
-
 def is_gated(ref: str) -> bool:
     """Whether a hub model needs a token: the hub's answer when reachable, else the known gated orgs."""
     from llambert_ray.models import is_remote
@@ -177,7 +99,7 @@ def run_preflight(cfg: RunConfig) -> list[Check]:
     models = _resolve_models(cfg, checks)
     splits = {"corpus": cfg.corpus, "test": cfg.test, "extra": cfg.extra}
     paths = {name: c.path for name, c in splits.items() if c is not None and c.path}
-    nodes = _live_nodes()
+    nodes = live_nodes()
     _check_relative_paths(cfg.output_dir, paths, len(nodes), checks)
     # one light task per live node: models, corpus, output marker, credentials, seen from there
     marker = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -185,9 +107,9 @@ def run_preflight(cfg: RunConfig) -> list[Check]:
     model_cfg = _check_model_loads(models, results, names, checks)
     _check_paths_readable(paths, results, names, checks)
     _check_output_shared(cfg.output_dir, marker, results, names, checks)
-    shapes = node_shapes()
-    _check_engine(cfg, model_cfg.get("annotate.model"), shapes, checks)
-    _check_workers(cfg, shapes, checks)
+    cluster = node_types(cfg, checks)
+    check_engine(cfg, model_cfg.get("annotate.model"), cluster, checks)
+    check_workers(cfg, cluster, checks)
     # the paper's headline needs gold test labels
     if cfg.test is None and cfg.corpus.label_column:
         checks.append(Check("test split", "evaluate", "warn", "no `test:` split: classifier accuracy will not be "
@@ -260,7 +182,7 @@ def _probe_nodes(nodes: list[dict[str, Any]], models: dict[str, str], paths: dic
     refs = {n["NodeID"]: probe.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False), runtime_env=env).remote(
         sorted(set(models.values())), sorted(set(paths.values())), out, marker) for n in nodes}
-    names = {n["NodeID"]: _node_name(n) for n in nodes}
+    names = {n["NodeID"]: node_name(n) for n in nodes}
     results: dict[str, dict[str, Any]] = {}
     for nid, r in refs.items():
         try:
@@ -337,104 +259,6 @@ def _check_output_shared(out: str, marker: str, results: dict[str, dict[str, Any
     shutil.rmtree(mdir, ignore_errors=True)
 
 
-def _check_engine(cfg: RunConfig, llm: dict[str, Any] | None, shapes: list[NodeShape], checks: list[Check]) -> None:
-    """The annotation engines: TP / PP against the LLM's heads and layers, bundles against node shapes."""
-    from llambert_ray.annotate import engine_placement
-    from llambert_ray.ray_env import resolve_device
-
-    a = cfg.annotate
-    device = resolve_device(a.device, gpu_elsewhere=cfg.train.use_gpu or cfg.label.gpus_per_actor > 0)
-    if llm:
-        _check_parallelism(a, llm, checks)
-        if device == "gpu":
-            _check_gpu_memory(a, llm, shapes, checks)
-    placement = engine_placement(a, device == "gpu")
-    bundles = placement["bundles"]
-    if a.accelerator_type and device == "gpu":
-        key = f"accelerator_type:{a.accelerator_type}"
-        bundles = [{**b, key: 0.001} for b in bundles]
-    one_node = placement["strategy"] == "STRICT_PACK"
-    fitting = [s for s in shapes if _fits(bundles, s)] if one_node else shapes
-    what = f"{len(bundles)} x {bundles[0]}" + (" on one node" if one_node else "")
-    if one_node and not fitting:
-        checks.append(Check("engine fits a node", "annotate", "fail",
-                            f"one engine needs {what}; no node shape has that: "
-                            + "; ".join(f"{s.name} {s.resources}" for s in shapes),
-                            "a node type with enough GPUs/CPUs for tensor_parallel_size (or a smaller TP)"))
-    else:
-        reach = sum(_replicas_on(bundles, s) for s in fitting) if one_node else a.concurrency
-        status = "ok" if reach >= a.concurrency else "fail"
-        checks.append(Check("engine replicas", "annotate", status,
-                            f"{a.concurrency} replica(s) of {what} ({device}); the cluster can hold {reach}",
-                            "" if status == "ok" else "raise the GPU group's maxReplicas or lower "
-                            "annotate.concurrency"))
-    if a.device == "auto" and cfg.cluster.address not in (None, "local") and device == "cpu":
-        checks.append(Check("annotate.device", "annotate", "warn", "auto resolved to cpu: no GPU node is up",
-                            "say device: gpu on an autoscaling cluster whose GPU groups start at 0"))
-
-
-def _check_gpu_memory(a, llm: dict[str, Any], shapes: list[NodeShape], checks: list[Check]) -> None:
-    """One engine's weights and KV cache against its GPUs' memory (llambert_ray.gpu_memory), where the GPU type is
-    known: annotate.accelerator_type, or the accelerator_type:X resource of the GPU nodes (Ray sets it)."""
-    from llambert_ray.gpu_memory import ModelShape, engine_check
-    from llambert_ray.plan import load_hardware
-
-    kinds = {a.accelerator_type} if a.accelerator_type else {
-        k.split(":", 1)[1] for s in shapes if s.resources.get("GPU") for k in s.resources
-        if k.startswith("accelerator_type:")}
-    devices = {d.get("ray_accelerator"): (name, d.get("memory_gib")) for name, d in load_hardware()["devices"].items()}
-    known = [devices[k] for k in sorted(kinds) if k in devices and devices[k][1]]
-    try:
-        shape = ModelShape.from_config(llm)
-    except KeyError:  # not a decoder config this estimate knows
-        return
-    if not known:
-        checks.append(Check("GPU memory", "annotate", "warn", f"GPU type unknown ({sorted(kinds) or 'none seen'}): "
-                            "weights and KV cache not checked against its memory", "set annotate.accelerator_type "
-                            "(e.g. A100-80G, H100) or add the GPU to the hardware table"))
-        return
-    name, mem = min(known, key=lambda nm: nm[1])  # the smallest GPU an engine may land on
-    status, detail, fix = engine_check(shape, a, mem, name)
-    checks.append(Check("GPU memory", "annotate", status, detail, fix))
-
-
-def _check_parallelism(a, llm: dict[str, Any], checks: list[Check]) -> None:
-    """vLLM refuses, after loading, a TP that does not divide the heads, or a PP beyond the layers."""
-    add = checks.append
-    llm = {**(llm.get("text_config") or {}), **{k: v for k, v in llm.items() if v is not None}}
-    heads, kv = llm.get("num_attention_heads"), llm.get("num_key_value_heads") or llm.get("num_attention_heads")
-    tp, pp = a.tensor_parallel_size, a.pipeline_parallel_size
-    if heads and heads % tp:
-        add(Check("TP vs attention heads", "annotate", "fail",
-                  f"{a.model} has {heads} attention heads, not divisible by tensor_parallel_size {tp} (vLLM "
-                  f"refuses it after loading)", f"a tensor_parallel_size that divides {heads}"))
-    elif kv and tp > kv and tp % kv or kv and tp <= kv and kv % tp:
-        add(Check("TP vs KV heads", "annotate", "fail",
-                  f"{a.model} has {kv} KV heads; tensor_parallel_size {tp} neither divides them nor is a "
-                  f"multiple of them", "a tensor_parallel_size that divides the KV heads"))
-    elif heads:
-        add(Check("TP vs heads", "annotate", "ok", f"{heads} heads, {kv} KV heads over TP {tp}"))
-    layers = llm.get("num_hidden_layers")
-    if layers and pp > layers:
-        add(Check("PP vs layers", "annotate", "fail", f"{layers} layers < pipeline_parallel_size {pp}",
-                  "a smaller pipeline_parallel_size"))
-
-
-def _check_workers(cfg: RunConfig, shapes: list[NodeShape], checks: list[Check]) -> None:
-    """Training workers and labelling actors against the node shapes."""
-    t = cfg.train
-    wb = {"GPU": 1.0, "CPU": 1.0} if t.use_gpu else {"CPU": t.cpus_per_worker}
-    reach = sum(_replicas_on([wb], s) for s in shapes)
-    checks.append(Check("train workers", "train", "ok" if reach >= t.workers else "fail",
-                        f"{t.workers} worker(s) of {wb}; the cluster can hold {reach}",
-                        "" if reach >= t.workers else "fewer train.workers or a bigger GPU/CPU group"))
-    lab = cfg.label
-    lb = {"GPU": lab.gpus_per_actor, "CPU": lab.cpus_per_actor} if lab.gpus_per_actor else {"CPU": lab.cpus_per_actor}
-    if not any(_fits([lb], s) for s in shapes):
-        checks.append(Check("label actors", "label", "fail", f"a labelling actor needs {lb}; no node shape has it",
-                            "lower label.cpus_per_actor / gpus_per_actor"))
-
-
 def preflight_or_raise(cfg: RunConfig, log=print) -> list[Check]:
     """Run the checks, print the table; raise PreflightError (the table) when any check failed."""
     t0 = time.time()
@@ -444,10 +268,6 @@ def preflight_or_raise(cfg: RunConfig, log=print) -> list[Check]:
         raise PreflightError("preflight failed; nothing was run:\n" + text)
     log(text)
     return checks
-
-
-def checks_to_dicts(checks: list[Check]) -> list[dict[str, Any]]:
-    return [asdict(c) for c in checks]
 
 
 def check_run_inputs(cfg: RunConfig) -> Task:

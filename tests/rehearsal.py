@@ -6,8 +6,8 @@ Everything here is built offline from the packaged models:
   vocabulary (<s>=0, <pad>=1, </s>=2, <unk>=3, no token_type_ids: as roberta-large's);
 - `make_hub_cache`: an HF hub cache (HF_HOME/hub/models--org--name/...) holding a local folder under a hub id, so
   `from_pretrained("org/name")` and vLLM load it with HF_HUB_OFFLINE=1;
-- `RehearsalCluster`: a head and N worker nodes started with `ray start` on 127.0.0.1, each node with its own
-  temp dir, ports, CPU count and working directory; teardown kills only its own processes.
+- `AutoscalingCluster`: a head started as `ray up` starts one, with Ray's own autoscaler adding and removing
+  nodes of the given types (local raylets, Ray's fake multi-node provider); teardown kills only its own processes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -191,132 +190,164 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-class RehearsalCluster:
-    """A head and worker nodes started with the real `ray start` CLI on 127.0.0.1.
+class AutoscalingCluster:
+    """A Ray cluster grown and shrunk by Ray's own autoscaler, on this machine.
 
-    `node_cpus`: CPUs per node, head first (e.g. [0, 1, 1]: a head that runs no work, two 1-CPU workers). Each node
-    has its own ports, its own working directory (ROOT/node<i>, the cwd of its `ray start`) and, for the head, the
-    cluster's temp dir (ROOT/tmp: keep ROOT short, Ray's socket paths must stay under 107 characters). `env` is
-    added to every node's environment (e.g. `offline_hub_env`). `stop()` kills only this cluster's processes.
+    The head is started as `ray up` starts one: `ray start --head --autoscaling-config=FILE`, so Ray's monitor
+    process runs the real autoscaler (v1, the one `ray up` and KubeRay's v1 sidecar run). Its node provider is Ray's
+    fake multi-node provider (RAY_FAKE_CLUSTER=1): where a cloud provider would boot a VM or a pod, it starts a real
+    raylet on this machine with the node type's resources and labels. What is a stand-in: the provider (local
+    raylets, not machines), and the resources a node type declares (CPUs here stand for a group's GPUs; all nodes
+    share this machine's 2 cores and one session folder). Everything above it (demand-driven scale-up, the choice
+    of node type for a bundle, idle scale-down, node failure handling) is the real autoscaler.
+
+    `node_types`: {name: {"resources": {...}, "min_workers": n, "max_workers": m}}; each node gets the label
+    llambert/group=<name>, as the manifests' groups do. `stop()` kills only this cluster's processes.
     """
 
-    def __init__(self, root: str | Path, node_cpus: list[float], *, env: dict[str, str] | None = None,
-                 object_store_bytes: int = 400_000_000, groups: list[str] | None = None):
+    def __init__(self, root: str | Path, node_types: dict[str, dict], *, env: dict[str, str] | None = None,
+                 object_store_bytes: int = 300_000_000, idle_timeout_minutes: float = 0.5):
         self.root = Path(root)
-        self.temp_dir = self.root / "tmp"
+        self.temp_dir = self.root / "tmp"  # keep ROOT short: Ray's socket paths must stay under 107 characters
         self.temp_dir.mkdir(parents=True, exist_ok=True)
-        self.node_cpus = list(node_cpus)
-        self.object_store_bytes = object_store_bytes
-        self.procs: list[subprocess.Popen] = []
-        self.workdirs: list[Path] = []
+        self.workdir = self.root / "head"
+        self.workdir.mkdir(exist_ok=True)
         gcs, dash, client = free_ports(3)
         self.gcs, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
-        self.head_extra = ["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                           f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-                           f"--temp-dir={self.temp_dir}"]
+        types = {"ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}}
+        for name, t in node_types.items():
+            res = {"object_store_memory": object_store_bytes, **t["resources"]}
+            types[name] = {"resources": res, "labels": {"llambert/group": name}, "node_config": {},
+                           "min_workers": t.get("min_workers", 0), "max_workers": t["max_workers"]}
+        self.config = {
+            "cluster_name": "llambert-rehearsal", "max_workers": sum(t["max_workers"] for t in node_types.values()),
+            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                         "disable_launch_config_check": True, "gcs_address": self.gcs},
+            "available_node_types": types, "head_node_type": "ray.head.default", "auth": {},
+            "upscaling_speed": 1.0, "idle_timeout_minutes": idle_timeout_minutes, "docker": {},
+            "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+            "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+            "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+            "rsync_exclude": [], "rsync_filter": []}
+        self.config_file = self.root / "autoscaling.json"
+        self.config_file.write_text(json.dumps(self.config, indent=1))
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         self.env.update({"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
-                         "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})
-        groups = groups or ["head"] + ["cpu"] * (len(node_cpus) - 1)
-        self.cmds = [self._cmd(i, cpus, groups[i]) for i, cpus in enumerate(node_cpus)]
+                         "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                         **(env or {})})
+        self.cmd = [RAY, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+                    f"--object-store-memory={object_store_bytes}", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+                    f"--temp-dir={self.temp_dir}", f"--autoscaling-config={self.config_file}",
+                    "--labels=llambert/group=head", "--disable-usage-stats"]
+        self.min_nodes = 1 + sum(t.get("min_workers", 0) for t in node_types.values())
 
-    def _cmd(self, i: int, cpus: float, group: str) -> list[str]:
-        """`ray start` for node i: its own ports; the node label llambert/group, as the manifests' groups have."""
-        self.workdirs.append(self.root / f"node{i}")
-        nm, om, agent, agent_grpc, metrics, renv, wmin = free_ports(7)
-        common = ["--node-ip-address=127.0.0.1", f"--node-manager-port={nm}", f"--object-manager-port={om}",
-                  f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                  f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={renv}",
-                  f"--min-worker-port={wmin}", f"--max-worker-port={wmin + 60}", f"--num-cpus={cpus}",
-                  f"--object-store-memory={self.object_store_bytes}", "--disable-usage-stats", "--block",
-                  f"--resources={json.dumps({f'node{i}': 1})}", f"--labels=llambert/group={group}"]
-        # each worker node its own temp dir, as separate machines have: nodes sharing one would share its
-        # runtime_resources folder, and a node's runtime-env agent deleting a job's working dir there when its own
-        # last task using it ends would delete it from under the other nodes (seen once preflight ran a task per node)
-        own = [] if i == 0 else [f"--address={self.gcs}", f"--temp-dir={self.temp_dir}{i}"]
-        return [RAY, "start", *(self.head_extra if i == 0 else own), *common]
-
-    def add_node(self, cpus: float, group: str = "cpu", timeout_s: float = 240, attempts: int = 12) -> int:
-        """Start one more worker node (as an autoscaler would) and wait until it is alive; returns its index.
-        More attempts than at start: it joins while stages load both cores, and `ray start` gives a raylet only
-        30 s (hard-coded in Ray 2.60's node.py) to register with the GCS, which a loaded machine can miss."""
-        i = len(self.cmds)
-        self.node_cpus.append(cpus)
-        self.cmds.append(self._cmd(i, cpus, group))
-        self._start_node(i, self.cmds[i], timeout_s, attempts)
-        return i
-
-    def start(self, timeout_s: float = 240, attempts: int = 5) -> RehearsalCluster:
-        for i, cmd in enumerate(self.cmds):
-            self._start_node(i, cmd, timeout_s, attempts)
+    def start(self, timeout_s: float = 240) -> AutoscalingCluster:
+        out = subprocess.run(self.cmd, env=self.env, cwd=self.workdir, capture_output=True, text=True,
+                             timeout=timeout_s)
+        if out.returncode:
+            raise RuntimeError(f"ray start --head failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        self.wait_for(lambda nodes: len(nodes) >= self.min_nodes, timeout_s, f"{self.min_nodes} nodes up")
         return self
 
-    def __enter__(self) -> RehearsalCluster:
+    def __enter__(self) -> AutoscalingCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _start_node(self, i: int, cmd: list[str], timeout_s: float, attempts: int = 3) -> None:
-        self.workdirs[i].mkdir(parents=True, exist_ok=True)
-        for attempt in range(attempts):
-            # On a loaded 2-core machine a raylet can miss its start-up deadlines and exit: start it again.
-            log = open(self.root / f"node{i}-{attempt}.log", "w")
-            self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                               start_new_session=True, cwd=self.workdirs[i]))
-            try:
-                self._wait(i + 1, timeout_s)
-                return
-            except RuntimeError:
-                if attempt == attempts - 1:
-                    raise
-                node = self.procs.pop()
-                try:
-                    os.killpg(node.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                time.sleep(5)
-
-    def alive_nodes(self) -> list:
+    def nodes(self, alive: bool = True) -> list:
+        """The state API's nodes (alive only, or every node the cluster ever had, with its state)."""
         from ray.util.state import list_nodes
 
-        return [n for n in list_nodes(address=self.dashboard, raise_on_missing_output=False) if n.state == "ALIVE"]
+        nodes = list_nodes(address=self.dashboard, raise_on_missing_output=False, limit=1000)
+        return [n for n in nodes if n.state == "ALIVE" or not alive]
 
-    def _wait(self, n: int, timeout_s: float) -> None:
+    def groups(self, alive: bool = True) -> dict[str, int]:
+        """{node group: how many nodes}."""
+        out: dict[str, int] = {}
+        for n in self.nodes(alive):
+            g = (n.labels or {}).get("llambert/group", "?")
+            out[g] = out.get(g, 0) + 1
+        return out
+
+    def wait_for(self, ok, timeout_s: float, what: str) -> list:
         deadline = time.time() + timeout_s
+        nodes: list = []
         while time.time() < deadline:
-            if self.procs[-1].poll() is not None:
-                break
             try:
-                if len(self.alive_nodes()) >= n:
-                    return
+                nodes = self.nodes()
+                if ok(nodes):
+                    return nodes
             except Exception:
                 pass
             time.sleep(2)
-        logs = "\n".join(f.read_text()[-2000:] for f in sorted(self.root.glob("node*.log")))
-        raise RuntimeError(f"cluster did not reach {n} nodes in {timeout_s}s:\n{logs}")
+        seen = [(n.node_id[-5:], n.labels) for n in nodes]
+        raise RuntimeError(f"cluster: not {what} within {timeout_s}s; nodes: {seen}\n{self.autoscaler_log()[-3000:]}")
+
+    def autoscaler_log(self) -> str:
+        return "\n".join(f.read_text(errors="replace") for f in self.temp_dir.glob("session_latest/logs/monitor.*"))
+
+    def workers_on(self, node_id: str, needle: str) -> int:
+        """How many worker processes of a node logged `needle` (an actor's class): every node's worker logs lie
+        in the one session folder, each naming its node_id."""
+        logs = self.temp_dir.glob("session_latest/logs/python-core-worker-*.log")
+        return sum(1 for f in logs if _logged(f, node_id, needle))
+
+    def nodes_running(self, needle: str) -> list[str]:
+        """The worker nodes on which a process of this cluster runs whose command line (a Ray worker's process
+        title names its actor: `ray::MapWorker(MapBatches(Classifier))`) holds `needle`, from the processes
+        themselves (the state API can take longer to answer than a loaded 2-core machine leaves an actor alive)."""
+        import psutil
+
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if needle in " ".join(proc.info.get("cmdline") or []):
+                    node = proc.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING")
+                    if node and node not in found:
+                        found.append(node)
+            except psutil.Error:
+                continue
+        return found
+
+    def kill_node(self, node_id: str) -> int:
+        """SIGKILL every process of one worker node (its raylet, object store, agents and workers: those whose
+        environment names the node, as the fake provider starts them), as a machine lost mid-run; returns how many."""
+        import psutil
+
+        killed = 0
+        for proc in psutil.process_iter():
+            try:
+                if proc.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+                    proc.kill()
+                    killed += 1
+            except psutil.Error:
+                continue
+        return killed
 
     def stop(self) -> None:
         import psutil
 
-        for p in self.procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        marks = (str(self.temp_dir), self.gcs)
+        marks = (str(self.root), self.gcs)
+        procs = []
         for proc in psutil.process_iter(["cmdline"]):
             cmd = " ".join(proc.info.get("cmdline") or [])
             if any(m in cmd for m in marks):
-                try:
-                    proc.kill()
-                except psutil.Error:
-                    pass
+                procs.append(proc)
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+
+def _logged(log: Path, node_id: str, needle: str) -> bool:
+    text = log.read_text(errors="replace")
+    return f"node_id={node_id}" in text and needle in text

@@ -9,10 +9,18 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import REVIEWS
+from conftest import REPO, REVIEWS
 
+from llambert_ray.cluster_shapes import (
+    ClusterShapes,
+    ManifestError,
+    NodeShape,
+    node_types_from_config,
+    node_types_from_manifest,
+)
 from llambert_ray.config import load_config
-from llambert_ray.preflight import NodeShape, _check_engine, node_shapes, run_preflight, table
+from llambert_ray.placement import check_engine
+from llambert_ray.preflight import run_preflight, table
 
 pytestmark = [pytest.mark.timeout(600)]  # the tests that start Ray are marked `ray` one by one
 
@@ -76,41 +84,53 @@ def test_each_defect_is_caught(ray_local, corpus, tmp_path, monkeypatch):
     assert check.status == "fail" and "annotation cache parts" in check.detail and "--output s3://" in check.fix
 
 
-def test_node_shapes_from_the_autoscaler(monkeypatch):
-    """node_shapes() reads the node types the autoscaler reports to the GCS (Ray's ClusterConfig message, from the
-    getter preflight calls; the live nodes from ray.nodes(): a 0-CPU head) and the engine check places a TP=4 engine
-    on them: it fits the 4-GPU group (2 replicas with maxReplicas 2), never the 1-GPU group however many nodes."""
-    import ray
-    import ray._private.state
-    from ray.core.generated.autoscaler_pb2 import ClusterConfig, NodeGroupConfig
+def _engine_check(cluster, **over):
+    checks = []
+    cfg = load_config(None, {"annotate.tensor_parallel_size": 4, "annotate.device": "gpu", **over})
+    check_engine(cfg, None, cluster, checks)
+    (check,) = checks
+    return check
 
-    four = NodeGroupConfig(name="llm-4gpu", resources={"CPU": 48, "GPU": 4}, min_count=0, max_count=2)
-    one = NodeGroupConfig(name="train-1gpu", resources={"CPU": 8, "GPU": 1}, min_count=0, max_count=8)
-    reported = ClusterConfig(node_group_configs=[four, one])
-    monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: reported)
-    head = {"NodeID": "h", "Alive": True, "NodeManagerAddress": "10.0.0.1", "NodeManagerPort": 6380, "Labels": {},
-            "Resources": {"memory": 8e9, "object_store_memory": 2e9, "node:__internal_head__": 1.0}}
-    monkeypatch.setattr(ray, "nodes", lambda: [head, {**head, "NodeID": "gone", "Alive": False}])
-    assert node_shapes() == [NodeShape("head@10.0.0.1:6380", {"memory": 8e9}, 1, True),
-                             NodeShape("llm-4gpu (autoscaler)", {"CPU": 48.0, "GPU": 4.0}, 2, False),
-                             NodeShape("train-1gpu (autoscaler)", {"CPU": 8.0, "GPU": 1.0}, 8, False)]
 
-    def engine_check(concurrency):
-        checks = []
-        cfg = load_config(None, {"annotate.tensor_parallel_size": 4, "annotate.device": "gpu",
-                                 "annotate.concurrency": concurrency})
-        _check_engine(cfg, None, node_shapes(), checks)
-        (check,) = checks
-        return check
-
-    c = engine_check(2)
+def test_node_types_from_the_clusters_manifests_place_a_tp4_engine():
+    """The node groups of cluster/kuberay/raycluster.yaml (rayStartParams, else the Ray container's limits, times
+    maxReplicas), as preflight reads them through `cluster.manifest` where the autoscaler's own config cannot be
+    read: a TP=4 engine fits the 4-GPU group (2 replicas with maxReplicas 2), never the 1-GPU group however many
+    nodes. The autoscaler's own config file is read on a real autoscaling cluster in tests/test_rehearsal.py."""
+    types = {s.name: s for s in node_types_from_manifest(REPO / "cluster" / "kuberay" / "raycluster.yaml")}
+    assert set(types) == {"cpu (autoscaler)", "llm-4gpu (autoscaler)", "train-1gpu (autoscaler)"}
+    llm, train = types["llm-4gpu (autoscaler)"], types["train-1gpu (autoscaler)"]
+    assert (llm.resources["GPU"], llm.resources["CPU"], llm.count) == (4.0, 32.0, 2) and not llm.live
+    assert (train.resources["GPU"], train.count) == (1.0, 4)
+    cluster = ClusterShapes(list(types.values()), "cluster.manifest")
+    c = _engine_check(cluster, **{"annotate.concurrency": 2})
     assert (c.check, c.status) == ("engine replicas", "ok") and "can hold 2" in c.detail, c
-    c = engine_check(3)  # the 1-GPU group's 8 GPUs hold no TP=4 replica
+    c = _engine_check(cluster, **{"annotate.concurrency": 3})  # the 1-GPU group's 4 GPUs hold no TP=4 replica
     assert (c.check, c.status) == ("engine replicas", "fail") and "can hold 2" in c.detail, c
-    reported = ClusterConfig(node_group_configs=[one])
-    c = engine_check(1)
-    assert (c.check, c.status) == ("engine fits a node", "fail") and "on one node" in c.detail, c
-    assert "train-1gpu (autoscaler)" in c.detail, c
+    c = _engine_check(ClusterShapes([train], "cluster.manifest"), **{"annotate.concurrency": 1})
+    assert (c.check, c.status) == ("engine fits a node", "fail") and "train-1gpu (autoscaler)" in c.detail, c
+    # a cluster-launcher config (as the autoscaler's config file on a head is) gives its worker types
+    launcher = {"head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 0}, "max_workers": 0},
+        "llm_4gpu": {"resources": {"CPU": 48, "GPU": 4}, "min_workers": 0, "max_workers": 2}}}
+    assert node_types_from_config(launcher) == [NodeShape("llm_4gpu (autoscaler)", {"CPU": 48.0, "GPU": 4.0}, 2,
+                                                          False)]
+
+
+def test_unknown_node_types_warn_instead_of_refusing_on_a_remote_cluster(tmp_path):
+    """Where the autoscaler's node types are unknown (no config in the GCS or on the head, no cluster.manifest),
+    what no live node holds may still be added by the autoscaler: a warning, not a refusal. On a local Ray every
+    node is known: refused. A manifest that is not there is a failure naming it."""
+    live_only = ClusterShapes([NodeShape("head", {"CPU": 2.0}, 1, True)], None)
+    c = _engine_check(live_only, **{"cluster.address": "auto"})
+    assert (c.check, c.status) == ("engine fits a node", "warn"), c
+    c = _engine_check(live_only)
+    assert (c.check, c.status) == ("engine fits a node", "fail"), c
+    with pytest.raises(ManifestError, match="does not exist"):
+        node_types_from_manifest(tmp_path / "nope.yaml")
+    (tmp_path / "job.yaml").write_text("apiVersion: ray.io/v1\nkind: RayJob\nspec: {clusterSelector: {a: b}}\n")
+    with pytest.raises(ManifestError, match="no RayCluster"):
+        node_types_from_manifest(tmp_path / "job.yaml")
 
 
 def test_the_engine_must_fit_its_gpus_memory():
@@ -126,7 +146,7 @@ def test_the_engine_must_fit_its_gpus_memory():
         checks = []
         cfg = load_config(None, {"annotate.device": "gpu", "annotate.model": "meta-llama/Llama-2-70b-chat-hf",
                                  "annotate.max_model_len": 4096, "annotate.batch_size": 64, **over})
-        _check_engine(cfg, llm, shapes, checks)
+        check_engine(cfg, llm, ClusterShapes(shapes, "the test's node types"), checks)
         (check,) = [c for c in checks if c.check == "GPU memory"]
         return check
 

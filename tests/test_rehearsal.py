@@ -1,18 +1,18 @@
-"""The CPU rehearsal of configs/imdb-llama2-70b.yaml's topology: that config with only its model names, devices,
-sizes and locations changed, submitted as a Ray job to a head and two worker nodes started with `ray start`, each
-node in its own working dir and labelled with its group as the manifests' groups are. It runs annotate (a TP=2 vLLM
-engine over two CPU bundles, the LLM named by a hub id from an offline HF cache) -> train (RoBERTa by hub id, 2
-DeepSpeed workers) -> label (an autoscaling actor pool that takes in a node added mid-run) -> evaluate on the test
-split -> Serve from the shared output; and `llambert preflight` catches, against that cluster, each defect a real
-cluster would hit late. The suite's one multi-node cluster: `make submit` of a pipeline job, its status, the work
-spread over the nodes and the outputs checked here. Its corpus is the one the project installs (Rotten Tomatoes
-snippets, a tenth of them made longer than 512 tokens), nothing from outside the clone; train, label and Serve use
-the flagship's max_length 512. Also: the offline hub cache, and RoBERTa labelling texts longer than 512 tokens."""
-
+"""The CPU rehearsal of configs/imdb-llama2-70b.yaml's topology on an autoscaling cluster: that config with only its
+model names, devices, sizes and locations changed, submitted as a Ray job to a cluster that Ray's own autoscaler
+grows and shrinks (tests/rehearsal.py's AutoscalingCluster: node types mirroring cluster/kuberay/raycluster.yaml's
+groups, the LLM and training groups at zero, each node labelled with its group as the manifests' groups are).
+`llambert preflight` reads the node types from the autoscaler's config and passes with the groups at zero, and
+catches each defect a real cluster would hit late. The job runs annotate (a TP=2 vLLM engine over two CPU bundles,
+which makes the autoscaler start an LLM-group node; the LLM named by a hub id from an offline HF cache) -> train
+(RoBERTa by hub id, 2 DeepSpeed workers) -> label (an actor pool that grows onto the nodes the autoscaler adds) ->
+evaluate on the test split; idle nodes are removed; Serve answers from the shared output. The suite's one multi-node
+cluster. Its corpus is the one the project installs (Rotten Tomatoes snippets, a tenth of them made longer than 512
+tokens), nothing from outside the clone; train, label and Serve use the flagship's max_length 512. Also: RoBERTa
+labelling texts longer than 512 tokens."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,22 +27,7 @@ from rehearsal import offline_hub_env
 from llambert_ray.ray_env import cpu_bind_ranges
 
 
-# ------------------------------------------------------------------------------------------ fixtures, fast
-def test_offline_hub_cache_resolves_hub_ids_in_a_fresh_process(offline_hub):
-    """HF_HOME + HF_HUB_OFFLINE: transformers loads hub ids from the cache, as a Ray worker on any node would."""
-    code = ("from transformers import AutoConfig, AutoModel, AutoTokenizer\n"
-            "m = AutoModel.from_pretrained('sentence-transformers/all-MiniLM-L6-v2')\n"
-            "t = AutoTokenizer.from_pretrained('rehearsal/tiny-roberta')\n"
-            "c = AutoConfig.from_pretrained('rehearsal/tiny-llama-tp2')\n"
-            "print(type(m).__name__, type(t).__name__, c.num_attention_heads, c.num_key_value_heads)\n")
-    env = {**os.environ, **offline_hub_env(offline_hub)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-4:] == ["BertModel", "RobertaTokenizer", "4", "2"]
-    snap = next((offline_hub / "hub" / "models--rehearsal--tiny-llama-tp2" / "snapshots").iterdir())
-    assert (snap / "config.json").is_symlink() and (snap / "model.safetensors").exists()
-
-
+# ------------------------------------------------------------------------------------------ fast
 def test_cpu_bind_ranges_one_list_per_rank():
     assert cpu_bind_ranges(2, [0, 1]) == "0|1"
     assert cpu_bind_ranges(2, [0, 1, 2, 3]) == "0,1|2,3"
@@ -93,7 +78,8 @@ DEVICE_KEYS = {"annotate.device", "annotate.dtype", "annotate.engine_kwargs", "t
                "label.gpus_per_actor"}
 SIZE_KEYS = {"corpus.sample", "test.sample", "annotate.tensor_parallel_size", "annotate.concurrency",
              "annotate.max_model_len", "annotate.batch_size", "annotate.cpus_per_engine", "annotate.max_text_chars",
-             "train.epochs", "train.batch_size", "train.max_length", "train.workers", "train.cpus_per_worker",
+             "train.epochs", "train.batch_size", "train.grad_accum", "train.max_length", "train.workers",
+             "train.cpus_per_worker",
              "label.batch_size", "label.max_length", "label.concurrency", "label.max_concurrency",
              "label.cpus_per_actor", "label.sub_batch_size"}
 LOCATION_KEYS = {"corpus.path", "test.path", "output_dir"}  # the flagship's placeholders (bucket, shared mount)
@@ -108,12 +94,13 @@ def rehearsal_overrides(data: Path, runs: Path) -> dict:
         # devices
         "annotate.device": "cpu", "annotate.dtype": "float32", "annotate.engine_kwargs": {},
         "train.use_gpu": False, "train.bf16": False, "label.gpus_per_actor": 0,
-        # sizes: TP 4 -> 2 over two 0.5-CPU bundles, 1 replica, everything small enough for 2 cores
+        # sizes: TP 4 -> 2 over two 1-CPU bundles (only the LLM group's 2-CPU nodes hold them), 1 replica,
+        # everything small enough for 2 cores
         "corpus.sample": 24, "test.sample": 120, "annotate.tensor_parallel_size": 2, "annotate.concurrency": 1,
-        "annotate.max_model_len": 1024, "annotate.batch_size": 8, "annotate.cpus_per_engine": 0.5,
-        "annotate.max_text_chars": 600, "train.epochs": 1, "train.batch_size": 4,
+        "annotate.max_model_len": 1024, "annotate.batch_size": 8, "annotate.cpus_per_engine": 1.0,
+        "annotate.max_text_chars": 600, "train.epochs": 1, "train.batch_size": 4, "train.grad_accum": 1,
         "train.workers": 2, "train.cpus_per_worker": 0.3, "label.batch_size": 16,
-        # 3 to 4 actors of 0.6 CPU: one per 1-CPU node, so the third needs the node that joins mid-run
+        # 3 to 4 actors of 0.6 CPU: one per 1-CPU node, so the autoscaler adds nodes for the pool
         "label.concurrency": 3, "label.max_concurrency": 4, "label.cpus_per_actor": 0.6, "label.sub_batch_size": 16,
         # locations: a parquet of film reviews for the bucket, a folder all nodes see for /mnt/shared
         "corpus.path": str(data), "test.path": str(data), "output_dir": str(runs),
@@ -193,14 +180,24 @@ def _driver(cluster, code: str, cwd: Path, timeout: int = 900) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+# The node groups of cluster/kuberay/raycluster.yaml, scaled to this machine: a 0-CPU head, the CPU group (drivers,
+# labelling actors; min 1), the LLM group at min 0 (the only type whose 2 CPUs hold a TP=2 engine of 1-CPU bundles,
+# as only the 4-GPU group holds a TP=4 engine of 1-GPU bundles), the training group at min 0.
+# No working_dir upload: the autoscaler's local nodes share one session folder, where each node's runtime-env agent
+# unpacks (and replaces) the job's working_dir under the others' feet; the nodes run the checkout this venv holds,
+# as a cluster whose image holds the project does (cluster/Dockerfile).
+NO_UPLOAD = ["WORKING_DIR=", f"JOBS={REPO / 'jobs'}"]
+NODE_TYPES = {"cpu": {"resources": {"CPU": 1}, "min_workers": 1, "max_workers": 3},
+              "llm-4gpu": {"resources": {"CPU": 2}, "min_workers": 0, "max_workers": 1},
+              "train-1gpu": {"resources": {"CPU": 1}, "min_workers": 0, "max_workers": 2}}
+
+
 @pytest.mark.ray
 @pytest.mark.llm
 @pytest.mark.timeout(3000)
 def test_rehearsal_of_the_70b_topology(tmp_path, tmp_path_factory):
-    import threading
-
     import yaml
-    from rehearsal import RehearsalCluster, make_hub_cache, make_tiny_roberta, make_tp_ready_smollm2
+    from rehearsal import AutoscalingCluster, make_hub_cache, make_tiny_roberta, make_tp_ready_smollm2
 
     hub = tmp_path_factory.mktemp("rehearsal_hub")
     make_hub_cache(hub, LLM_ID, make_tp_ready_smollm2(tmp_path / "smollm2-tp2"))
@@ -212,87 +209,83 @@ def test_rehearsal_of_the_70b_topology(tmp_path, tmp_path_factory):
     # the nodes' environment, as the manifests give every pod: offline HF cache, token, caches
     # (no HF_TOKEN: the rehearsal's models are not gated, and the gated case below must miss it)
     env = {**offline_hub_env(hub), "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
-    cluster = RehearsalCluster(tempfile.mkdtemp(prefix="rh-", dir="/tmp"), [0, 1, 1], env=env,
-                               groups=["head", "llm", "train"])
+    cluster = AutoscalingCluster(tempfile.mkdtemp(prefix="rh-", dir="/tmp"), NODE_TYPES, env=env)
     cluster.env.pop("HF_TOKEN", None)
     times: dict[str, float] = {}
+    counts = _NodeCounts(cluster)
     try:
         t0 = time.time()
         cluster.start()
         times["cluster start"] = time.time() - t0
-        # ---- preflight against this cluster: each defect caught, in seconds, before any stage
+        counts.start()
+        assert cluster.groups() == {"head": 1, "cpu": 1}  # the GPU-like groups at zero
+        # ---- preflight against this cluster, its LLM group at zero: the node types come from the autoscaler's
+        # config; each defect caught in seconds, before any stage
         cases = {
             "rehearsal": {**over},
             "relative output": {**over, "output_dir": "runs"},
             "unresolvable model": {**over, "train.model": "rehearsal/no-such-encoder"},
-            "tp fits no node": {**over, "annotate.tensor_parallel_size": 4},
+            "tp fits no node type": {**over, "annotate.tensor_parallel_size": 4},
             "tp vs heads": {**over, "annotate.model": "smollm2-135m-instruct"},
             "gated, no token": {**over, "annotate.model": "meta-llama/Llama-2-70b-chat-hf"},
         }
         pf = _driver(cluster, _PREFLIGHT_DRIVER.format(gcs=cluster.gcs, cases=json.dumps(cases),
-                                                       flagship=str(FLAGSHIP)), cluster.workdirs[0])
+                                                       flagship=str(FLAGSHIP)), cluster.workdir)
         fails = {name: {c["check"] for c in r["checks"] if c["status"] == "fail"} for name, r in pf.items()}
-        print("\npreflight against the rehearsal cluster:\n" + _table(pf["rehearsal"]["checks"]))
+        print("\npreflight against the autoscaling cluster (LLM group at 0):\n" + _table(pf["rehearsal"]["checks"]))
         print({name: round(r["seconds"], 1) for name, r in pf.items()})
+        by = {c["check"]: c for c in pf["rehearsal"]["checks"]}
         assert fails["rehearsal"] == set(), pf["rehearsal"]
+        assert "autoscaler's config file on the head" in by["node types"]["detail"], by["node types"]
+        assert by["engine replicas"]["status"] == "ok", by["engine replicas"]  # on a type no live node has
         assert "output_dir shared" in fails["relative output"]
         assert "model train.model loads" in fails["unresolvable model"]
-        assert "engine fits a node" in fails["tp fits no node"]
+        assert "engine fits a node" in fails["tp fits no node type"]
         assert "TP vs attention heads" in fails["tp vs heads"]
         assert "HF_TOKEN for annotate.model" in fails["gated, no token"]
         assert all(r["seconds"] < 120 for r in pf.values()), {k: r["seconds"] for k, r in pf.items()}
-        # ---- the run, as a Ray job; a node joins mid-run, as an autoscaler adds one
-        added: dict = {}
-
-        def add_node_mid_run():
-            # once the engine is at work (annotate outputs appear), as an autoscaler adds a node for pending
-            # demand; early enough that retries of a slow `ray start` still land before the label stage
-            cache = shared / "runs" / "imdb-llama2-70b" / "cache"
-            deadline = time.time() + 2400
-            while time.time() < deadline and not cache.exists():
-                time.sleep(2)
-            if time.time() < deadline:
-                added["index"] = cluster.add_node(1, group="label")
-                added["at"] = time.time()
-
-        adder = threading.Thread(target=add_node_mid_run, daemon=True)
-        adder.start()
+        # ---- the run, as a Ray job; the autoscaler adds the nodes its stages ask for
+        before = {n.node_id for n in cluster.nodes()}
         t0 = time.time()
-        sub = subprocess.run(
+        sub = _make_submit(
             ["make", "-s", "submit", f"ADDRESS={cluster.dashboard}", "STAGE=pipeline",
-             f"CONFIG={tmp_path / 'rehearsal.yaml'}", "RUNTIME_ENV=jobs/runtime_env-cpu.yaml", "WAIT=1",
+             f"CONFIG={tmp_path / 'rehearsal.yaml'}", "RUNTIME_ENV=jobs/runtime_env-cpu.yaml", *NO_UPLOAD, "WAIT=1",
              "ENTRYPOINT_CPUS=0.1", f"JOB_PYTHON={sys.executable}"],
             cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=2400)
         times["job"] = time.time() - t0
-        adder.join(300)
         assert sub.returncode == 0, (sub.stdout[-8000:], sub.stderr[-3000:])
         assert "succeeded" in sub.stdout.lower()
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         jobs = JobSubmissionClient(cluster.dashboard).list_jobs()
         assert [j.status for j in jobs if j.type == "SUBMISSION"] == [JobStatus.SUCCEEDED]
-        assert "index" in added, "no node was added mid-run"
-        from ray.util.state import list_nodes
-
-        nodes = list_nodes(address=cluster.dashboard, raise_on_missing_output=False)
-        assert [n for n in nodes if (n.labels or {}).get("llambert/group") == "label"], nodes
-        # where actors ran, from each node's own worker logs (the state API drops a dead actor's node id)
-        assert _workers_on(cluster, added["index"], "MapBatches(Classifier)"), "no labelling actor on the new node"
-        # the engine ran on a worker node (which one depends on when the new node joined)
-        assert sum(_workers_on(cluster, i, "vLLMEngineStageUDF") for i in range(1, len(cluster.cmds))) >= 1
-        # ---- Serve from the shared output
+        every = cluster.nodes(alive=False)
+        group = {n.node_id: (n.labels or {}).get("llambert/group") for n in every}
+        # the engine's bundles made the autoscaler start an LLM-group node, and the engine ran there
+        llm_nodes = [nid for nid, g in group.items() if g == "llm-4gpu"]
+        assert llm_nodes and all(nid not in before for nid in llm_nodes), group
+        assert sum(cluster.workers_on(nid, "vLLMEngineStageUDF") for nid in llm_nodes) >= 1
+        # the labelling pool grew onto nodes the autoscaler added during the run
+        added = [nid for nid in group if nid not in before and group[nid] != "llm-4gpu"]
+        assert any(cluster.workers_on(nid, "MapBatches(Classifier)") for nid in added), (group, before)
+        # idle nodes are removed: the LLM node, idle since annotation ended, is gone
+        cluster.wait_for(lambda nodes: not any((n.labels or {}).get("llambert/group") == "llm-4gpu" for n in nodes),
+                         120, "the idle LLM node removed")
         run_dir = shared / "runs" / "imdb-llama2-70b"
+        # ---- Serve from the shared output
         texts = ["A wonderful, moving film.", "Dull and far too long." + LONG_TAIL]
         t0 = time.time()
         srv = _driver(cluster, _SERVE_DRIVER.format(gcs=cluster.gcs, model=str(run_dir / "models" / "llm" / "model"),
-                                                    port=_free_port(), texts=texts), cluster.workdirs[0])
+                                                    port=_free_port(), texts=texts), cluster.workdir)
         times["serve deploy + request"] = time.time() - t0
         assert srv["status"] == 200 and len(srv["body"]["predictions"]) == 2, srv
     finally:
+        counts.stop()
         cluster.stop()
     import shutil
 
     shutil.rmtree(cluster.root, ignore_errors=True)  # kept, with the nodes' logs, when the test failed above
+    print("rehearsal node groups over time (s since start: nodes alive per group):\n" + counts.table())
     # ---- outputs: every id once
     manifest = json.loads((run_dir / "manifest.json").read_text())
     times.update({f"stage {k}": round(v.get("seconds", 0), 1) for k, v in manifest["stages"].items()})
@@ -313,10 +306,46 @@ def test_rehearsal_of_the_70b_topology(tmp_path, tmp_path_factory):
     assert manifest["stages"]["annotate"]["device"] == "cpu"
 
 
-def _workers_on(cluster, i: int, needle: str) -> int:
-    """How many worker processes of node i (the head is 0) logged `needle` (an actor's class)."""
-    temp = cluster.temp_dir if i == 0 else Path(f"{cluster.temp_dir}{i}")
-    return sum(needle in f.read_text(errors="replace") for f in temp.glob("session_*/logs/python-core-worker-*.log"))
+def _make_submit(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """`make submit`, submitted again while the dashboard answers that no agent can take the job yet (Ray's job
+    server picks a node's dashboard agent; on a cluster a few seconds old, or whose nodes the autoscaler is just
+    replacing, it may have none ready), as a user would retry."""
+    for _ in range(6):
+        sub = subprocess.run(cmd, **kw)
+        if "No available agent to submit job" not in sub.stdout + sub.stderr:
+            return sub
+        time.sleep(10)
+    return sub
+
+
+class _NodeCounts:
+    """Samples the alive nodes per group every 2 s in a thread: the cluster's size over time."""
+
+    def __init__(self, cluster):
+        import threading
+
+        self.cluster, self.rows, self.t0 = cluster, [], time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self.t0 = time.time()
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(2):
+            try:
+                groups = self.cluster.groups()
+            except Exception:
+                continue
+            if not self.rows or self.rows[-1][1] != groups:
+                self.rows.append((round(time.time() - self.t0), groups))
+
+    def stop(self):
+        self._stop.set()
+
+    def table(self) -> str:
+        return "\n".join(f"  {t:>5} s: {g}" for t, g in self.rows)
 
 
 def _apply(tree: dict, over: dict) -> dict:
