@@ -235,7 +235,13 @@ class AutoscalingCluster:
         self.env.update({"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
                          "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                          **(env or {})})
-        self.cmd = [RAY, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+        # every port of the head its own free one: another Ray on this machine (the suite's local one) holds the
+        # defaults, and a head whose dashboard agent cannot bind 52365 takes no job ("No available agent")
+        nm, om, agent, agent_grpc, metrics, renv, wmin = free_ports(7)
+        ports = [f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}",
+                 f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+                 f"--runtime-env-agent-port={renv}", f"--min-worker-port={wmin}", f"--max-worker-port={wmin + 60}"]
+        self.cmd = [RAY, "start", "--head", f"--port={gcs}", *ports, "--node-ip-address=127.0.0.1", "--num-cpus=0",
                     f"--object-store-memory={object_store_bytes}", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
                     f"--temp-dir={self.temp_dir}", f"--autoscaling-config={self.config_file}",

@@ -1,7 +1,7 @@
 """`llambert preflight`: each defect a cluster run would hit late is caught in seconds, before a stage runs.
 
-The multi-node cases (a relative output folder over nodes with their own working dirs, TP over two CPU bundles on
-one node of a three-node cluster) are in tests/test_rehearsal.py."""
+The multi-node cases (a relative output folder over several nodes; node types read from a real autoscaler's config
+with the LLM group at zero; TP over two CPU bundles on a node type no live node has) are in tests/test_rehearsal.py."""
 
 from __future__ import annotations
 
