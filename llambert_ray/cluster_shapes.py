@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 HEAD_TASK_TIMEOUT_S = 60
-_KEPT = ("CPU", "GPU", "memory")
 
 
 @dataclass
@@ -68,9 +67,7 @@ def node_name(n: dict[str, Any]) -> str:
 def _kept(resources: dict[str, Any]) -> dict[str, float]:
     """The resources a placement asks for: CPU, GPU, memory, accelerator types and custom resources (not Ray's
     per-node `node:` markers or the object store)."""
-    return {k: float(v) for k, v in resources.items()
-            if k in _KEPT or k.startswith("accelerator_type:")
-            or not (k.startswith("node:") or k in ("object_store_memory",))}
+    return {k: float(v) for k, v in resources.items() if not (k.startswith("node:") or k == "object_store_memory")}
 
 
 def live_shapes() -> list[NodeShape]:
