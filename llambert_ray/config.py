@@ -181,6 +181,12 @@ class AnnotateConfig(_Strict):
                                 "CPU (vLLM's CPU default of 128 is longer than a typical few-shot prefix, so "
                                 "nothing would be reused), vLLM's default on GPU")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM as is")
+    local_weights_dir: str | None = Field(
+        None, description="a model in object storage (model: s3://... / gs://...): the folder on each engine node's "
+                          "own disk (its NVMe) it is copied into once per node before vLLM loads it from there; "
+                          "null = the HF cache ($HF_HOME), on the cluster manifests the shared volume, where every "
+                          "engine node then writes the same files (Ray's download lock is per node) and loads them "
+                          "at the volume's throughput (cluster/README.md, Weights)")
     engine_lifetime: Literal["call", "run"] = Field(
         "call", description="run: one engine (a Ray Serve LLM deployment) answers every annotation call of a "
                             "pipeline run (sample, extra rows, test rows, each active round), so the model loads "

@@ -181,6 +181,7 @@ class _Estimator:
     def __init__(self, hardware: dict[str, Any], gpu: str, measured: dict[str, Any] | None):
         self.devices, self.util, self.params = hardware["devices"], hardware["utilization"], hardware["models"]
         self.shapes = hardware.get("llm_shapes") or {}
+        self.storage = hardware.get("weights_storage") or {}
         self.gpu, self.measured, self.plan = gpu, measured or {}, Plan()
 
     def model_params(self, ref: str) -> float:
@@ -209,6 +210,23 @@ class _Estimator:
             return
         status, detail, fix = engine_check(shape, a, mem, self.gpu)
         self.plan.notes.append(f"GPU memory {status.upper()}: {detail}" + (f"; fix: {fix}" if fix else ""))
+        self.weights_load(a, shape)
+
+    def weights_load(self, a, shape) -> None:
+        """A note: how long one engine start reads its weights from each storage of the hardware table's
+        weights_storage, and what the engine's GPUs cost idle meanwhile (vLLM reads every weight before it serves)."""
+        from llambert_ray.gpu_memory import DTYPE_BYTES, GIB
+
+        if not self.storage:
+            return
+        gib = shape.params * DTYPE_BYTES.get(a.dtype if a.dtype != "auto" else "bfloat16", 2) / GIB
+        gpus = a.tensor_parallel_size * a.pipeline_parallel_size
+        usd_per_s = gpus * float(self.devices[self.gpu]["usd_per_hour"]) / 3600
+        each = [f"{name} {gib / float(rate) / 60:.1f} min (${gib / float(rate) * usd_per_s:.2f})"
+                for name, rate in self.storage.items()]
+        self.plan.notes.append(f"weights load: {gib:.0f} GiB per engine start ({a.concurrency} engine(s) a call), "
+                               f"its {gpus} GPUs idle meanwhile: " + "; ".join(each) +
+                               " (cluster/README.md, Weights)")
 
     def measured_stage(self, stage: str) -> dict[str, Any] | None:
         return self.measured.get("stages", {}).get(stage)

@@ -114,11 +114,24 @@ def run_preflight(cfg: RunConfig) -> list[Check]:
     if cfg.test is None and cfg.corpus.label_column:
         checks.append(Check("test split", "evaluate", "warn", "no `test:` split: classifier accuracy will not be "
                             "measured", "add a gold-labelled `test:` section (e.g. the IMDb test split)"))
-    for ref in models.values():
+    for role, ref in models.items():
         if is_remote(ref):
-            checks.append(Check("model mirror", "annotate/train", "ok", f"{ref}: engines download it per node "
-                                f"(Ray Data LLM), encoders copy it once per node into $LLAMBERT_CACHE"))
+            checks.append(_mirror_check(cfg, role, ref))
     return checks
+
+
+def _mirror_check(cfg: RunConfig, role: str, ref: str) -> Check:
+    """Where a model in object storage is copied before it loads: encoders once per node into $LLAMBERT_CACHE; LLM
+    engines into HF_HUB_CACHE, which annotate.local_weights_dir puts on each node's own disk."""
+    if role != "annotate.model":
+        return Check("model mirror", role, "ok", f"{ref}: copied once per node into $LLAMBERT_CACHE")
+    if cfg.annotate.local_weights_dir:
+        return Check("model mirror", role, "ok", f"{ref}: copied once per engine node into "
+                     f"{cfg.annotate.local_weights_dir} (annotate.local_weights_dir), loaded from there")
+    return Check("model mirror", role, "warn", f"{ref}: every engine node copies it into the HF cache ($HF_HOME; on "
+                 f"the cluster manifests the shared volume, the same folder for every node: Ray's download lock is "
+                 f"per node) and loads it from there at the volume's throughput",
+                 "annotate.local_weights_dir: a folder on each engine node's own disk (cluster/README.md, Weights)")
 
 
 def _resolve_models(cfg: RunConfig, checks: list[Check]) -> dict[str, str]:

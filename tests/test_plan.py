@@ -81,6 +81,15 @@ def test_plan_says_whether_the_engine_fits_its_gpus(corpus):
     long = AnnotateConfig(model="m", device="gpu", tensor_parallel_size=4, max_model_len=65536, batch_size=64)
     status, detail, _ = engine_check(shape, long, 80, "a100-80gb")
     assert status == "warn" and "7 sequences at once" in detail, detail
+    # the weights every engine start reads before it serves: 128.5 GiB at EFS bursting's 100 MiB/s is ~22 minutes
+    # of 4 idle A100s ($2.00 an hour each), at elastic's 1,500 MiB/s per client 1.5 minutes
+    (note,) = [n for n in flagship.notes if n.startswith("weights load")]
+    assert "128 GiB per engine start" in note and "its 4 GPUs idle" in note, note
+    assert "efs-bursting 21.8 min ($2.91)" in note and "efs-elastic 1.5 min" in note, note
+    slow = {**hw, "weights_storage": {"nfs": 0.05}}
+    (note,) = [n for n in plan_run(_cfg(corpus, **llama70, **{"annotate.tensor_parallel_size": 4}), task,
+                                   hardware=slow).notes if n.startswith("weights load")]
+    assert "nfs 42.8 min" in note and "efs" not in note, note
 
 
 def test_plan_errors_name_the_fix(corpus, tmp_path):

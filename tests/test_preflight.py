@@ -171,3 +171,19 @@ def test_cli_preflight_exits_2_with_the_table(ray_local, corpus, tmp_path):
     r = CliRunner().invoke(app, ["preflight", "-c", str(tmp_path / "bad.yaml")])
     assert r.exit_code == 2, r.output
     assert "| TP vs attention heads | annotate | FAIL |" in r.output and "preflight failed" in r.output
+
+
+def test_an_llm_in_a_bucket_warns_until_it_has_a_node_local_folder():
+    """annotate.model: s3://...: without annotate.local_weights_dir every engine node copies it into the HF cache,
+    the shared volume on a cluster (warn, naming the fix); with it, each node's own disk (ok); encoders copy into
+    $LLAMBERT_CACHE either way."""
+    from llambert_ray.config import RunConfig
+    from llambert_ray.preflight import _mirror_check
+
+    bucket = "s3://models-bucket/llama-2-70b-chat"
+    shared = _mirror_check(RunConfig.model_validate({"annotate": {"model": bucket}}), "annotate.model", bucket)
+    assert shared.status == "warn" and "shared volume" in shared.detail and "local_weights_dir" in shared.fix
+    local = RunConfig.model_validate({"annotate": {"model": bucket, "local_weights_dir": "/mnt/nvme/weights"}})
+    ok = _mirror_check(local, "annotate.model", bucket)
+    assert ok.status == "ok" and "/mnt/nvme/weights" in ok.detail, ok
+    assert _mirror_check(local, "train.model", "s3://b/roberta").status == "ok"

@@ -62,6 +62,54 @@ def test_a_published_output_is_replaced_whole_and_a_failed_write_never_read(s3_e
     assert "hunter2" not in str(e.value)
 
 
+_DOWNLOAD = """
+import sys
+from ray.llm._internal.common.utils.download_utils import NodeModelDownloadable, download_model_files
+print(download_model_files(model_id=sys.argv[1], mirror_config=None,
+                           download_model=NodeModelDownloadable.MODEL_AND_TOKENIZER, download_extra_files=False))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_an_engine_node_copies_a_bucket_model_onto_its_own_disk(s3_endpoint, tmp_path):
+    """annotate.local_weights_dir: with the env engine_setup gives an engine actor, Ray's downloader (what vLLM's
+    stage runs in each engine actor before vLLM loads) copies an s3:// model into that node-local folder, every
+    byte; without it the copy lands in the HF cache ($HF_HOME, a cluster's shared volume), which preflight warns of."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llambert_ray.annotate.engines import engine_setup
+    from llambert_ray.config import AnnotateConfig
+
+    fs = _bucket(s3_endpoint)
+    weights = os.urandom(3 << 20)
+    files = {"config.json": b'{"model_type": "llama"}', "tokenizer.json": b"{}", "model.safetensors": weights}
+    for name, data in files.items():
+        with fs.open_output_stream(f"labels-bucket/models/tiny/{name}") as f:
+            f.write(data)
+    port = s3_endpoint.split("endpoint_override=127.0.0.1:")[1].split("&")[0]
+    model = "s3://labels-bucket/models/tiny"
+
+    def copy(local_weights_dir, home):
+        _, env, _ = engine_setup(AnnotateConfig(model=model, local_weights_dir=local_weights_dir), "gpu")
+        run_env = {**os.environ, "HOME": str(home), "HF_HOME": str(tmp_path / "shared-volume" / "hf"),
+                   "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", **env}
+        out = subprocess.run([sys.executable, "-c", _DOWNLOAD, model], env=run_env, capture_output=True, text=True,
+                             timeout=150)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip().splitlines()[-1]
+
+    local = tmp_path / "node-nvme"
+    path = copy(str(local), tmp_path / "home-a")
+    assert path.startswith(str(local)), path
+    assert {p.name: p.read_bytes() for p in Path(path).iterdir()} == files
+    assert not (tmp_path / "shared-volume").exists()
+    default = copy(None, tmp_path / "home-b")
+    assert default.startswith(str(tmp_path / "shared-volume" / "hf")), default
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_label_writes_to_a_bucket_and_its_output_reads_back_as_a_corpus(ray_local, s3_endpoint, tweets_frame,

@@ -11,6 +11,7 @@ import pandas as pd
 from llambert_ray.annotate.columns import PROMPT_KEY
 from llambert_ray.annotate.prompts import PromptPlan, row_examples
 from llambert_ray.config import AnnotateConfig
+from llambert_ray.models import is_remote
 from llambert_ray.progress import Progress
 from llambert_ray.ray_env import LIGHT, cpu_bind_ranges, from_frames, resolve_device, worker_env
 
@@ -102,6 +103,10 @@ def engine_setup(cfg: AnnotateConfig, device: str) -> tuple[dict[str, Any], dict
         "pipeline_parallel_size": cfg.pipeline_parallel_size,
     }
     env = worker_env()
+    if cfg.local_weights_dir and is_remote(cfg.model):
+        # Ray Data LLM / Serve LLM copy an object-storage model into HF_HUB_CACHE under a lock in the node's home:
+        # there, on each node's own disk, not the shared volume every engine node would write at once
+        env["HF_HUB_CACHE"] = cfg.local_weights_dir
     if not on_gpu:
         # CUDA graphs and torch.compile do not apply on CPU; eager avoids a long compile per actor.
         engine_kwargs["enforce_eager"] = True
