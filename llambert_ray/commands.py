@@ -17,7 +17,8 @@ from llambert_ray.annotate.prompts import make_plan
 from llambert_ray.annotate.stage import AnnotationSummary, annotate
 from llambert_ray.config import CorpusConfig, RunConfig, SqlConfig
 from llambert_ray.data import check_corpus_path, read_corpus, sample_corpus
-from llambert_ray.label import LabelError, LabelSummary, check_sink, label, model_labels
+from llambert_ray.label import LabelError, check_sink, label, model_labels
+from llambert_ray.label_counts import LabelSummary
 from llambert_ray.models import resolve_model
 from llambert_ray.storage import is_uri, write_parquet
 from llambert_ray.tasks import load_task

@@ -141,7 +141,7 @@ def test_an_in_memory_split_gives_every_labelling_actor_work(tweets_frame):
 def test_an_output_without_gold_labels_is_counted():
     """A corpus with no gold labels writes no gold column: the summary counts it all the same (found by the
     rehearsal's backlog, which has none)."""
-    from llambert_ray.label import OutputCounts
+    from llambert_ray.label_counts import OutputCounts
 
     c = OutputCounts()
     c.add(pd.DataFrame({"label": ["positive", "negative", None], "error": [None, None, "too long"]}))
