@@ -61,3 +61,44 @@ def throughput(rows: int, seconds: float, devices: float, device: str = "cpu",
             "device": device, "devices": float(devices), "device_seconds_per_1k": per_1k,
             "usd_per_1k": per_1k * usd_per_device_hour / 3600 if per_1k is not None and usd_per_device_hour
             else None}
+
+
+# When an LLM's labels are not worth training an encoder on (issue: a 6-class student collapsed to one class).
+WEAK_MACRO_F1 = 0.5  # the LLM's macro F1 on annotated rows with gold below this
+DOMINANT_SHARE = 0.9  # one label's share of the labelled rows above this
+GUESSING_MARGIN = 0.1  # mean confidence within this of 1 / (number of labels): the model is guessing
+MIN_GOLD = 20  # gold rows among the annotated ones needed to judge by gold
+TRY = ("try gold-knn shots (annotate.shots_from: gold-knn), calibration (annotate.calibration: gold or prior), a "
+       "larger model, or another labeller before training on these labels")
+
+
+def llm_label_warnings(ann: pd.DataFrame, labels: list[str]) -> list[str]:
+    """Plain-words warnings that an LLM's labels (columns llm_label, llm_confidence?, label? = gold) are not worth
+    training on: by gold where the annotated rows have MIN_GOLD or more (macro F1, the most frequent confusion),
+    otherwise by the labels themselves (one label above DOMINANT_SHARE; a mean confidence that says the model
+    guesses). Empty when nothing looks wrong."""
+    out: list[str] = []
+    labelled = ann[ann["llm_label"].isin(labels)] if "llm_label" in ann else ann.iloc[:0]
+    if len(labelled) == 0:
+        return [f"the LLM labelled none of {len(ann)} rows; " + TRY] if len(ann) else []
+    gold = labelled[labelled["label"].isin(labels)] if "label" in labelled else labelled.iloc[:0]
+    if len(gold) >= MIN_GOLD:
+        m = classification_metrics(gold["label"], gold["llm_label"], labels)
+        if m["macro_f1"] < WEAK_MACRO_F1:
+            conf = np.asarray(m["confusion"])
+            np.fill_diagonal(conf, 0)
+            i, j = np.unravel_index(conf.argmax(), conf.shape)
+            out.append(f"the LLM's labels agree poorly with gold on {len(gold)} annotated rows: macro F1 "
+                       f"{m['macro_f1']:.1%}, accuracy {m['accuracy']:.1%} (most frequent confusion: gold "
+                       f"{labels[i]!r} labelled {labels[j]!r}, {conf[i, j]} rows)")
+        return [w + "; " + TRY for w in out]  # gold says how good they are; the checks below stand in for it
+    share = labelled["llm_label"].value_counts(normalize=True)
+    if len(labels) > 1 and share.iloc[0] > DOMINANT_SHARE:
+        out.append(f"the LLM gave {share.index[0]!r} to {share.iloc[0]:.1%} of {len(labelled)} labelled rows: an "
+                   f"encoder trained on them learns little but that label")
+    if "llm_confidence" in labelled and labelled["llm_confidence"].notna().any():
+        mean = float(labelled["llm_confidence"].mean())
+        if mean < 1 / len(labels) + GUESSING_MARGIN:
+            out.append(f"the LLM's mean confidence is {mean:.2f} over {len(labels)} labels (chance "
+                       f"{1 / len(labels):.2f}): it is guessing")
+    return [w + "; " + TRY for w in out]

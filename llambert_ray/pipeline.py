@@ -428,6 +428,7 @@ def _finish(run: Run) -> dict[str, Any]:
 def _quality_metrics(run: Run) -> dict[str, Any]:
     """The run's quality metrics (evaluate.quality_metrics) from its annotations and test predictions."""
     from llambert_ray.evaluate import quality_metrics
+    from llambert_ray.metrics import llm_label_warnings
     from llambert_ray.storage import read_parquet_frame
 
     cfg, ann = run.cfg, run.annotations
@@ -436,6 +437,7 @@ def _quality_metrics(run: Run) -> dict[str, Any]:
     preds = read_parquet_frame(run.path(TEST_PREDICTIONS)) if run.test_df is not None else None
     return {"task": run.task.name, "llm_model": cfg.annotate.model, "encoder": cfg.train.model,
             "corpus_rows": run.corpus_rows, "annotated_rows": len(ann),
+            "llm_warnings": llm_label_warnings(ann, run.task.labels),
             **quality_metrics(ann, run.task.labels, cfg.train.variants, test_ann, preds)}
 
 

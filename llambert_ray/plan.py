@@ -272,8 +272,10 @@ class _Estimator:
             self.plan.notes.append(f"{a.model}: tokenizer not available offline, tokens estimated at "
                                    f"{CHARS_PER_TOKEN:g} characters per token")
         ann_rows, extra_rows = planned_rows(cfg.corpus, n), 0
-        # calibration gold: the gold rows go to the LLM too, once (the run's later calls find them cached)
-        jobs = [("annotate", ann_rows + (min(a.gold_rows, n) if a.calibration == "gold" else 0))]
+        # calibration gold: the gold rows go to the LLM too, once (the run's later calls find them cached); with
+        # evaluate.llm_test_sample that many test rows ride in the same call
+        jobs = [("annotate", ann_rows + (min(a.gold_rows, n) if a.calibration == "gold" else 0)
+                 + self.llm_test_rows(cfg))]
         if cfg.extra is not None:
             en, _ = corpus_stats(cfg.extra, rows=rows)
             extra_rows = planned_rows(cfg.extra, en)
@@ -290,6 +292,19 @@ class _Estimator:
                 tps, basis = (tokens / secs if secs else 0.0), basis_p + f"; {out_tokens} output tok/row at decode"
             self.add(stage, nrows, tokens, dev, ndev, tps, basis)
         return ann_rows, extra_rows, per_prompt, style, shots
+
+    def llm_test_rows(self, cfg: RunConfig) -> int:
+        """Test rows the LLM labels too (evaluate.llm_test_sample, at most the test split's planned rows)."""
+        want = cfg.evaluate.llm_test_sample
+        if not want or cfg.test is None:
+            return 0
+        try:
+            tn, _ = corpus_stats(cfg.test)
+        except ConfigError:
+            self.plan.notes.append(f"annotate: {want} test rows (evaluate.llm_test_sample) counted; the test split "
+                                   f"was not read")
+            return want
+        return min(want, planned_rows(cfg.test, tn))
 
     def train(self, t, enc_tok: TokenCounter, texts: list[str], ann_rows: int, extra_rows: int) -> float:
         """train[variant]: encoder tokens per row, every variant, every epoch. Returns tokens per row."""

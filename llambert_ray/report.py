@@ -53,6 +53,7 @@ def _num(x: float | None, fmt: str) -> str:
 
 
 LLM_KEY = "__llm__"  # the LLM's row among the variants (a variant is also called "llm")
+LLM_KEY_WORDS = "rows named `LLM <model>` are the LLM's own labels, `<encoder> [llm]` the encoder trained on them"
 
 
 def story_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -90,12 +91,16 @@ def story_table(metrics: dict[str, Any]) -> str:
     n_same = next((r["n_same"] for r in rows if r["key"] == LLM_KEY and r["n_same"]), None)
     n_all = next((r["n_all"] for r in rows if r["n_all"]), None)
     unit = "core" if all(r["device"] == "cpu" for r in rows) else "device"
-    lines = [f"| labeller | trained on | accuracy, the LLM's {n_same or '–'} test rows | accuracy, all "
-             f"{n_all or '–'} test rows | rows/s | {unit}-seconds per 1,000 rows | USD per 1,000 rows |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    # the LLM's own test rows are a column only where the LLM labelled some (evaluate.llm_test_sample)
+    same = f" accuracy, the LLM's {n_same} test rows |" if n_same else ""
+    lines = [f"| labeller | trained on |{same} accuracy, all {n_all or '–'} test rows | rows/s | "
+             f"{unit}-seconds per 1,000 rows | USD per 1,000 rows |", "|---|---|" + "---:|" * (5 + bool(same))]
     for r in rows:
-        lines.append(f"| {r['labeller']} | {r['trained_on']} | {_pct(r['same_rows'])} | {_pct(r['all_test'])} | "
+        on_same = f" {_pct(r['same_rows'])} |" if same else ""
+        lines.append(f"| {r['labeller']} | {r['trained_on']} |{on_same} {_pct(r['all_test'])} | "
                      f"{_num(r['rows_per_s'], '.1f')} | {_num(r['cost_1k'], '.1f')} | {_num(r['usd_1k'], '.6f')} |")
+    if not same:
+        lines.append(f"\n(the LLM's accuracy on test rows: set evaluate.llm_test_sample; {LLM_KEY_WORDS})")
     return "\n".join(lines)
 
 
@@ -317,7 +322,10 @@ def label_issue_section(summary: dict[str, Any], issues: pd.DataFrame, top: int 
           f"all in `label_issues.parquet`, most doubtful first)."]
     if summary.get("flag_precision") is not None:
         md.append(f"Against gold: {_pct(summary['flag_precision'])} of the flagged labels are wrong, vs "
-                  f"{_pct(summary['llm_error_rate'])} of all LLM labels.")
+                  f"{_pct(summary['llm_error_rate'])} of all LLM labels"
+                  + (": **no better than chance** — here a flag is not evidence of an LLM error; do not drop or "
+                     "relabel on these flags (train.label_issues: keep)." if summary.get("flags_informative") is False
+                     else "."))
     md.append("")
     if len(issues):
         gold = "label" in issues
@@ -353,6 +361,9 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], manifest: dict[st
         md += ["## LLM labels", "",
                f"{llm.get('rows', 0)} annotated rows with gold labels; accuracy {_pct(llm.get('accuracy'))}, "
                f"dropped (unparseable) {_pct(llm.get('dropped'))}.", ""]
+    if metrics.get("llm_warnings"):  # metrics.llm_label_warnings: read before trusting the encoders below
+        md += ["**Are these labels worth training on?** Not as they are:", ""]
+        md += [f"- {w}" for w in metrics["llm_warnings"]] + [""]
     md += _per_class_section(metrics) + ["", "## Cost", "", cost_table(manifest), ""]
     if metrics.get("labels_summary"):
         s = metrics["labels_summary"]
@@ -429,7 +440,10 @@ def _comparison_section(metrics: dict[str, Any], images: list[tuple[str, str]]) 
 def _per_class_section(metrics: dict[str, Any]) -> list[str]:
     md = ["## Per-class metrics", "", "| labeller | class | precision | recall | F1 | support |",
           "|---|---|---:|---:|---:|---:|"]
-    for name, m in [("LLM", metrics.get("llm") or {})] + list(metrics.get("variants", {}).items()):
+    encoder = metrics.get("encoder", "encoder")
+    named = [(f"LLM {metrics.get('llm_model', '')}".strip(), metrics.get("llm") or {})]
+    named += [(f"{encoder} [{v}]", m) for v, m in (metrics.get("variants") or {}).items()]
+    for name, m in named:
         for lab, c in (m.get("per_class") or {}).items():
             md.append(f"| {name} | {lab} | {_pct(c['precision'])} | {_pct(c['recall'])} | "
                       f"{_pct(c['f1'])} | {c['support']} |")

@@ -110,7 +110,9 @@ def screen_for_training(annotations: pd.DataFrame, labels: list[str], cfg: Train
     s = label_issue_summary(issues, ok)
     log(f"  label issues (cross-validated probe + cleanlab): {s['flagged']} of {s['annotated']} LLM labels flagged"
         + (f", {s['flag_precision']:.1%} of them wrong vs gold (LLM error rate {s['llm_error_rate']:.1%})"
-           if s.get("flag_precision") is not None else "") + f"; train.label_issues: {cfg.label_issues}")
+           if s.get("flag_precision") is not None else "") + f"; train.label_issues: {cfg.label_issues}"
+        + ("; the flags are no better than chance here: consider train.label_issues: keep"
+           if s.get("flags_informative") is False else ""))
     return screen_llm_labels(annotations, issues, cfg.label_issues)
 
 
@@ -124,4 +126,11 @@ def label_issue_summary(issues: pd.DataFrame, annotations: pd.DataFrame) -> dict
         out["llm_error_rate"] = float((gold["llm_label"] != gold["label"]).mean())
         g = issues[issues["label"].notna()]
         out["flag_precision"] = float((g["llm_label"] != g["label"]).mean()) if len(g) else None
+        if out["flag_precision"] is not None:
+            # a flag is evidence of an LLM error only where flagged labels are wrong clearly more often than any
+            # LLM label is (the chance rate)
+            out["flags_informative"] = out["flag_precision"] >= out["llm_error_rate"] + INFORMATIVE_POINTS / 100
     return out
+
+
+INFORMATIVE_POINTS = 10  # flagged labels wrong at least this many points more often than all LLM labels

@@ -518,11 +518,31 @@ def test_gold_calibration_undoes_a_label_bias_fitted_on_few_gold_rows():
     assert after > before + 0.15, (before, after)
     assert offsets["a"] > offsets["b"] > offsets["c"]
     assert report["held_out"] == 50 and report["after"]["accuracy"] > report["before"]["accuracy"]
+    assert report["applied"] is True
     # with a temperature: the same labels up to the fit's noise, and the offsets re-apply to other rows
     out_t, off_t, _ = apply_gold_calibration(rows.copy(), gold, labels, temperature=True)
     assert off_t["temperature"] > 0
     assert (apply_offsets(rows.copy(), labels, off_t)["llm_label"] == out_t["llm_label"]).all()
     assert classification_metrics(out_t["label"], out_t["llm_label"], labels)["accuracy"] > before + 0.15
+
+
+def test_gold_calibration_that_makes_held_out_gold_worse_is_not_applied():
+    """Offsets fitted on gold rows whose bias the held-out rows do not share (+2 for `a` on the fitted half, none on
+    the held-out half) make the held-out rows worse: the labels stay the LLM's, and the report says so."""
+    from llambert_ray.annotate import apply_gold_calibration
+
+    rng = np.random.default_rng(1)
+    n, holdout, seed = 60, 0.5, 0
+    held = set(np.random.default_rng(seed).permutation(n)[:int(n * holdout)])
+    biased, labels = _skewed_scores(n, rng, [2.0, 0.0, -0.5])
+    fair, _ = _skewed_scores(n, rng, [0.0, 0.0, 0.0])
+    gold = pd.concat([fair.iloc[[i]] if i in held else biased.iloc[[i]] for i in range(n)]).reset_index(drop=True)
+    gold["id"] = [f"g{i:04d}" for i in range(n)]  # the order calibration sorts by: row i stays row i
+    rows, _ = _skewed_scores(300, rng, [0.0, 0.0, 0.0])
+    out, offsets, report = apply_gold_calibration(rows.copy(), gold, labels, holdout=holdout, seed=seed)
+    assert report["after"]["macro_f1"] < report["before"]["macro_f1"], report
+    assert report["applied"] is False and offsets is None
+    assert (out["llm_label"] == rows["llm_label"]).all()
 
 
 def test_gold_calibration_needs_score_mode_and_gold_rows():

@@ -43,6 +43,16 @@ def test_label_issues_flag_contradicted_llm_labels_first():
     s = label_issue_summary(issues, ann)
     assert s["annotated"] == 5 and s["flagged"] == 2 and s["flag_precision"] == 1.0
     assert s["llm_error_rate"] == pytest.approx(2 / 5)
+    assert s["flags_informative"] is True  # flagged labels all wrong vs 40 % of all
+    # flags that point at wrong labels no more often than any label is wrong: not evidence, and the report says so
+    from llambert_ray.report import label_issue_section
+
+    chance = label_issue_summary(issues[issues["id"] == "b"].assign(label="pos"), ann.assign(
+        label=["pos", "pos", "neg", "neg", "neg", "neg"]))
+    assert chance["flag_precision"] == 0.0 and chance["llm_error_rate"] == pytest.approx(1 / 5)
+    assert chance["flags_informative"] is False
+    assert "no better than chance" in " ".join(label_issue_section(chance, issues.iloc[:0]))
+    assert "no better than chance" not in " ".join(label_issue_section(s, issues.iloc[:0]))
 
 
 def test_failed_rows_are_left_out_and_counted():
@@ -85,3 +95,33 @@ def test_cv_label_issues_flag_planted_flips_far_above_the_random_rate():
     fixed = screen_llm_labels(ann, issues, "relabel")
     assert (fixed["llm_label"] == fixed["label"]).mean() > (ann["llm_label"] == ann["label"]).mean()
     assert screen_llm_labels(ann, issues, "keep") is ann
+
+
+def test_llm_label_warnings_fire_on_labels_not_worth_training_on_and_not_on_good_ones():
+    """metrics.llm_label_warnings: silent on a good label set; by gold, a weak 6-class labeller (the collapse seen
+    in the issue: most rows one class); without gold, one label on > 90 % of rows, or confidences of a guesser."""
+    from llambert_ray.metrics import llm_label_warnings
+
+    rng = np.random.default_rng(0)
+    two = ["positive", "negative"]
+    gold = rng.choice(two, 200)
+    right = rng.random(200) < 0.85
+    good = pd.DataFrame({"label": gold, "llm_label": np.where(right, gold, np.where(gold == "positive", "negative",
+                                                                                  "positive")),
+                         "llm_confidence": rng.uniform(0.6, 1.0, 200)})
+    assert llm_label_warnings(good, two) == []
+    # gold that says the labels are good outranks what the labels alone suggest (a skewed corpus, low confidences)
+    assert llm_label_warnings(good.assign(llm_confidence=0.52), two) == []
+    six = ["abbr", "desc", "entity", "human", "loc", "num"]
+    g6 = rng.choice(six, 300)
+    weak = pd.DataFrame({"label": g6, "llm_label": np.where(rng.random(300) < 0.7, "desc", g6),
+                         "llm_confidence": 0.6})
+    (w,) = [x for x in llm_label_warnings(weak, six) if "agree poorly" in x]
+    assert "macro F1" in w and "labelled 'desc'" in w and "gold-knn" in w, w
+    no_gold = good.drop(columns="label").assign(llm_label=np.where(rng.random(200) < 0.95, "positive", "negative"))
+    (w,) = llm_label_warnings(no_gold, two)
+    assert "gave 'positive' to 9" in w and "learns little" in w, w
+    guessing = good.drop(columns="label").assign(llm_confidence=rng.uniform(0.5, 0.56, 200))
+    (w,) = llm_label_warnings(guessing, two)
+    assert "it is guessing" in w
+    assert llm_label_warnings(good.assign(llm_label=None), two)[0].startswith("the LLM labelled none of 200")

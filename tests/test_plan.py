@@ -44,6 +44,10 @@ def test_plan_counts_rows_and_tokens_with_the_real_tokenizers(corpus):
         assert s.device_hours > 0 and s.cost_usd == pytest.approx(s.device_hours * price)
         assert s.wall_hours == pytest.approx(s.device_hours / s.devices)
     assert est.totals["cost_usd"] == pytest.approx(sum(s.cost_usd for s in est.stages))
+    # evaluate.llm_test_sample: those test rows go to the LLM in the same call (at most the 50 test rows there are)
+    for want, sent in ((30, 90), (500, 110)):
+        est = plan_run(_cfg(corpus, **{"evaluate.llm_test_sample": want}), load_task("imdb-sentiment"), hardware=hw)
+        assert {s.stage: s for s in est.stages}["annotate"].rows == sent
 
 
 def test_plan_uses_gpu_rows_and_measured_rates(corpus, tmp_path):

@@ -39,6 +39,12 @@ def test_story_rows_and_table():
     assert "accuracy, the LLM's 400 test rows" in table and "all 1000 test rows" in table
     assert "| LLM smollm2-135m-instruct | – | 85.00 % | – | 6.0 | 333.3 |" in table
     assert "| minilm-l6 [llm] | LLM labels | 83.50 % | 82.00 % | 200.0 | 10.0 |" in table
+    # without the LLM's own test rows that column goes (no "the LLM's – test rows" header); the note says how
+    m = _metrics()
+    del m["llm_test"], m["variants_on_llm_test"]
+    table = story_table(m)
+    assert "LLM's" not in table.splitlines()[0] and "| minilm-l6 [llm] | LLM labels | 82.00 % | 200.0 |" in table
+    assert "evaluate.llm_test_sample" in table
 
 
 def test_story_in_plain_words():
@@ -72,6 +78,13 @@ def test_report_has_the_comparison_and_the_cost_plot(tmp_path):
     png = tmp_path / "plots" / "cost_accuracy.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
     assert "<h2>The comparison</h2>" in (tmp_path / "report.html").read_text()
+    # per-class rows are named as in the comparison: the LLM by its model, each encoder variant by its encoder
+    assert "| LLM smollm2-135m-instruct | positive |" in md and "| minilm-l6 [llm] | positive |" in md
+    assert "| llm | positive |" not in md
+    assert "worth training on" not in md  # no warnings in these metrics
+    warned = {**_metrics(), "llm_warnings": ["the LLM gave 'positive' to 97.0% of 800 labelled rows"]}
+    md = write_report(tmp_path, warned, {"name": "t", "stages": {}}, ann).read_text()
+    assert "**Are these labels worth training on?**" in md and "- the LLM gave 'positive' to 97.0%" in md
 
 
 def test_a_gpu_runs_stages_are_priced_at_their_gpus_price():

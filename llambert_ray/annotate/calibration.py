@@ -101,7 +101,8 @@ def apply_gold_calibration(df: pd.DataFrame, gold_scored: pd.DataFrame, labels: 
     """Fit gold calibration (fit_gold_offsets) on the LLM's scores of gold rows (columns llm_raw, llm_label,
     label) and relabel `df` with it. Returns (frame, offsets per label (+ "temperature"), report): the report
     scores the LLM labels before and after on the held-out share of the gold rows, with offsets fitted on the
-    rest; the offsets applied are fitted on all gold rows."""
+    rest; the offsets applied are fitted on all gold rows. Where calibration made the held-out rows' macro F1 worse,
+    it is not applied (`df` as it was, offsets None, report["applied"] False)."""
     ok = gold_scored[gold_scored["label"].isin(labels) & gold_scored["llm_label"].isin(labels)]
     ok = ok.sort_values("id", kind="stable").reset_index(drop=True)
     if ok["label"].nunique() < 2:
@@ -117,7 +118,12 @@ def apply_gold_calibration(df: pd.DataFrame, gold_scored: pd.DataFrame, labels: 
     after = classification_metrics(held["label"], relabel(held.copy(), labels, b, t)["llm_label"], labels)
     report = {"gold_rows": len(ok), "held_out": len(held),
               "before": {"accuracy": before["accuracy"], "macro_f1": before["macro_f1"]},
-              "after": {"accuracy": after["accuracy"], "macro_f1": after["macro_f1"]}}
+              "after": {"accuracy": after["accuracy"], "macro_f1": after["macro_f1"]},
+              "applied": after["macro_f1"] >= before["macro_f1"]}
+    if not report["applied"]:  # measured worse on gold it was not fitted on: the labels stay the LLM's own
+        log.warning("calibration gold: macro F1 on %d held-out gold rows %.2f%% -> %.2f%%; not applied", len(held),
+                    100 * before["macro_f1"], 100 * after["macro_f1"])
+        return df, None, report
     b, t = fit_gold_offsets(scores, y, len(labels), temperature=temperature)
     offsets = {lab: float(o) for lab, o in zip(labels, b, strict=True)}
     if temperature:

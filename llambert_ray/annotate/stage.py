@@ -4,7 +4,7 @@ cache and calibration, and sums up what it did."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from llambert_ray.annotate.columns import OUTPUT_COLUMNS, SHOTS_COLUMN, Annotati
 from llambert_ray.annotate.engines import AnnotationEngine, VLLMEngine
 from llambert_ray.annotate.prompts import PromptPlan, make_plan
 from llambert_ray.config import AnnotateConfig
+from llambert_ray.metrics import llm_label_warnings
 from llambert_ray.models import resolve_model
 from llambert_ray.progress import Progress
 from llambert_ray.ray_env import from_frames
@@ -51,6 +52,8 @@ class AnnotationSummary:
     attempts: int = 1  # engine runs (> 1: a run failed, the rows it left were sent again; 0: all were cached)
     resent: int = 0  # rows sent to the engine again after a failed run
     calibration_report: dict[str, Any] | None = None  # calibration gold: before / after on held-out gold rows
+    shots_from: str = "fixed"  # where each row's examples came from: fixed (the task's) or gold-knn (nearest gold)
+    warnings: list[str] = field(default_factory=list)  # why these labels may not be worth training on (metrics)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,13 +61,13 @@ class AnnotationSummary:
     def lines(self) -> list[str]:
         acc = f", accuracy vs gold {self.accuracy:.2%}" if self.accuracy is not None else ""
         return [f"annotated {self.rows_in} rows with {self.model} ({self.mode} mode, {self.style} prompt, "
-                f"{self.shots} shots) in {self.seconds:.1f}s",
+                f"{self.shots} shots{f' ({self.shots_from})' if self.shots else ''}) in {self.seconds:.1f}s",
                 f"  labelled {self.labelled}, dropped {self.dropped} (unparseable), failed {self.failed}{acc}"
                 + (f"; {self.cached} reused from the cache" if self.cached else "")
                 + (f"; {self.attempts} attempts ({self.resent} rows sent again after a failed run)"
                    if self.attempts > 1 else ""),
                 f"  {self.rows_per_s:.2f} rows/s, {self.prompt_tokens_per_s:.0f} prompt tokens/s; "
-                f"labels {self.label_counts}"] + self._calibration_lines()
+                f"labels {self.label_counts}"] + self._calibration_lines() + [f"  WARNING: {w}" for w in self.warnings]
 
     def _calibration_lines(self) -> list[str]:
         r = self.calibration_report
@@ -72,7 +75,9 @@ class AnnotationSummary:
             return []
         b, a = r["before"], r["after"]
         return [f"  gold calibration, on {r['held_out']} held-out gold rows: accuracy {b['accuracy']:.2%} -> "
-                f"{a['accuracy']:.2%}, macro F1 {b['macro_f1']:.2%} -> {a['macro_f1']:.2%}"]
+                f"{a['accuracy']:.2%}, macro F1 {b['macro_f1']:.2%} -> {a['macro_f1']:.2%}"
+                + ("" if r.get("applied", True) else "; not applied (worse on gold it was not fitted on): the "
+                   "labels are the LLM's own; fix: more gold rows (annotate.gold_rows) or calibration: none")]
 
 
 def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | None = None,
@@ -126,7 +131,7 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
     elif cfg.calibration == "prior" and plan.mode == "score":
         df, offsets = apply_prior_calibration(df, task.labels, cfg.label_prior)
     summary = _summary(df, plan, cfg.model, seconds, offsets=offsets, cached=cached, attempts=runs, resent=resent,
-                       calibration_report=report)
+                       calibration_report=report, shots_from=cfg.shots_from if plan.shots else "fixed")
     return df.sort_values("id", kind="stable").reset_index(drop=True), summary
 
 
@@ -145,7 +150,7 @@ def _summary(df: pd.DataFrame, plan: PromptPlan, model: str, seconds: float, **d
         prompt_tokens_per_s=tokens / seconds if seconds else 0.0, mode=plan.mode, style=plan.style,
         shots=plan.shots, model=model,
         label_counts={str(k): int(v) for k, v in df["llm_label"].value_counts().items()}, accuracy=acc,
-        calibration=done.pop("offsets"), **done)
+        calibration=done.pop("offsets"), warnings=llm_label_warnings(df, plan.task.labels), **done)
 
 
 def _content_free_rows(ds):
