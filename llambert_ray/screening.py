@@ -93,6 +93,11 @@ def screen_llm_labels(annotations: pd.DataFrame, issues: pd.DataFrame, action: s
     out["llm_label"] = out["llm_label"].astype(object)
     out.loc[flagged, "llm_label"] = (None if action == "drop" else
                                      out.loc[flagged, "id"].map(issues.set_index("id")["classifier_label"]))
+    if action == "relabel":  # the LLM's scores are not the new label's: soft targets make these rows one-hot
+        for col in ("llm_confidence", "llm_raw"):
+            if col in out:
+                out[col] = out[col].astype(object)
+                out.loc[flagged, col] = None
     return out
 
 

@@ -29,6 +29,7 @@ from llambert_ray.data import read_corpus
 from llambert_ray.models import cache_dir, local_model_dir, resolve_model
 from llambert_ray.progress import Progress
 from llambert_ray.ray_env import from_frames, torch_threads, worker_env
+from llambert_ray.targets import class_weights, soft_targets, train_loss
 
 VARIANTS = ("gold", "llm", "llm+extra", "combined")
 FINAL_MARKER = "llambert_model.json"
@@ -67,7 +68,9 @@ def variant_stages(variant: str, annotations: pd.DataFrame, extra: pd.DataFrame 
         keep = df["llm_label"].notna()
         if min_confidence > 0 and "llm_confidence" in df:
             keep &= df["llm_confidence"].fillna(1.0) >= min_confidence
-        return df.loc[keep, ["text", "llm_label"]].rename(columns={"llm_label": "label"})
+        # the LLM's confidence and scores ride along for train.targets: soft (targets.soft_targets)
+        cols = ["text", "llm_label"] + [c for c in ("llm_confidence", "llm_raw") if c in df]
+        return df.loc[keep, cols].rename(columns={"llm_label": "label"})
 
     def gold_rows() -> pd.DataFrame:
         if "label" not in annotations or annotations["label"].isna().all():
@@ -127,6 +130,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     engine, tok = _deepspeed_engine(cfg, config["model_path"], labels, steps_per_epoch * cfg.epochs, use_bf16,
                                     device)
     start_epoch, history = _restore(engine)
+    weight = torch.tensor(config["class_weights"], device=device) if config.get("class_weights") else None
 
     def encode(texts: list[str]) -> dict[str, Any]:
         enc = tok(texts, truncation=True, max_length=cfg.max_length, padding=True, return_tensors="pt")
@@ -137,14 +141,14 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         seen, micro, loss_sum = _train_epoch(engine, train_shard, encode, label2id, device, cfg, epoch,
-                                             steps_per_epoch * cfg.grad_accum, config.get("progress"))
+                                             steps_per_epoch * cfg.grad_accum, config.get("progress"), weight)
         # start_epoch: where this attempt began (> 0: restored from the checkpoint of epoch start_epoch - 1,
         # after a worker failure or a rerun), so the history shows whether and where training resumed.
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(micro, 1),
                                    "samples_per_s": seen * world / max(time.time() - t0, 1e-9),
                                    "accelerator": get_accelerator().device_name(), "device": str(device),
-                                   "bf16": use_bf16,
-                                   "start_epoch": start_epoch}
+                                   "bf16": use_bf16, "targets": cfg.targets,
+                                   "class_weights": config.get("class_weights"), "start_epoch": start_epoch}
         if eval_shard is not None:
             metrics["eval_accuracy"] = _evaluate(engine, eval_shard, encode, label2id, device)
         history.append(metrics)
@@ -208,8 +212,10 @@ def _restore(engine) -> tuple[int, list[dict[str, Any]]]:
 
 
 def _train_epoch(engine, shard, encode, label2id, device, cfg: TrainConfig, epoch: int, micro_per_epoch: int,
-                 tally) -> tuple[int, int, float]:
-    """One epoch over this worker's shard: (rows seen, micro-batches, summed loss)."""
+                 tally, weight=None) -> tuple[int, int, float]:
+    """One epoch over this worker's shard: (rows seen, micro-batches, summed loss). The loss: targets.train_loss,
+    against the batch's soft `target` rows where it has them, each label weighted by `weight` (class_balance)."""
+    import numpy as np
     import torch
 
     engine.train()
@@ -221,7 +227,9 @@ def _train_epoch(engine, shard, encode, label2id, device, cfg: TrainConfig, epoc
             break
         enc = encode(batch["text"].tolist())
         y = torch.tensor([label2id[v] for v in batch["label"]], device=device)
-        loss = engine(**enc, labels=y).loss
+        target = (torch.tensor(np.stack(batch["target"].to_numpy()), device=device, dtype=torch.float32)
+                  if "target" in batch else None)
+        loss = train_loss(engine(**enc).logits, y, target, weight)
         engine.backward(loss)
         engine.step()
         loss_sum += float(loss.detach())
@@ -317,13 +325,18 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
     step_rows = cfg.batch_size * cfg.grad_accum
     bar = Progress(f"train {name}", max(1, len(train) // cfg.workers // step_rows) * step_rows * cfg.workers
                    * cfg.epochs)
-    datasets = {"train": from_frames(train[["text", "label"]].reset_index(drop=True))}
+    frame = train[["text", "label"]].reset_index(drop=True)
+    if cfg.targets == "soft":
+        frame["target"] = list(soft_targets(train, labels, cfg.soft_temperature))
+    weights = class_weights(train["label"], labels) if cfg.class_balance == "weighted" else None
+    datasets = {"train": from_frames(frame)}
     if eval_df is not None and len(eval_df):
         datasets["eval"] = from_frames(eval_df[["text", "label"]].reset_index(drop=True))
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"train": cfg.model_dump(), "labels": labels, "model_path": model_path,
-                           "rows": len(train), "has_eval": "eval" in datasets, "progress": bar.tally()},
+                           "rows": len(train), "has_eval": "eval" in datasets, "progress": bar.tally(),
+                           "class_weights": weights},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),

@@ -77,9 +77,15 @@ def test_zero3_saves_the_whole_gathered_model(ray_local, tweets_frame, tmp_path)
     from llambert_ray.train import fit
 
     train = balanced(tweets_frame[tweets_frame["split"] == "train"], 32)
+    # also the soft-target path with class weights, as the LLM's rows reach it (variant_stages keeps their scores)
+    train = train.assign(llm_confidence=0.8, llm_raw='{"positive": -0.3, "negative": -1.4}')
     cfg = TrainConfig(workers=2, cpus_per_worker=0.5, zero_stage=3, epochs=1, batch_size=8, max_length=32,
-                      learning_rate=1e-4)
-    r = fit(train[["text", "label"]], ["positive", "negative"], cfg, tmp_path, name="zero3")
+                      learning_rate=1e-4, targets="soft", class_balance="weighted")
+    r = fit(train[["text", "label", "llm_confidence", "llm_raw"]], ["positive", "negative"], cfg, tmp_path,
+            name="zero3")
+    last = r.metrics["history"][-1]
+    assert last["targets"] == "soft" and last["class_weights"] == [1.0, 1.0], last  # balanced: 32 rows each
+    assert 0.49 < last["train_loss"] < 5, last  # a soft cross-entropy: never below the targets' entropy, 0.50
     saved = AutoModelForSequenceClassification.from_pretrained(r.model_dir)
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model("minilm-l6"), num_labels=2)
     w, w0 = saved.bert.embeddings.word_embeddings.weight, base.bert.embeddings.word_embeddings.weight
@@ -200,3 +206,50 @@ def test_deepspeed_is_given_ray_trains_device_not_local_rank(monkeypatch):
     assert seen["accel_rank"] == 1 and engine.device.index == 1
     ds_engine.DeepSpeedEngine._set_distributed_vars(engine, None)  # what it did without our args: LOCAL_RANK's 0
     assert engine.device.index == 0
+
+
+def test_soft_targets_class_weights_and_the_loss():
+    """targets.py: soft targets keep the LLM's (calibrated) confidence on its label and share the rest by its raw
+    scores; a temperature sharpens them; rows without scores are one-hot. The loss on one-hot targets is torch's
+    cross-entropy (weighted too), on soft targets its gradient is softmax - target; class weights are balanced."""
+    import json
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from llambert_ray.targets import class_weights, soft_targets, train_loss
+
+    labels = ["a", "b", "c"]
+    raw = json.dumps({"a": np.log(0.5), "b": np.log(0.3), "c": np.log(0.2)})
+    frame = pd.DataFrame({"label": ["a", "b", "c"], "llm_confidence": [0.5, 0.7, None], "llm_raw": [raw, raw, None]})
+    t = soft_targets(frame, labels)
+    assert np.allclose(t[0], [0.5, 0.3, 0.2]) and np.allclose(t.sum(axis=1), 1)
+    # row 1: calibration moved the label to b with 0.7; a and c share 0.3 as 0.5 : 0.2
+    assert np.allclose(t[1], [0.3 * 5 / 7, 0.7, 0.3 * 2 / 7], atol=1e-6)
+    assert np.allclose(t[2], [0, 0, 1])  # no scores: one-hot
+    sharp = soft_targets(frame, labels, temperature=0.5)
+    assert sharp[0, 0] > t[0, 0] and np.allclose(sharp[0], np.array([0.25, 0.09, 0.04]) / 0.38, atol=1e-6)
+    w = class_weights(pd.Series(["a"] * 8 + ["b"] * 2), labels)
+    assert w == [10 / 24, 10 / 6, 1.0]
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]], requires_grad=True)
+    y = torch.tensor([0, 2])
+    onehot = F.one_hot(y, 3).float()
+    assert torch.allclose(train_loss(logits, y), F.cross_entropy(logits, y))
+    assert torch.allclose(train_loss(logits, y, onehot), F.cross_entropy(logits, y))
+    wt = torch.tensor(w)
+    assert torch.allclose(train_loss(logits, y, onehot, wt), F.cross_entropy(logits, y, weight=wt))
+    soft = torch.tensor(t[:2])
+    train_loss(logits, y, soft).backward()
+    expected = (torch.softmax(logits, -1) - soft) / 2
+    assert torch.allclose(logits.grad, expected.detach(), atol=1e-6)
+
+
+def test_relabelled_rows_lose_the_llms_scores():
+    from llambert_ray.screening import screen_llm_labels
+
+    ann = pd.DataFrame({"id": ["x", "y"], "llm_label": ["a", "b"], "llm_confidence": [0.9, 0.8],
+                        "llm_raw": ['{"a": -0.1, "b": -2.3}', '{"a": -1.6, "b": -0.2}']})
+    out = screen_llm_labels(ann, pd.DataFrame({"id": ["x"], "classifier_label": ["b"]}), "relabel")
+    assert out["llm_label"].tolist() == ["b", "b"]
+    assert out["llm_raw"].isna().tolist() == [True, False] and out["llm_confidence"].isna().tolist() == [True, False]
