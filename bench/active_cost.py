@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.quantize import child_result, save_results, spread
+from bench.harness import child_result, save_results, spread
 
 SETTINGS = {"random": ("random", "call"), "active_call": ("active", "call"), "active_run": ("active", "run")}
 

@@ -31,9 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.quantize import save_results, spread
+from bench.harness import RESULTS, save_results, spread
 
-RESULTS = Path("bench/results")
 RECIPES = ("paper", "ours_random", "ours")
 TARGETS = {"imdb": (0.55, 0.65, 0.75), "tweets": (0.50, 0.60, 0.65)}
 TASKS = {"imdb": "imdb-sentiment", "tweets": "tweet-sentiment"}

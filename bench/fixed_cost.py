@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.quantize import child_result, save_results, spread
+from bench.harness import child_result, save_results, spread
 
 SETTINGS = {"in_engine": True, "ray_data_stages": False}
 

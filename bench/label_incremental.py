@@ -31,10 +31,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.harness import RESULTS, save_results
 from bench.label_memory import TMP as MEMORY_TMP
 from bench.label_memory import run_cli, synthetic_corpus, tiny_model
 
-RESULTS = Path("bench/results")
 TMP = RESULTS / "bench_tmp" / "label_incremental"
 STEPS = ("full", "new_rows", "nothing_new")
 
@@ -152,11 +152,8 @@ def main() -> None:
            "model": "random BERT, 1 layer, hidden 32, 2 labels" if a.encoder == "tiny" else
            "MiniLM-L6 (packaged), a fresh 2-label head", "machine": f"{os.cpu_count()} CPUs, "
            f"{platform.platform()}", "steps": steps, "marginal_ratio": marginal, "repetitions": reps}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2))
-    (RESULTS / f"{name}.md").write_text(summary_md(res))
     shutil.rmtree(TMP, ignore_errors=True)
-    print(summary_md(res))
+    save_results(name, res, summary_md(res))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path("bench/results")
+from bench.harness import RESULTS, save_results
+
 TMP = RESULTS / "bench_tmp" / "label_memory"
 FILE_ROWS = 100_000
 WORDS = ("good bad great awful fine film plot actor scene music story boring lovely dull funny slow fast warm cold "
@@ -270,10 +271,7 @@ def main() -> None:
     res = {"model": "random BERT, 1 layer, hidden 32, 2 labels, MiniLM's tokenizer", "batch_size": a.batch_size,
            "sets": a.sets, "machine": f"{os.cpu_count()} CPUs, {platform.platform()}", "runs": runs,
            "growth": growth(runs)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{a.name}.json").write_text(json.dumps(res, indent=2))
-    (RESULTS / f"{a.name}.md").write_text(summary_md(res))
-    print(summary_md(res))
+    save_results(a.name, res, summary_md(res))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Writes bench/results/quantize.json. Reads IMDb from ../shared/data (development 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -23,8 +22,8 @@ from typing import Any
 import pandas as pd
 
 from bench.annotate_modes import IMDB
+from bench.harness import RESULTS, save_results, spread
 
-RESULTS = Path("bench/results")
 LABELS = ["positive", "negative"]
 
 
@@ -43,32 +42,6 @@ def trained_encoder(rows: int, out: Path) -> Path:
     fit(train, LABELS, TrainConfig(epochs=1, max_length=128, batch_size=16, cpus_per_worker=1.5), out,
         name=f"bench-quantize-{int(time.time())}")
     return model
-
-
-def save_results(name: str, result: dict[str, Any], markdown: str) -> None:
-    """bench/results/NAME.json and NAME.md, and the Markdown on stdout."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{name}.md").write_text(markdown)
-    print(markdown)
-
-
-def child_result(code: str, what: str, timeout: int = 3600) -> dict[str, Any]:
-    """Run `code` in a fresh Python process (a fresh local Ray) and return the JSON it prints after 'RESULT '."""
-    import os
-    import subprocess
-    import sys
-
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
-    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-    if p.returncode or not line:
-        raise RuntimeError(f"{what} failed ({p.returncode}): {p.stderr[-3000:]}")
-    return json.loads(line[0].removeprefix("RESULT "))
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
 def bench_quantize(rows: int = 2000, runs: int = 3, threads: tuple[int, ...] = (1, 2),

@@ -48,11 +48,11 @@ from bench.cost_accuracy import bench_cost_accuracy
 from bench.cost_accuracy import summary_md as cost_accuracy_md
 from bench.fixed_cost import bench_fixed_cost
 from bench.fixed_cost import summary_md as fixed_cost_md
+from bench.harness import RESULTS
 from bench.paper_loop import paper_loop
 from bench.quantize import bench_quantize
 from bench.quantize import summary_md as quantize_md
 
-RESULTS = Path("bench/results")
 SHARED = IMDB.parents[1]
 PARAMS = {"smollm2-135m-instruct": 1.06e8, "minilm-l6": 1.1e7}  # non-embedding parameters (hardware.yaml)
 

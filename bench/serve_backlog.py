@@ -25,13 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.harness import RESULTS, save_results, spread
 from bench.label_incremental import minilm_model
 from bench.label_memory import synthetic_corpus, tiny_model
 from bench.pg_server import free_port
-from bench.quantize import spread
 from bench.serve_load import load
 
-RESULTS = Path("bench/results")
 TMP = RESULTS / "bench_tmp" / "serve_backlog"
 APP = "bench-backlog"
 
@@ -144,10 +143,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     a = ap.parse_args()
     res = bench(a.rows, a.encoder, a.clients, a.repeats, a.batch_size)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve_backlog.json").write_text(json.dumps(res, indent=2))
-    (RESULTS / "serve_backlog.md").write_text(summary_md(res))
-    print(summary_md(res))
+    save_results("serve_backlog", res, summary_md(res))
 
 
 if __name__ == "__main__":

@@ -16,19 +16,18 @@ Writes bench/results/weights_load.json and .md; the file goes to bench/results/b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path("bench/results")
+from bench.harness import RESULTS, save_results, spread
+
 TMP = RESULTS / "bench_tmp" / "weights_load"
 GIB = 2**30
 CHUNK = 64 << 20
@@ -110,10 +109,6 @@ def bucket_gibs(weights: Path, repeats: int) -> list[float]:
         server.stop()
 
 
-def spread(xs: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
-
-
 def summary_md(r: dict[str, Any]) -> str:
     lines = ["# Weights: what an engine start reads, measured here", "",
              f"`python -m bench.weights_load`: a {r['gib']:g} GiB file, {r['repeats']} runs each (median, min-max); "
@@ -150,10 +145,7 @@ def main() -> None:
            "measured": {"disk, O_DIRECT (a first load)": spread(cold), "disk, page cache (a second load)": spread(warm),
                         "bucket (moto, loopback) -> node-local folder, Ray's downloader": spread(bucket)},
            "table": table}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "weights_load.json").write_text(json.dumps(res, indent=2))
-    (RESULTS / "weights_load.md").write_text(summary_md(res))
-    print(summary_md(res))
+    save_results("weights_load", res, summary_md(res))
 
 
 if __name__ == "__main__":
