@@ -48,10 +48,12 @@ atexit.register(lambda: print("DRIVER_MAXRSS_KB", resource.getrusage(resource.RU
 import llambert_ray.label as stage
 real = stage.label
 def watched(*a, **k):
+    import ray
     from ray._private.internal_api import memory_summary
     peak, stop = [0], threading.Event()
+    here = ray.get_runtime_context().gcs_address  # this run's Ray, not another one on the machine
     def used():
-        m = re.search(r"Plasma memory usage (\\d+) MiB", memory_summary(stats_only=True))
+        m = re.search(r"Plasma memory usage (\\d+) MiB", memory_summary(address=here, stats_only=True))
         return int(m.group(1)) if m else 0
     def poll():
         while not stop.is_set():
@@ -67,7 +69,7 @@ def watched(*a, **k):
     finally:
         stop.set()
         t.join(10)
-        spilled = re.search(r"Spilled (\\d+) MiB", memory_summary(stats_only=True))
+        spilled = re.search(r"Spilled (\\d+) MiB", memory_summary(address=here, stats_only=True))
         print("OBJECT_STORE_PEAK_MIB", peak[0], file=sys.stderr, flush=True)
         print("SPILLED_MIB", int(spilled.group(1)) if spilled else 0, file=sys.stderr, flush=True)
 stage.label = watched
