@@ -151,14 +151,20 @@ def _read_raw(cfg: CorpusConfig):
     if fmt == "aclimdb":
         return _read_aclimdb(cfg.path)
     fs, p = _filesystem(cfg.path)
+    # read tasks ask a light CPU share, as write tasks do: an actor pool downstream (labelling) may hold all but a
+    # fraction of the CPUs, and a read task waiting for a whole CPU there would never start (a hang). Ray 2.60's
+    # V2 parquet reader starts with a file-listing task that asks a whole CPU whatever ray_remote_args say (2
+    # labelling actors of 0.9 CPU on 2 CPUs hung before reading a row): parquet goes through the V1 reader.
+    light = {"ray_remote_args": dict(LIGHT)}
+    ray.data.DataContext.get_current().use_datasource_v2 = False
     if fmt == "parquet":
         if is_uri(cfg.path) and fs.get_file_info(f"{p.rstrip('/')}/{MANIFEST}").type == pafs.FileType.File:
             fs, files, _ = published_files(cfg.path)  # an output we published: its manifest's files, nothing else
-            return ray.data.read_parquet(files, filesystem=fs)
-        return ray.data.read_parquet(p, filesystem=fs)
+            return ray.data.read_parquet(files, filesystem=fs, **light)
+        return ray.data.read_parquet(p, filesystem=fs, **light)
     if fmt == "jsonl":
-        return ray.data.read_json(p, filesystem=fs)
-    return ray.data.read_csv(p, filesystem=fs)
+        return ray.data.read_json(p, filesystem=fs, **light)
+    return ray.data.read_csv(p, filesystem=fs, **light)
 
 
 _INVALID = "\x00invalid:"
