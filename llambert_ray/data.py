@@ -155,7 +155,7 @@ def _read_raw(cfg: CorpusConfig):
     # fraction of the CPUs, and a read task waiting for a whole CPU there would never start (a hang). Ray 2.60's
     # V2 parquet reader starts with a file-listing task that asks a whole CPU whatever ray_remote_args say (2
     # labelling actors of 0.9 CPU on 2 CPUs hung before reading a row): parquet goes through the V1 reader.
-    light = {"ray_remote_args": dict(LIGHT)}
+    light = dict(LIGHT)  # num_cpus
     ray.data.DataContext.get_current().use_datasource_v2 = False
     if fmt == "parquet":
         if is_uri(cfg.path) and fs.get_file_info(f"{p.rstrip('/')}/{MANIFEST}").type == pafs.FileType.File:
