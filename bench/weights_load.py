@@ -32,12 +32,15 @@ TMP = RESULTS / "bench_tmp" / "weights_load"
 GIB = 2**30
 CHUNK = 64 << 20
 LLAMA70_GIB = 128.5  # Llama-2-70b in bf16 (llambert plan's GPU memory note)
+# What vLLM's stage runs in each engine actor before vLLM loads (ray.llm), as a process of its own: its environment
+# (HF_HUB_CACHE, HOME for its lock, the S3 endpoint) is the engine actor's. Prints where the model landed, then the
+# copy's seconds. tests/test_storage.py runs it too.
 DOWNLOAD = """
 import sys, time
 from ray.llm._internal.common.utils.download_utils import NodeModelDownloadable, download_model_files
 t = time.perf_counter()
-download_model_files(model_id=sys.argv[1], mirror_config=None,
-                     download_model=NodeModelDownloadable.MODEL_AND_TOKENIZER, download_extra_files=False)
+print(download_model_files(model_id=sys.argv[1], mirror_config=None,
+                           download_model=NodeModelDownloadable.MODEL_AND_TOKENIZER, download_extra_files=False))
 print(time.perf_counter() - t)
 """
 

@@ -83,10 +83,14 @@ def shape_of(model: str, table: dict[str, Any]) -> ModelShape | None:
         return None
 
 
+def dtype_bytes(a: Any) -> int:
+    """Bytes per weight of a GPU engine of AnnotateConfig `a` (dtype auto = bfloat16 on GPU)."""
+    return DTYPE_BYTES.get(a.dtype if a.dtype != "auto" else "bfloat16", 2)
+
+
 def engine_check(shape: ModelShape, a: Any, gpu_gib: float, where: str) -> tuple[str, str, str]:
     """memory_verdict for one engine of AnnotateConfig `a` on GPUs of `gpu_gib`."""
-    dtype = a.dtype if a.dtype != "auto" else "bfloat16"
-    m = engine_memory(shape, dtype_bytes=DTYPE_BYTES.get(dtype, 2), tp=a.tensor_parallel_size,
+    m = engine_memory(shape, dtype_bytes=dtype_bytes(a), tp=a.tensor_parallel_size,
                       pp=a.pipeline_parallel_size, max_model_len=a.max_model_len, gpu_gib=gpu_gib,
                       utilization=float(a.engine_kwargs.get("gpu_memory_utilization", 0.9)), batch=a.batch_size)
     return memory_verdict(m, f"{where}, TP {a.tensor_parallel_size} x PP {a.pipeline_parallel_size}")

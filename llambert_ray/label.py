@@ -346,8 +346,7 @@ def _label_into_table(ds, model_dir: str | Path, labels: list[str], cfg: LabelCo
     counts = OutputCounts()
     for lab, reason, gold, n in run_counts(output, run_id, REASON_CHARS):
         counts.add_group(lab, reason, gold, int(n))
-    counts.label_counts = dict(sorted(counts.label_counts.items(), key=lambda kv: (-kv[1], kv[0])))
-    return counts
+    return counts.ordered()
 
 
 def frame_blocks(df: pd.DataFrame, cfg: LabelConfig) -> list[pd.DataFrame]:

@@ -62,6 +62,11 @@ class OutputCounts:
     label_counts: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
 
+    def ordered(self) -> OutputCounts:
+        """These counts with label_counts most frequent first (ties by label, so runs agree)."""
+        self.label_counts = dict(sorted(self.label_counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        return self
+
     @property
     def accuracy(self) -> float | None:
         """Against gold, over the labelled rows that have gold (failed rows left out); None without such rows."""
@@ -111,7 +116,6 @@ def output_counts(output: str | Path) -> OutputCounts:
     counts = OutputCounts()
     for frame in iter_parquet_frames(output, ["label", "error", "gold"]):
         counts.add(frame)
-    counts.label_counts = dict(sorted(counts.label_counts.items(), key=lambda kv: (-kv[1], kv[0])))
-    return counts
+    return counts.ordered()
 
 

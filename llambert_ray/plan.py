@@ -215,11 +215,11 @@ class _Estimator:
     def weights_load(self, a, shape) -> None:
         """A note: how long one engine start reads its weights from each storage of the hardware table's
         weights_storage, and what the engine's GPUs cost idle meanwhile (vLLM reads every weight before it serves)."""
-        from llambert_ray.gpu_memory import DTYPE_BYTES, GIB
+        from llambert_ray.gpu_memory import GIB, dtype_bytes
 
         if not self.storage:
             return
-        gib = shape.params * DTYPE_BYTES.get(a.dtype if a.dtype != "auto" else "bfloat16", 2) / GIB
+        gib = shape.params * dtype_bytes(a) / GIB
         gpus = a.tensor_parallel_size * a.pipeline_parallel_size
         usd_per_s = gpus * float(self.devices[self.gpu]["usd_per_hour"]) / 3600
         each = [f"{name} {gib / float(rate) / 60:.1f} min (${gib / float(rate) * usd_per_s:.2f})"

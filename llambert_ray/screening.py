@@ -121,6 +121,9 @@ def screen_for_training(annotations: pd.DataFrame, labels: list[str], cfg: Train
     return screen_llm_labels(annotations, issues, cfg.label_issues)
 
 
+INFORMATIVE_POINTS = 10  # flagged labels wrong at least this many points more often than all LLM labels
+
+
 def label_issue_summary(issues: pd.DataFrame, annotations: pd.DataFrame) -> dict[str, Any]:
     """How many LLM labels were flagged and, where gold exists, how often a flag points at a real LLM error."""
     labelled = annotations["llm_label"].notna()
@@ -136,6 +139,3 @@ def label_issue_summary(issues: pd.DataFrame, annotations: pd.DataFrame) -> dict
             # LLM label is (the chance rate)
             out["flags_informative"] = out["flag_precision"] >= out["llm_error_rate"] + INFORMATIVE_POINTS / 100
     return out
-
-
-INFORMATIVE_POINTS = 10  # flagged labels wrong at least this many points more often than all LLM labels

@@ -62,12 +62,6 @@ def test_a_published_output_is_replaced_whole_and_a_failed_write_never_read(s3_e
     assert "hunter2" not in str(e.value)
 
 
-_DOWNLOAD = """
-import sys
-from ray.llm._internal.common.utils.download_utils import NodeModelDownloadable, download_model_files
-print(download_model_files(model_id=sys.argv[1], mirror_config=None,
-                           download_model=NodeModelDownloadable.MODEL_AND_TOKENIZER, download_extra_files=False))
-"""
 
 
 @pytest.mark.timeout(180)
@@ -80,6 +74,7 @@ def test_an_engine_node_copies_a_bucket_model_onto_its_own_disk(s3_endpoint, tmp
     import sys
     from pathlib import Path
 
+    from bench.weights_load import DOWNLOAD
     from llambert_ray.annotate.engines import engine_setup
     from llambert_ray.config import AnnotateConfig
 
@@ -96,10 +91,10 @@ def test_an_engine_node_copies_a_bucket_model_onto_its_own_disk(s3_endpoint, tmp
         _, env, _ = engine_setup(AnnotateConfig(model=model, local_weights_dir=local_weights_dir), "gpu")
         run_env = {**os.environ, "HOME": str(home), "HF_HOME": str(tmp_path / "shared-volume" / "hf"),
                    "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", **env}
-        out = subprocess.run([sys.executable, "-c", _DOWNLOAD, model], env=run_env, capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-c", DOWNLOAD, model], env=run_env, capture_output=True, text=True,
                              timeout=150)
         assert out.returncode == 0, out.stderr[-2000:]
-        return out.stdout.strip().splitlines()[-1]
+        return out.stdout.strip().splitlines()[-2]  # where the model landed (then the copy's seconds)
 
     local = tmp_path / "node-nvme"
     path = copy(str(local), tmp_path / "home-a")

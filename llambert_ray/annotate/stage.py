@@ -131,7 +131,7 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
     elif cfg.calibration == "prior" and plan.mode == "score":
         df, offsets = apply_prior_calibration(df, task.labels, cfg.label_prior)
     summary = _summary(df, plan, cfg.model, seconds, offsets=offsets, cached=cached, attempts=runs, resent=resent,
-                       calibration_report=report, shots_from=cfg.shots_from if plan.shots else "fixed")
+                       calibration_report=report, shots_from=cfg.shots_from)
     return df.sort_values("id", kind="stable").reset_index(drop=True), summary
 
 
