@@ -31,8 +31,11 @@ def annotate_corpus(cfg: RunConfig, output_dir: str | Path) -> AnnotationSummary
     # a wrong path, task, model or mode fails here, in seconds, before Ray starts
     task = load_task(cfg.task)
     check_corpus_path(cfg.corpus)
-    model_path = resolve_model(cfg.annotate.model, check_hub=ray_env.is_local(cfg.cluster.address))
-    make_plan(task, cfg.annotate, model_path)
+    if cfg.annotate.endpoint is None:  # an endpoint's model is the endpoint's, not resolved here
+        model_path = resolve_model(cfg.annotate.model, check_hub=ray_env.is_local(cfg.cluster.address))
+        make_plan(task, cfg.annotate, model_path)
+    else:
+        make_plan(task, cfg.annotate)
     out = Path(output_dir)
     ray_env.init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=out / "logs")
     ray_env.require_shared_path(output_dir, "--output")

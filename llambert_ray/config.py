@@ -126,6 +126,62 @@ class CorpusConfig(_Strict):
         return self.sql.describe() if self.sql is not None else repr(self.path)
 
 
+class EndpointConfig(_Strict):
+    """An LLM reached over HTTP at an OpenAI-compatible endpoint (a hosted API, or a vLLM / TGI server or gateway the
+    user runs) instead of vLLM engines this product starts: annotate.model is then the model's name there."""
+
+    base_url: str = Field(..., description="the API's root, with /v1: https://api.openai.com/v1, "
+                                           "http://my-vllm:8000/v1")
+    api_key_env: str | None = Field(None, description="name of the environment variable that holds the API key "
+                                                      "(sent as a Bearer token; read where the job runs; never "
+                                                      "written out); null: no key (a server of your own)")
+    tokenizer: str | None = Field(
+        None, description="score mode on a vLLM server: the served model's tokenizer (packaged name, local folder or "
+                          "hub id); each label's first answer token is then asked for by id (vLLM's "
+                          "logprob_token_ids: exact). null: the answer's top_logprobs are matched to the label words "
+                          "by text (any server with logprobs, e.g. OpenAI's chat API)")
+    top_logprobs: int = Field(20, gt=0, le=20, description="score mode without tokenizer: alternatives asked per "
+                                                           "answer (OpenAI: at most 20 on chat, 5 on completions)")
+    concurrency: int = Field(8, gt=0, description="requests in flight at once")
+    requests_per_s: float | None = Field(None, gt=0, description="at most this many requests a second (null: no "
+                                                                 "limit but concurrency)")
+    tokens_per_min: float | None = Field(None, gt=0, description="at most this many tokens a minute (prompt + "
+                                                                 "answer, estimated at 4 characters a token before "
+                                                                 "the server counts them)")
+    timeout_s: float = Field(60.0, gt=0, description="seconds to wait for one answer")
+    retries: int = Field(5, ge=0, description="retries of a request that timed out or got 429 / 5xx / a malformed "
+                                              "answer, with exponential backoff (a 429's or 503's Retry-After wins)")
+    backoff_s: float = Field(1.0, gt=0, description="the first retry's wait; doubled each retry, capped at 60 s")
+    max_failures: int = Field(20, gt=0, description="stop after this many requests in a row fail with every retry "
+                                                    "spent (the endpoint is down): the answers so far stay cached")
+    usd_per_1k_prompt_tokens: float | None = Field(None, ge=0, description="the endpoint's price (plan, report)")
+    usd_per_1k_completion_tokens: float | None = Field(None, ge=0, description="the endpoint's price per 1,000 "
+                                                                               "answer tokens")
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"an endpoint URL starts with http:// or https:// and names a host, got {v!r}")
+        if parts.password is not None or parts.username is not None:
+            raise ValueError("the endpoint URL holds credentials; fix: remove them and put the API key in an "
+                             "environment variable named by api_key_env")
+        return v.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_env(cls, v: str | None) -> str | None:
+        import re
+
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):  # a key pasted here: not repeated
+            raise ValueError("api_key_env is the NAME of the environment variable holding the key (e.g. "
+                             "OPENAI_API_KEY), not the key itself; fix: export the key under that name")
+        return v
+
+
 class AnnotateConfig(_Strict):
     """The LLM annotation stage (vLLM through ray.data.llm)."""
 
@@ -191,6 +247,9 @@ class AnnotateConfig(_Strict):
         "call", description="run: one engine (a Ray Serve LLM deployment) answers every annotation call of a "
                             "pipeline run (sample, extra rows, test rows, each active round), so the model loads "
                             "once; call: each call starts its own engine actors (Ray Data LLM)")
+    endpoint: EndpointConfig | None = Field(
+        None, description="the LLM at an OpenAI-compatible endpoint instead of vLLM engines started here (model: "
+                          "its name there; the engine settings above do not apply)")
     tokenize_in_engine: bool = Field(
         True, description="the engine tokenizes prompts and detokenizes answers itself (vLLM does either way); "
                           "false = Ray Data does it in two actor pools of their own, which each start a process "

@@ -108,7 +108,10 @@ def run_preflight(cfg: RunConfig) -> list[Check]:
     _check_paths_readable(paths, results, names, checks)
     _check_output_shared(cfg.output_dir, marker, results, names, checks)
     cluster = node_types(cfg, checks)
-    check_engine(cfg, model_cfg.get("annotate.model"), cluster, checks)
+    if cfg.annotate.endpoint is not None:
+        check_endpoint(cfg, checks)
+    else:
+        check_engine(cfg, model_cfg.get("annotate.model"), cluster, checks)
     check_workers(cfg, cluster, checks)
     # the paper's headline needs gold test labels
     if cfg.test is None and cfg.corpus.label_column:
@@ -146,6 +149,8 @@ def _resolve_models(cfg: RunConfig, checks: list[Check]) -> dict[str, str]:
     except TaskError as e:
         add(Check("task", "driver", "fail", str(e), "a preset name or a task YAML path"))
     roles = {"annotate.model": cfg.annotate.model, "train.model": cfg.train.model}
+    if cfg.annotate.endpoint is not None:  # the endpoint's model: check_endpoint asks the endpoint for it
+        del roles["annotate.model"]
     if cfg.select.strategy == "active":
         roles["select.model"] = cfg.select.model or cfg.train.model
     models: dict[str, str] = {}
@@ -272,6 +277,47 @@ def _check_output_shared(out: str, marker: str, results: dict[str, dict[str, Any
     shutil.rmtree(mdir, ignore_errors=True)
 
 
+def check_endpoint(cfg: RunConfig, checks: list[Check]) -> None:
+    """annotate.endpoint, from the driver (the annotation calls go from there): the key present, the endpoint
+    reachable, the model among those it lists, and one row answered in the configured mode."""
+    from llambert_ray.annotate import EndpointEngine, EndpointError, make_plan
+    from llambert_ray.tasks import load_task
+
+    a, ep = cfg.annotate, cfg.annotate.endpoint
+    where = f"driver -> {ep.base_url}"
+    add = checks.append
+    with EndpointEngine(a) as engine:
+        try:
+            engine.api_key()
+            add(Check("endpoint key", where, "ok",
+                      f"{ep.api_key_env} is set" if ep.api_key_env else "no key asked for"))
+            listed = engine.models()
+        except EndpointError as e:
+            add(Check("endpoint", where, "fail", str(e).split("; fix:")[0], str(e).partition("; fix: ")[2]))
+            return
+        if a.model not in listed:
+            add(Check("endpoint model", where, "fail", f"{a.model!r} is not among the {len(listed)} models it lists "
+                      f"({', '.join(listed[:8])}{', ...' if len(listed) > 8 else ''})",
+                      "annotate.model: the model's name at the endpoint"))
+            return
+        add(Check("endpoint model", where, "ok", f"{a.model} listed"))
+        try:
+            task = load_task(cfg.task)
+            plan = make_plan(task, a)
+            text = task.examples[0].text if task.examples else "This is a test."
+            got = engine.probe(plan, text)
+        except Exception as e:
+            add(Check(f"endpoint {a.mode} mode", where, "fail", f"{type(e).__name__}: {str(e)[:300]}",
+                      "check the endpoint's answer to one request by hand (curl)"))
+            return
+        if got["usable"]:
+            add(Check(f"endpoint {a.mode} mode", where, "ok", f"one row answered: {got['llm_label']!r} "
+                      f"({got['prompt_tokens']} prompt tokens)"))
+        else:
+            why, _, fix = got["why"].partition("; fix: ")
+            add(Check(f"endpoint {a.mode} mode", where, "fail", why, fix))
+
+
 def preflight_or_raise(cfg: RunConfig, log=print) -> list[Check]:
     """Run the checks, print the table; raise PreflightError (the table) when any check failed."""
     t0 = time.time()
@@ -302,7 +348,7 @@ def check_run_inputs(cfg: RunConfig) -> Task:
     # Every stage's model, resolved before the first stage: a bad encoder name must not stop the run after the
     # LLM annotation has been paid for. (`llambert preflight` also checks they load on the nodes that load them.)
     local = is_local(cfg.cluster.address)
-    llm = resolve_model(cfg.annotate.model, check_hub=local)
+    llm = resolve_model(cfg.annotate.model, check_hub=local) if cfg.annotate.endpoint is None else None
     for ref in dict.fromkeys([cfg.train.model, cfg.select.model or cfg.train.model]):
         resolve_model(ref, check_hub=local)
     if ("llm+extra" in cfg.train.variants) and cfg.extra is None:

@@ -14,7 +14,8 @@ Output columns added to each row: `llm_label` (null when dropped), `llm_confiden
 
 The package, by concern (each module imports only those named before it): columns (what annotation adds to
 a row), calibration, prompts (the prompt plan), engines (the per-call engine), served (the run-long engine),
-cache (the answer cache and retries), stage (annotate()), gold (gold rows: gold-knn shots, calibration gold).
+endpoint (an OpenAI-compatible endpoint as the engine), cache (the answer cache and retries), stage (annotate(),
+run_engine()), gold (gold rows: gold-knn shots, calibration gold).
 The names below are its public interface.
 """
 
@@ -28,6 +29,7 @@ from llambert_ray.annotate.calibration import (
     fit_gold_offsets,
 )
 from llambert_ray.annotate.columns import OUTPUT_COLUMNS, PROMPT_KEY, SHOTS_COLUMN, AnnotationError
+from llambert_ray.annotate.endpoint import EndpointEngine, EndpointError
 from llambert_ray.annotate.engines import AnnotationEngine, VLLMEngine, engine_devices, engine_placement
 from llambert_ray.annotate.prompts import PromptPlan, make_plan, plan_hash, prompt_keys, resolved_shots, row_examples
 from llambert_ray.annotate.served import (
@@ -36,13 +38,13 @@ from llambert_ray.annotate.served import (
     ServedVLLMEngine,
     openai_answer,
     openai_request,
-    run_engine,
 )
-from llambert_ray.annotate.stage import AnnotationSummary, annotate
+from llambert_ray.annotate.stage import AnnotationSummary, annotate, run_engine
 
 __all__ = [
     "ATTEMPTS", "CONTENT_FREE_TEXTS", "ENGINE_FIELDS", "OUTPUT_COLUMNS", "PROMPT_KEY", "SERVED_APP", "SHOTS_COLUMN",
-    "AnnotationEngine", "AnnotationError", "AnnotationSummary", "PromptPlan", "ServedVLLMEngine", "VLLMEngine",
+    "AnnotationEngine", "AnnotationError",
+    "AnnotationSummary", "EndpointEngine", "EndpointError", "PromptPlan", "ServedVLLMEngine", "VLLMEngine",
     "annotate", "apply_calibration", "apply_gold_calibration", "apply_offsets", "apply_prior_calibration",
     "engine_devices", "engine_placement", "fit_gold_offsets", "make_plan", "openai_answer", "openai_request",
     "plan_hash", "prompt_keys", "read_cache", "resolved_shots", "row_examples", "run_engine",

@@ -80,6 +80,10 @@ def _run_cached(engine: AnnotationEngine, plan: PromptPlan, rows: pd.DataFrame, 
         answered |= got
         if error is not None:
             left = int((~want.isin(done | answered)).sum())
+            if getattr(error, "final", False):  # running again at once would not help (an endpoint down)
+                raise AnnotationError(f"annotation stopped with {left} of {len(rows)} rows unanswered: {error}; "
+                                      f"every answer so far is cached in {folder}, so rerunning the same "
+                                      f"command resumes from there") from error
             log.warning("annotation run %d/%d failed with %s: %s; %d rows answered in it, %d left",
                         attempt, attempts, type(error).__name__, str(error)[:300], progress, left)
             if not progress or attempt == attempts:

@@ -35,6 +35,8 @@ class PromptPlan:
     temperature: float
     label_token_ids: dict[str, int] = field(default_factory=dict)  # score mode: first answer token per label
     truncate: str = "head"
+    # score mode without the model's tokenizer (an endpoint's): alternatives asked per answer, matched by text
+    top_logprobs: int = 0
 
     def request(self, text: str, examples: list[Example] | None = None) -> dict[str, Any]:
         """The prompt (or chat messages) and sampling params for one row; `examples` (the row's own, gold-knn)
@@ -45,7 +47,9 @@ class PromptPlan:
         else:
             req = {"prompt": self.task.completion_prompt(text, self.shots, self.max_text_chars, self.truncate,
                                                          examples)}
-        if self.mode == "score":
+        if self.mode == "score" and not self.label_token_ids:
+            sp = {"max_tokens": 1, "temperature": 0.0, "top_logprobs": self.top_logprobs}
+        elif self.mode == "score":
             sp = {"max_tokens": 1, "temperature": 0.0, "logprob_token_ids": list(self.label_token_ids.values())}
         elif self.mode == "choice":
             words = list(self.task.answer_words("chat").values())
@@ -63,8 +67,9 @@ class PromptPlan:
         if self.mode == "score":
             scores = self._label_logprobs(logprobs)
             if scores is None:
-                return {"llm_label": None, "llm_confidence": None, "llm_raw": generated_text,
-                        "llm_error": "engine returned no logprobs for the label tokens"}
+                why = ("no label word among the answer's top alternatives; fix: annotate.mode generate or choice"
+                       if not self.label_token_ids and logprobs else "engine returned no logprobs for the label tokens")
+                return {"llm_label": None, "llm_confidence": None, "llm_raw": generated_text, "llm_error": why}
             top = max(scores, key=scores.get)
             z = max(scores.values())
             total = sum(math.exp(v - z) for v in scores.values())
@@ -80,6 +85,8 @@ class PromptPlan:
         first = logprobs[0]
         if isinstance(first, str):
             first = json.loads(first)
+        if not self.label_token_ids:
+            return self._label_logprobs_by_text(first)
         by_id = {int(k): (v["logprob"] if isinstance(v, dict) else float(v)) for k, v in first.items()
                  if v is not None}
         out = {}
@@ -88,6 +95,23 @@ class PromptPlan:
                 return None
             out[label] = float(by_id[tid])
         return out
+
+
+    def _label_logprobs_by_text(self, top: dict[str, float]) -> dict[str, float] | None:
+        """Label scores from an answer's top alternatives by token text (no tokenizer at hand): a label's score is
+        the best log-prob among the tokens that begin its answer word and no other label's; a label not among them
+        gets the lowest log-prob shown (its own is at most that). None when no label is among them."""
+        words = {lab: w.strip().lower() for lab, w in self.task.answer_words(self.style).items()}
+        out: dict[str, float] = {}
+        for tok, lp in top.items():
+            t = str(tok).strip().lower()
+            owners = [lab for lab, w in words.items() if t and w.startswith(t)]
+            if len(owners) == 1 and lp is not None:
+                out[owners[0]] = max(out.get(owners[0], -math.inf), float(lp))
+        if not out:
+            return None
+        floor = min(float(v) for v in top.values() if v is not None)
+        return {lab: out.get(lab, floor) for lab in words}
 
 
 def resolved_shots(task: Task, cfg: AnnotateConfig) -> int:
@@ -111,9 +135,14 @@ def make_plan(task: Task, cfg: AnnotateConfig, model_path: str | None = None) ->
         _warned.add((cfg.model, task.name, style, shots))  # make_plan runs before Ray and again in the stage
         log.warning(warning)
     token_ids: dict[str, int] = {}
-    if cfg.mode == "score":
+    top = 0
+    ep = cfg.endpoint
+    if cfg.mode == "score" and ep is not None and ep.tokenizer is None:
+        top = ep.top_logprobs  # no tokenizer of the endpoint's model: its answers' alternatives matched by text
+    elif cfg.mode == "score":
         # the tokenizer only: an s3:// / gs:// LLM is not copied whole onto the driver
-        token_ids = label_token_ids(task, style, local_model_dir(model_path or cfg.model, tokenizer_only=True))
+        ref = ep.tokenizer if ep is not None else model_path or cfg.model
+        token_ids = label_token_ids(task, style, local_model_dir(ref, tokenizer_only=True))
     if cfg.calibration == "prior":
         prior_vector(task.labels, cfg.label_prior)  # a bad prior fails here, before any LLM call
     if cfg.calibration == "gold" and cfg.mode != "score":
@@ -121,7 +150,7 @@ def make_plan(task: Task, cfg: AnnotateConfig, model_path: str | None = None) ->
                               "mode has; fix: annotate.mode: score, or another calibration")
     return PromptPlan(task=task, mode=cfg.mode, style=style, shots=shots, max_text_chars=cfg.max_text_chars,
                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      label_token_ids=token_ids, truncate=cfg.truncate)
+                      label_token_ids=token_ids, truncate=cfg.truncate, top_logprobs=top)
 
 
 def label_token_ids(task: Task, style: str, model_path: str) -> dict[str, int]:
@@ -159,6 +188,6 @@ def prompt_keys(rows: pd.DataFrame) -> pd.Series:
 def plan_hash(plan: PromptPlan, model: str) -> str:
     """What an answer depends on: the model and everything that shapes the prompt and its decoding."""
     # "head" (the default) is left out of the hash so caches written before `truncate` existed stay valid.
-    cut = () if plan.truncate == "head" else (plan.truncate,)
+    cut = (() if plan.truncate == "head" else (plan.truncate,)) + ((plan.top_logprobs,) if plan.top_logprobs else ())
     return config_hash(plan.task, model, plan.mode, plan.style, plan.shots, plan.max_text_chars,
                        plan.max_new_tokens, plan.temperature, plan.label_token_ids, *cut)

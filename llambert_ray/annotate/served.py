@@ -10,7 +10,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ from llambert_ray.annotate.columns import OUTPUT_COLUMNS, PROMPT_KEY
 from llambert_ray.annotate.engines import engine_placement, engine_setup
 from llambert_ray.annotate.prompts import PromptPlan, row_examples
 from llambert_ray.config import AnnotateConfig
-from llambert_ray.models import resolve_model
 from llambert_ray.progress import Progress
 from llambert_ray.ray_env import LIGHT, from_frames, resolve_device
 from llambert_ray.tasks import Example
@@ -30,31 +28,34 @@ log = logging.getLogger(__name__)
 SERVED_APP = "llambert-llm"  # the Serve application of a run-long engine
 
 
-def openai_request(plan: PromptPlan, text: str, examples: list[Example] | None = None
+def openai_request(plan: PromptPlan, text: str, examples: list[Example] | None = None, model: str = SERVED_APP
                    ) -> tuple[str, str, dict[str, Any]]:
-    """One row's engine request as vLLM's OpenAI API takes it: (deployment method, request class, fields)."""
+    """One row's engine request as an OpenAI API takes it (vLLM's: its extensions where the plan asks for label
+    token ids or a guided choice): (deployment method / endpoint path, request class, fields)."""
     req = plan.request(text, examples)
     sp = req.pop("sampling_params")
-    body: dict[str, Any] = {"model": SERVED_APP, "max_tokens": sp["max_tokens"], "temperature": sp["temperature"],
+    body: dict[str, Any] = {"model": model, "max_tokens": sp["max_tokens"], "temperature": sp["temperature"],
                             "stream": False}
     if "structured_outputs" in sp:
         body["structured_outputs"] = sp["structured_outputs"]
     if "logprob_token_ids" in sp:
         # token ids as "token_id:N" keys, so answers are matched by id as with the in-process engine
         body.update(logprob_token_ids=sp["logprob_token_ids"], return_tokens_as_token_ids=True)
+    top = sp.get("top_logprobs")  # score mode by token text: the answer's top alternatives
     if "messages" in req:
         body["messages"] = req["messages"]
-        if "logprob_token_ids" in body:
-            body.update(logprobs=True, top_logprobs=1)
+        if "logprob_token_ids" in body or top:
+            body.update(logprobs=True, top_logprobs=top or 1)
         return "chat", "ChatCompletionRequest", body
     body["prompt"] = req["prompt"]
-    if "logprob_token_ids" in body:
-        body["logprobs"] = 1
+    if "logprob_token_ids" in body or top:
+        body["logprobs"] = top or 1
     return "completions", "CompletionRequest", body
 
 
-def openai_answer(row: dict[str, Any]) -> tuple[str | None, list[dict[int, float]] | None, int]:
-    """(answer text, first-token log-probs by token id, prompt tokens) of an OpenAI API response row."""
+def openai_answer(row: dict[str, Any]) -> tuple[str | None, list[dict[int | str, float]] | None, int]:
+    """(answer text, first-token log-probs by token id ("token_id:N" keys) or else by token text, prompt tokens) of
+    an OpenAI API response row."""
     choice = (row.get("choices") or [{}])[0]
     text = choice.get("text")
     if text is None:
@@ -65,8 +66,15 @@ def openai_answer(row: dict[str, Any]) -> tuple[str | None, list[dict[int, float
         steps = [dict(d or {}) for d in lp["top_logprobs"]]
     elif lp.get("content") is not None:  # chat: [{"token": "token_id:N", "logprob": x}] per step
         steps = [{t["token"]: t["logprob"] for t in (c.get("top_logprobs") or [])} for c in lp["content"]]
-    by_id = [{int(str(k).rsplit(":", 1)[-1]): float(v) for k, v in step.items()} for step in steps] or None
+    by_id = [{_token_key(k): float(v) for k, v in step.items() if v is not None} for step in steps] or None
     return text, by_id, int((row.get("usage") or {}).get("prompt_tokens") or 0)
+
+
+def _token_key(token: Any) -> int | str:
+    """A token as an answer's logprobs name it: its id where the server was asked for ids ("token_id:N"), else
+    its text."""
+    t = str(token)
+    return int(t[len("token_id:"):]) if t.startswith("token_id:") and t[len("token_id:"):].isdigit() else t
 
 
 class ServedVLLMEngine:
@@ -270,29 +278,3 @@ def write_parts(frames: Iterator[pd.DataFrame], folder: Path, bar: Progress | No
 # what a served engine is, as opposed to how a call asks it (mode, prompt, batch size, ...)
 ENGINE_FIELDS = ("model", "max_model_len", "tensor_parallel_size", "pipeline_parallel_size", "device", "dtype",
                  "engine_kwargs")
-
-
-@contextmanager
-def run_engine(cfg: AnnotateConfig, engine: ServedVLLMEngine | None = None) -> Iterator[ServedVLLMEngine | None]:
-    """The engine a pipeline run passes to each of its annotate() calls: one served engine for the whole run with
-    engine_lifetime run, else None (each call starts its own). `engine`: one the caller started and keeps (a
-    notebook's or a test's, across runs): used as it is, not stopped here; it must be the engine cfg describes."""
-    if engine is not None:
-        if cfg.engine_lifetime != "run":
-            raise ValueError("an engine passed to a run needs annotate.engine_lifetime: run; fix: set it in the "
-                             "config, or pass no engine")
-        have = {f: getattr(engine.cfg, f) for f in ENGINE_FIELDS}
-        have["device"] = getattr(engine, "device", have["device"])  # as resolved when it was made
-        differ = {f: (have[f], getattr(cfg, f)) for f in ENGINE_FIELDS
-                  if have[f] != getattr(cfg, f) and "auto" not in (have[f], getattr(cfg, f))}
-        if differ:
-            raise ValueError(f"the engine passed to the run is not the one annotate describes: "
-                             f"{', '.join(f'{k} {a!r} (engine) vs {b!r} (config)' for k, (a, b) in differ.items())}; "
-                             f"fix: start the engine from the run's annotate config, or pass none")
-        yield engine
-        return
-    if cfg.engine_lifetime != "run":
-        yield None
-        return
-    with ServedVLLMEngine(cfg, resolve_model(cfg.model)) as engine:
-        yield engine

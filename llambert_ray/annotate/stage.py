@@ -4,7 +4,9 @@ cache and calibration, and sums up what it did."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,10 @@ from llambert_ray.annotate.calibration import (
     apply_prior_calibration,
 )
 from llambert_ray.annotate.columns import OUTPUT_COLUMNS, SHOTS_COLUMN, AnnotationError
+from llambert_ray.annotate.endpoint import EndpointEngine, EndpointUsage
 from llambert_ray.annotate.engines import AnnotationEngine, VLLMEngine
 from llambert_ray.annotate.prompts import PromptPlan, make_plan
+from llambert_ray.annotate.served import ENGINE_FIELDS, ServedVLLMEngine
 from llambert_ray.config import AnnotateConfig
 from llambert_ray.metrics import llm_label_warnings
 from llambert_ray.models import resolve_model
@@ -54,6 +58,7 @@ class AnnotationSummary:
     calibration_report: dict[str, Any] | None = None  # calibration gold: before / after on held-out gold rows
     shots_from: str = "fixed"  # where each row's examples came from: fixed (the task's) or gold-knn (nearest gold)
     warnings: list[str] = field(default_factory=list)  # why these labels may not be worth training on (metrics)
+    endpoint: dict[str, Any] | None = None  # an endpoint's traffic in this call: requests, retries, 429s, tokens, usd
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,7 +72,17 @@ class AnnotationSummary:
                 + (f"; {self.attempts} attempts ({self.resent} rows sent again after a failed run)"
                    if self.attempts > 1 else ""),
                 f"  {self.rows_per_s:.2f} rows/s, {self.prompt_tokens_per_s:.0f} prompt tokens/s; "
-                f"labels {self.label_counts}"] + self._calibration_lines() + [f"  WARNING: {w}" for w in self.warnings]
+                f"labels {self.label_counts}"] + self._endpoint_lines() + self._calibration_lines() \
+            + [f"  WARNING: {w}" for w in self.warnings]
+
+    def _endpoint_lines(self) -> list[str]:
+        e = self.endpoint
+        if not e:
+            return []
+        usd = f", ${e['usd']:.4f}" if e.get("usd") is not None else ""
+        return [f"  endpoint: {e['requests']} requests ({e['retries']} retries: {e['rate_limited']} rate-limited, "
+                f"{e['server_errors']} server errors, {e['timeouts']} timeouts, {e['malformed']} malformed), "
+                f"{e['prompt_tokens']} prompt + {e['completion_tokens']} answer tokens{usd}"]
 
     def _calibration_lines(self) -> list[str]:
         r = self.calibration_report
@@ -97,9 +112,17 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
     LLM's scores on it and applied to every row (summary.calibration; summary.calibration_report: before / after
     on held-out gold rows).
     """
-    model_path = resolve_model(cfg.model)
-    plan = make_plan(task, cfg, model_path)
-    engine = engine or VLLMEngine(cfg, model_path)
+    if cfg.endpoint is not None:  # the model is the endpoint's: nothing to resolve here
+        plan = make_plan(task, cfg)
+        if engine is None:
+            with EndpointEngine(cfg) as client:  # one call's client, closed after it
+                return annotate(ds, task, cfg, engine=client, cache_dir=cache_dir, attempts=attempts, gold=gold)
+    else:
+        model_path = resolve_model(cfg.model)
+        plan = make_plan(task, cfg, model_path)
+        engine = engine or VLLMEngine(cfg, model_path)
+    usage = getattr(engine, "usage", None)
+    usage = replace(usage) if isinstance(usage, EndpointUsage) else None  # this call's traffic: what it adds
     calibrate = cfg.calibration == "content-free" and plan.mode == "score"
     if calibrate:
         ds = ds.union(_content_free_rows(ds))
@@ -131,7 +154,8 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
     elif cfg.calibration == "prior" and plan.mode == "score":
         df, offsets = apply_prior_calibration(df, task.labels, cfg.label_prior)
     summary = _summary(df, plan, cfg.model, seconds, offsets=offsets, cached=cached, attempts=runs, resent=resent,
-                       calibration_report=report, shots_from=cfg.shots_from)
+                       calibration_report=report, shots_from=cfg.shots_from,
+                       endpoint=engine.usage.minus(usage).to_dict(cfg.endpoint) if usage is not None else None)
     return df.sort_values("id", kind="stable").reset_index(drop=True), summary
 
 
@@ -167,3 +191,35 @@ def _gold_rows_for(ds, gold: pd.DataFrame):
     g = gold.reindex(columns=cols).copy()
     g["id"] = _GOLD_PREFIX + gold["id"].astype(str)
     return from_frames(g.astype("string"))
+
+
+@contextmanager
+def run_engine(cfg: AnnotateConfig, engine: ServedVLLMEngine | None = None
+               ) -> Iterator[ServedVLLMEngine | EndpointEngine | None]:
+    """The engine a pipeline run passes to each of its annotate() calls: with annotate.endpoint one endpoint client
+    for the whole run (its rate limits and usage shared by every call); else one served engine for the whole run with
+    engine_lifetime run, else None (each call starts its own). `engine`: one the caller started and keeps (a
+    notebook's or a test's, across runs): used as it is, not stopped here; it must be the engine cfg describes."""
+    if engine is not None:
+        if cfg.engine_lifetime != "run":
+            raise ValueError("an engine passed to a run needs annotate.engine_lifetime: run; fix: set it in the "
+                             "config, or pass no engine")
+        have = {f: getattr(engine.cfg, f) for f in ENGINE_FIELDS}
+        have["device"] = getattr(engine, "device", have["device"])  # as resolved when it was made
+        differ = {f: (have[f], getattr(cfg, f)) for f in ENGINE_FIELDS
+                  if have[f] != getattr(cfg, f) and "auto" not in (have[f], getattr(cfg, f))}
+        if differ:
+            raise ValueError(f"the engine passed to the run is not the one annotate describes: "
+                             f"{', '.join(f'{k} {a!r} (engine) vs {b!r} (config)' for k, (a, b) in differ.items())}; "
+                             f"fix: start the engine from the run's annotate config, or pass none")
+        yield engine
+        return
+    if cfg.endpoint is not None:
+        with EndpointEngine(cfg) as client:
+            yield client
+        return
+    if cfg.engine_lifetime != "run":
+        yield None
+        return
+    with ServedVLLMEngine(cfg, resolve_model(cfg.model)) as engine:
+        yield engine
