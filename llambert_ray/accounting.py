@@ -19,6 +19,8 @@ def reserved_devices(stage: str, a: AnnotateConfig, t: TrainConfig, lab: LabelCo
     device_seconds = these x its seconds): the engines' placement (annotate.engine_devices); a training worker's
     GPU or CPUs x workers; a labelling actor's GPUs or CPUs x actors (label, and evaluate on the test split)."""
     if stage.startswith("annotate"):
+        if a.endpoint is not None:  # the LLM is someone else's: it holds nothing here, it is paid by the token
+            return "endpoint", 0.0
         return a.device, engine_devices(a, a.device == "gpu")
     if stage.startswith("train"):
         return ("gpu", t.workers) if t.use_gpu else ("cpu", t.workers * t.cpus_per_worker)
@@ -70,11 +72,15 @@ def gpu_type(a: AnnotateConfig) -> str | None:
     return kinds.pop() if len(kinds) == 1 else None
 
 
-def stage_cost(stage: str, seconds: float, a: AnnotateConfig, t: TrainConfig, lab: LabelConfig) -> dict[str, Any]:
+def stage_cost(stage: str, seconds: float, a: AnnotateConfig, t: TrainConfig, lab: LabelConfig,
+               endpoint_usd: float | None = None) -> dict[str, Any]:
     """What a stage reserved and what that costs, for its manifest record: the device kind, device-seconds
-    (reserved_devices x seconds), on GPUs the GPU type, and USD at the hardware table's price where it is known."""
+    (reserved_devices x seconds), on GPUs the GPU type, and USD at the hardware table's price where it is known;
+    an endpoint's annotation: `endpoint_usd`, its tokens at the endpoint's prices."""
     device, devices = reserved_devices(stage, a, t, lab)
     out: dict[str, Any] = {"device": device, "device_seconds": seconds * devices}
+    if device == "endpoint":
+        return {**out, "usd": endpoint_usd}
     if device == "gpu":
         out["gpu_type"] = gpu_type(a)
     price = usd_per_device_hour(device, out.get("gpu_type"))
@@ -94,6 +100,12 @@ def labeller_speeds(stages: dict[str, Any], a: AnnotateConfig, t: TrainConfig, l
         st = stages.get(name)
         if not st or not st.get("seconds") or not st.get("rows"):
             continue
+        if st.get("device") == "endpoint":  # no devices of the run's: the endpoint's price per token
+            busy[key], price[key] = 0.0, 0.0
+            usd = st.get("usd")
+            out[key] = {**throughput(st["rows"], st["seconds"], 0.0, "endpoint"), "device_seconds_per_1k": None,
+                        "usd_per_1k": usd / st["rows"] * 1000 if usd is not None else None}
+            continue
         busy[key] = busy_devices(name.split("[")[0], st.get("device", "cpu"), a, t, lab)
         price[key] = usd_per_device_hour(st.get("device", "cpu"), st.get("gpu_type"))
         if key != "train_llm":
@@ -104,8 +116,11 @@ def labeller_speeds(stages: dict[str, Any], a: AnnotateConfig, t: TrainConfig, l
         dev_s = {"llm": ann["seconds"] * busy["llm"] * share, "train_llm": tr["seconds"] * busy["train_llm"],
                  "encoder": lab["seconds"] * busy["encoder"]}
         per_1k = sum(dev_s.values()) / lab["rows"] * 1000
-        priced = all(price[k] is not None for k in dev_s)
+        # an endpoint's LLM: its tokens' price (the sample's share), beside the devices' time
+        paid = ann.get("usd") * share if ann.get("device") == "endpoint" and ann.get("usd") is not None else 0.0
+        priced = all(price[k] is not None for k in dev_s) and not (ann.get("device") == "endpoint"
+                                                                    and ann.get("usd") is None)
         out["encoder_all_in"] = {"rows": lab["rows"], "device_seconds_per_1k": per_1k,
-                                 "usd_per_1k": sum(dev_s[k] * price[k] for k in dev_s) / 3600 / lab["rows"] * 1000
-                                 if priced else None}
+                                 "usd_per_1k": (sum(dev_s[k] * price[k] for k in dev_s) / 3600 + paid)
+                                 / lab["rows"] * 1000 if priced else None}
     return out

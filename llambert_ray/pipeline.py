@@ -112,7 +112,8 @@ def _run_stage(run: Run, name: str, key: tuple[Any, ...], outputs: list[Path], w
     t0 = time.time()
     record = work(run.cfg, run)
     record.setdefault("seconds", time.time() - t0)
-    record.update(stage_cost(name, record["seconds"], run.cfg.annotate, run.cfg.train, run.cfg.label))
+    paid = ((record.get("summary") or {}).get("endpoint") or {}).get("usd")  # an endpoint LLM's tokens
+    record.update(stage_cost(name, record["seconds"], run.cfg.annotate, run.cfg.train, run.cfg.label, paid))
     run.manifest.record(name, stage_hash, **record)
     run.log(f"[{name}] done in {record['seconds']:.1f}s")
 
@@ -174,7 +175,10 @@ def annotate_stage(run: Run, engine: Any = None) -> None:
 
     cfg, written, task_hash = run.cfg, run.written, config_hash(run.task)
     # how the engine runs, not what it answers: left out of the stage hashes
-    how = {"engine_lifetime": "call", "tokenize_in_engine": True}
+    how: dict[str, Any] = {"engine_lifetime": "call", "tokenize_in_engine": True}
+    if written.annotate.endpoint is not None:  # of an endpoint, what shapes its answers: where, and score's tokens
+        ep = written.annotate.endpoint
+        how["endpoint"] = type(ep)(base_url=ep.base_url, tokenizer=ep.tokenizer, top_logprobs=ep.top_logprobs)
     key = (cfg.corpus, written.annotate.model_copy(update=how), task_hash)
     with run_engine(cfg.annotate, engine) as run.engine:
         if cfg.select.strategy == "active":

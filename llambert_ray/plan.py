@@ -251,7 +251,7 @@ class _Estimator:
         from llambert_ray.annotate import engine_devices, resolved_shots
 
         style, shots = a.prompt_style or defaults["prompt_style"], resolved_shots(task, a)
-        llm_tok = TokenCounter(a.model)
+        llm_tok = TokenCounter(a.endpoint.tokenizer or a.model if a.endpoint is not None else a.model)
         # gold-knn (#17): a row's examples are gold corpus rows; sampled texts stand in for them (same lengths)
         shown = ([Example(text=t, label=task.labels[i % len(task.labels)]) for i, t in enumerate(texts[:shots])]
                  if a.shots_from == "gold-knn" else None)
@@ -266,7 +266,7 @@ class _Estimator:
         llm_gpu = a.device == "gpu"
         dev = self.gpu if llm_gpu else "cpu-core"
         ndev = engine_devices(a, llm_gpu)
-        if llm_gpu:
+        if llm_gpu and a.endpoint is None:
             self.gpu_memory(a)
         if not llm_tok.exact:
             self.plan.notes.append(f"{a.model}: tokenizer not available offline, tokens estimated at "
@@ -281,6 +281,9 @@ class _Estimator:
             extra_rows = planned_rows(cfg.extra, en)
             jobs.append(("annotate_extra", extra_rows))
         for stage, nrows in jobs:
+            if a.endpoint is not None:
+                self.endpoint(stage, nrows, per_prompt, out_tokens, a.endpoint)
+                continue
             pre, basis_p = self.rate("prefill", dev, a.model, 2)
             dec, _ = self.rate("decode", dev, a.model, 2)
             m = self.measured_rate(stage, "tokens") or self.measured_rate("annotate", "tokens")
@@ -292,6 +295,24 @@ class _Estimator:
                 tps, basis = (tokens / secs if secs else 0.0), basis_p + f"; {out_tokens} output tok/row at decode"
             self.add(stage, nrows, tokens, dev, ndev, tps, basis)
         return ann_rows, extra_rows, per_prompt, style, shots
+
+    def endpoint(self, stage: str, nrows: int, per_prompt: float, out_tokens: int, ep) -> None:
+        """An endpoint's annotation: its tokens at its prices (annotate.endpoint.usd_per_1k_*), no devices of the
+        run's; its wall time where a rate limit bounds it (requests_per_s, tokens_per_min), else not estimated."""
+        prompt, answer = nrows * per_prompt, nrows * out_tokens
+        p, c = ep.usd_per_1k_prompt_tokens, ep.usd_per_1k_completion_tokens
+        usd = (prompt * (p or 0.0) + answer * (c or 0.0)) / 1000
+        bounds = ([nrows / ep.requests_per_s] if ep.requests_per_s else []) + (
+            [(prompt + answer) / (ep.tokens_per_min / 60)] if ep.tokens_per_min else [])
+        wall_s = max(bounds, default=0.0)
+        basis = (f"endpoint prices: ${p or 0:g} / 1k prompt, ${c or 0:g} / 1k answer tokens" if p is not None or
+                 c is not None else "no endpoint prices (annotate.endpoint.usd_per_1k_prompt_tokens, ..._completion_"
+                                    "tokens): USD not estimated")
+        basis += ("; wall time at its rate limits" if bounds else
+                  "; wall time not estimated (no requests_per_s / tokens_per_min)")
+        self.plan.stages.append(StagePlan(stage, nrows, int(prompt + answer), "endpoint", 0,
+                                          (prompt + answer) / wall_s if wall_s else 0.0, 0.0, wall_s / 3600, usd,
+                                          basis))
 
     def llm_test_rows(self, cfg: RunConfig) -> int:
         """Test rows the LLM labels too (evaluate.llm_test_sample, at most the test split's planned rows)."""

@@ -178,3 +178,20 @@ def test_plan_chooses_the_training_topology_and_the_flagship_follows_it():
     plan = plan_run(flagship, task, hardware=hw, rows=25_000, mean_chars=1300)
     (note,) = [n for n in plan.notes if n.startswith("training topology")]
     assert note.startswith("training topology: 1 GPU worker(s)"), note
+
+
+def test_plan_prices_an_endpoint_by_its_tokens(corpus):
+    """annotate.endpoint: the annotation costs its tokens at the endpoint's prices, holds no devices of the run's,
+    and takes the time its tokens-a-minute limit allows; a hosted model's tokenizer is not at hand: 4 chars/token."""
+    ep = {"base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY", "tokens_per_min": 60_000,
+          "usd_per_1k_prompt_tokens": 0.15, "usd_per_1k_completion_tokens": 0.6}
+    est = plan_run(_cfg(corpus, **{"annotate.model": "gpt-4o-mini", "annotate.mode": "generate",
+                                   "annotate.endpoint": ep}), load_task("imdb-sentiment"), hardware=load_hardware())
+    ann = est.stages[0]
+    assert ann.stage == "annotate" and ann.device == "endpoint" and ann.devices == 0 and ann.device_hours == 0
+    answer = 60 * 10  # max_new_tokens a row
+    assert ann.cost_usd == pytest.approx(((ann.tokens - answer) * 0.15 + answer * 0.6) / 1000, rel=0.01)
+    assert ann.wall_hours == pytest.approx(ann.tokens / 1000 / 3600) and "rate limits" in ann.basis
+    assert any("gpt-4o-mini: tokenizer not available" in n for n in est.notes)
+    assert est.totals["cost_usd"] == pytest.approx(sum(s.cost_usd for s in est.stages))
+    assert "| annotate | 60 |" in est.table() and "| endpoint | 0 |" in est.table()

@@ -2,6 +2,7 @@
 small synthetic metrics dict (no Ray, no models)."""
 
 import pandas as pd
+import pytest
 
 from llambert_ray.metrics import classification_metrics, throughput
 from llambert_ray.report import check_aims, story_rows, story_sentences, story_table, story_text, write_report
@@ -116,3 +117,29 @@ def test_a_gpu_runs_stages_are_priced_at_their_gpus_price():
     unknown = load_config(None, {"annotate.device": "gpu", "annotate.accelerator_type": "B300-NEW"})
     cost = stage_cost("annotate", 60.0, unknown.annotate, unknown.train, unknown.label)
     assert cost["usd"] is None and cost["device"] == "gpu"
+
+
+def test_an_endpoint_llm_is_priced_by_its_tokens_in_the_stage_and_speed_tables():
+    """annotate.endpoint: the annotate stage holds no devices of the run's and costs what its tokens cost (the
+    summary's endpoint usd); the LLM's USD per 1,000 rows and the encoder's all-in cost carry it."""
+    from llambert_ray.accounting import labeller_speeds, stage_cost, usd_per_device_hour
+    from llambert_ray.config import load_config
+    from llambert_ray.report import cost_table
+
+    cfg = load_config(None, {"annotate.model": "gpt-4o-mini",
+                             "annotate.endpoint": {"base_url": "https://api.openai.com/v1"},
+                             "annotate.device": "gpu", "annotate.accelerator_type": "A100-80G",
+                             "train.use_gpu": True, "label.gpus_per_actor": 1})
+    a, t, lab = cfg.annotate, cfg.train, cfg.label
+    a100 = usd_per_device_hour("gpu", "A100-80G")
+    stages = {"annotate": {"seconds": 100.0, "rows": 10_000, **stage_cost("annotate", 100.0, a, t, lab, 3.0)}}
+    assert stages["annotate"] == {"seconds": 100.0, "rows": 10_000, "device": "endpoint", "device_seconds": 0.0,
+                                  "usd": 3.0}
+    for name, secs, rows in (("train[llm]", 600.0, 10_000), ("label", 900.0, 1_000_000)):
+        stages[name] = {"seconds": secs, "rows": rows, **stage_cost(name, secs, a, t, lab)}
+    speed = labeller_speeds(stages, a, t, lab)
+    assert speed["llm"]["usd_per_1k"] == pytest.approx(0.3) and speed["llm"]["rows_per_s"] == 100
+    assert speed["llm"]["device_seconds_per_1k"] is None
+    all_in = ((600 + 900) * a100 / 3600 + 3.0) / 1_000_000 * 1000
+    assert speed["encoder_all_in"]["usd_per_1k"] == pytest.approx(all_in)
+    assert "| annotate |" in cost_table({"stages": stages}) and "3.0000" in cost_table({"stages": stages})

@@ -99,6 +99,51 @@ def test_cli_annotates_reviews_with_real_vllm_and_a_row_it_rejects(per_call):
     assert again.rows == 1 and s2.cached == 40 and s2.failed == 0 and len(df2) == 41
 
 
+def test_vllms_own_openai_server_as_the_endpoint_in_each_mode(per_call, tmp_path):
+    """annotate.endpoint against vLLM's own OpenAI-compatible server (started here on 127.0.0.1 with the packaged
+    model, max_model_len 256 as the per-call run's), before the served engine starts: score mode by label token ids
+    gives the per-call engine's labels and log-probs on the 40 reviews, and the over-long row is the server's 400,
+    that row's llm_error; score mode by the answers' top_logprobs text, generate and choice (vLLM's structured
+    outputs) label them right too, every id once; preflight's endpoint checks pass for choice mode."""
+    import ray
+
+    from bench.endpoint import vllm_server
+    from llambert_ray.annotate import annotate
+    from llambert_ray.config import AnnotateConfig, EndpointConfig, RunConfig
+    from llambert_ray.models import resolve_model
+    from llambert_ray.preflight import check_endpoint
+
+    model = "smollm2-135m-instruct"
+    out, rows, _ = per_call
+    own = pd.read_parquet(out / "annotations.parquet").set_index("id").loc[[r["id"] for r in ROWS]]
+    with vllm_server(resolve_model(model), model, max_model_len=256, log=tmp_path / "server.log") as url:
+        by_ids = EndpointConfig(base_url=url, tokenizer=model, concurrency=8)
+        got = {}
+        for name, cfg in (("score-ids", AnnotateConfig(mode="score", max_model_len=256, endpoint=by_ids)),
+                          ("score-text", AnnotateConfig(mode="score", endpoint=EndpointConfig(base_url=url))),
+                          ("generate", AnnotateConfig(mode="generate", endpoint=EndpointConfig(base_url=url))),
+                          ("choice", AnnotateConfig(mode="choice", endpoint=EndpointConfig(base_url=url)))):
+            df, s = annotate(ray.data.from_items(rows), TASK, cfg, cache_dir=tmp_path / name)
+            assert len(df) == 41 and df["id"].is_unique and set(df["id"]) == {r["id"] for r in rows}, name
+            assert s.endpoint["requests"] == 41 and s.endpoint["retries"] == 0, (name, s.endpoint)
+            got[name] = df.set_index("id")
+        checks = []
+        check_endpoint(RunConfig.model_validate({"corpus": {"path": "x.jsonl"}, "annotate": {
+            "mode": "choice", "endpoint": {"base_url": url}}}), checks)
+    for name, df in got.items():
+        bad = df.loc["too-long"]
+        assert pd.isna(bad["llm_label"]) and "HTTP 400" in bad["llm_error"], (name, bad["llm_error"])
+        ok = df.loc[own.index]
+        assert ok["llm_error"].isna().all(), name
+        assert (ok["llm_label"] == ok["label"]).mean() >= 0.75, (name, (ok["llm_label"] == ok["label"]).mean())
+    same = got["score-ids"].loc[own.index]
+    assert (same["llm_label"].to_numpy() == own["llm_label"].to_numpy()).all()
+    scores = [json.loads(r) for r in same["llm_raw"]], [json.loads(r) for r in own["llm_raw"]]
+    assert max(abs(a[k] - b[k]) for a, b in zip(*scores, strict=True) for k in a) < 0.05
+    assert got["choice"].loc[own.index, "llm_label"].notna().all()  # constrained: never unparseable
+    assert [c.status for c in checks] == ["ok"] * 3, checks
+
+
 def test_served_engine_gives_the_per_call_engines_answers(per_call, served):
     """Score mode, completion prompts: the served engine's labels and label log-probs are the per-call engine's
     (Ray Data LLM's vLLM actor, the `per_call` run) on the same 40 reviews, and they come out right."""
