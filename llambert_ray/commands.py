@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from llambert_ray import ray_env  # called by its module: tests stand in for init_ray there
-from llambert_ray.annotate.gold import gold_for_annotate, run_gold_set
+from llambert_ray.annotate.gold import gold_for_annotate, run_gold_set, wants_gold, warn_gold_overlap
 from llambert_ray.annotate.prompts import make_plan
 from llambert_ray.annotate.stage import AnnotationSummary, annotate
 from llambert_ray.config import CorpusConfig, RunConfig, SqlConfig
@@ -20,17 +20,27 @@ from llambert_ray.data import check_corpus_path, read_corpus, sample_corpus
 from llambert_ray.label import LabelError, check_sink, label, model_labels
 from llambert_ray.label_counts import LabelSummary
 from llambert_ray.models import resolve_model
+from llambert_ray.ray_env import from_frames
 from llambert_ray.storage import is_uri, write_parquet
 from llambert_ray.tasks import load_task
 from llambert_ray.train import TrainResult, fit_variant, read_training_frame
 
 
-def annotate_corpus(cfg: RunConfig, output_dir: str | Path) -> AnnotationSummary:
+def annotate_corpus(cfg: RunConfig, output_dir: str | Path, gold_path: str | None = None) -> AnnotationSummary:
     """Read cfg.corpus, take its seeded sample, annotate it; write OUTPUT/annotations.parquet,
-    OUTPUT/annotate_summary.json and OUTPUT/logs/ (answers stream into OUTPUT/.annotate_cache/)."""
+    OUTPUT/annotate_summary.json and OUTPUT/logs/ (answers stream into OUTPUT/.annotate_cache/).
+
+    Gold rows (gold-knn shots, calibration gold) come from `gold_path` (a labelled corpus, read with cfg.corpus's
+    columns), else from the corpus's own labelled rows that are not being annotated; never a row being annotated,
+    and a gold row with the same text as one is warned about."""
     # a wrong path, task, model or mode fails here, in seconds, before Ray starts
     task = load_task(cfg.task)
     check_corpus_path(cfg.corpus)
+    gold_cfg = None
+    if gold_path is not None:
+        gold_cfg = cfg.corpus.model_copy(update={"path": gold_path, "sql": None, "sample": None, "fraction": None,
+                                                 "filters": {}})
+        check_corpus_path(gold_cfg, "--gold")
     if cfg.annotate.endpoint is None:  # an endpoint's model is the endpoint's, not resolved here
         model_path = resolve_model(cfg.annotate.model, check_hub=ray_env.is_local(cfg.cluster.address))
         make_plan(task, cfg.annotate, model_path)
@@ -41,7 +51,14 @@ def annotate_corpus(cfg: RunConfig, output_dir: str | Path) -> AnnotationSummary
     ray_env.require_shared_path(output_dir, "--output")
     ds, _ = read_corpus(cfg.corpus, task)
     subset = sample_corpus(ds, cfg.corpus)
-    gold_set = run_gold_set(ds, task, cfg.annotate, encoder=cfg.select.model or cfg.train.model, seed=cfg.corpus.seed)
+    gold_set = None
+    if wants_gold(cfg.annotate):
+        rows = subset.to_pandas()  # the sample sent to the LLM: small enough to hold
+        source = read_corpus(gold_cfg, task)[0] if gold_cfg is not None else ds
+        gold_set = run_gold_set(source, task, cfg.annotate, encoder=cfg.select.model or cfg.train.model,
+                                seed=cfg.corpus.seed, exclude=set(rows["id"].astype(str)))
+        warn_gold_overlap(gold_set.rows, rows, "--gold" if gold_cfg is not None else "--input")
+        subset = from_frames(rows)
     subset, gold = gold_for_annotate(subset, gold_set)
     df, summary = annotate(subset, task, cfg.annotate, cache_dir=out / ".annotate_cache", gold=gold)
     write_parquet(df, out / "annotations.parquet")

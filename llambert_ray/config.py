@@ -288,6 +288,13 @@ class TrainConfig(_Strict):
     class_balance: Literal["none", "weighted"] = Field(
         "none", description="weighted: each label's loss weighted n / (labels x its rows), so a skewed label set "
                             "does not collapse the encoder onto its majority label")
+    stop_rule: Literal["none", "agreement"] = Field(
+        "none", description="agreement: a seeded slice of the training rows (stop_holdout of them) is kept apart; "
+                            "after each epoch the encoder's macro F1 against those rows' labels (the LLM's, for LLM "
+                            "labels: no gold needed) is measured, and the epoch that agrees best is the model kept "
+                            "(the curve is in the training history); none: the last epoch")
+    stop_holdout: float = Field(0.1, gt=0, lt=0.5, description="stop_rule agreement: share of the training rows "
+                                                               "kept apart to choose the epoch")
     label_issues: Literal["keep", "drop", "relabel"] = Field(
         "keep", description="LLM labels flagged as likely wrong (cleanlab on cross-validated probe probabilities "
                             "over frozen encoder embeddings): keep them, drop them (those rows still train the "

@@ -138,6 +138,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
 
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if config["has_eval"] else None
+    agree_shard = ray.train.get_dataset_shard("agree") if config.get("best_dir") else None
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         seen, micro, loss_sum = _train_epoch(engine, train_shard, encode, label2id, device, cfg, epoch,
@@ -151,11 +152,22 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
                                    "class_weights": config.get("class_weights"), "start_epoch": start_epoch}
         if eval_shard is not None:
             metrics["eval_accuracy"] = _evaluate(engine, eval_shard, encode, label2id, device)
+        if agree_shard is not None:  # the stop rule: agreement with the held-out rows' labels; the best kept
+            metrics["agreement_macro_f1"] = _agreement(engine, agree_shard, encode, label2id, device)
+            if epoch == chosen_epoch([*history, metrics]):
+                _save_model(engine, tok, cfg, labels, Path(config["best_dir"]),
+                            {"epoch": epoch, "agreement_macro_f1": metrics["agreement_macro_f1"]})
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag="ds", client_state={"epoch": epoch, "history": history})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-    _report_final_model(engine, tok, cfg, labels, history)
+    _report_final_model(engine, tok, cfg, labels, history, config.get("best_dir"))
+
+
+def chosen_epoch(history: list[dict[str, Any]]) -> int | None:
+    """The stop rule's epoch: the first with the best agreement_macro_f1 (None without any)."""
+    scored = [(m["agreement_macro_f1"], -m["epoch"]) for m in history if m.get("agreement_macro_f1") is not None]
+    return -max(scored)[1] if scored else None
 
 
 def _deepspeed_engine(cfg: TrainConfig, model_ref: str, labels: list[str], total_steps: int, use_bf16: bool,
@@ -240,10 +252,11 @@ def _train_epoch(engine, shard, encode, label2id, device, cfg: TrainConfig, epoc
     return seen, micro, loss_sum
 
 
-def _report_final_model(engine, tok, cfg: TrainConfig, labels: list[str], history: list[dict[str, Any]]) -> None:
-    """The final HF model, saved by rank 0 and reported as the last checkpoint. Under ZeRO-3 DeepSpeed gathers the
-    partitions layer by layer onto rank 0's CPU (what HF's Trainer saves through; every rank takes part, it is a
-    collective). Saved in fp32 whatever the training dtype: the labelling side picks its own."""
+def _save_model(engine, tok, cfg: TrainConfig, labels: list[str], folder: Path, marker: dict[str, Any]) -> None:
+    """The model as an HF folder, written by rank 0 (whole, then renamed into place). Under ZeRO-3 DeepSpeed gathers
+    the partitions layer by layer onto rank 0's CPU (what HF's Trainer saves through; every rank takes part, it is a
+    collective: every rank calls this). Saved in fp32 whatever the training dtype: the labelling side picks its own.
+    `marker`: what FINAL_MARKER records beside the labels and max_length."""
     import ray.train
     import torch.distributed as dist
 
@@ -251,15 +264,48 @@ def _report_final_model(engine, tok, cfg: TrainConfig, labels: list[str], histor
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     state = (engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3
              else engine.module_state_dict() if rank == 0 else None)
+    if rank == 0:
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        engine.module.save_pretrained(tmp, state_dict={k: v.detach().float().cpu() for k, v in state.items()})
+        tok.save_pretrained(tmp)
+        Path(tmp, FINAL_MARKER).write_text(json.dumps({"labels": labels, "max_length": cfg.max_length,
+                                                       "world_size": world, **marker}))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    if world > 1:
+        dist.barrier()
+
+
+def _report_final_model(engine, tok, cfg: TrainConfig, labels: list[str], history: list[dict[str, Any]],
+                        best_dir: str | None = None) -> None:
+    """The final HF model reported as the last checkpoint: the last epoch's, or with the stop rule (best_dir) the
+    chosen epoch's, saved there when it was measured (a worker restart since does not lose it: best_dir is in the
+    shared output folder). Its FINAL_MARKER holds the whole history and the chosen epoch."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    chosen = chosen_epoch(history) if best_dir else None
+    kept = Path(best_dir) if best_dir else None
+    saved = None  # the epoch whose model best_dir holds: its epoch and agreement both this history's (not stale)
+    if kept is not None and (kept / FINAL_MARKER).exists():
+        m = json.loads((kept / FINAL_MARKER).read_text())
+        if any(h["epoch"] == m.get("epoch") and h.get("agreement_macro_f1") == m.get("agreement_macro_f1")
+               for h in history):
+            saved = m["epoch"]
     with tempfile.TemporaryDirectory() as d:
+        folder = Path(d) / "model"
+        if chosen is not None and saved == chosen:
+            if rank == 0:
+                shutil.copytree(kept, folder)
+        else:  # the last epoch (also when the chosen one's save is missing: said in the marker)
+            _save_model(engine, tok, cfg, labels, folder, {})
         if rank == 0:
-            engine.module.save_pretrained(d, state_dict={k: v.detach().float().cpu() for k, v in state.items()})
-            tok.save_pretrained(d)
-            Path(d, FINAL_MARKER).write_text(json.dumps({"labels": labels, "max_length": cfg.max_length,
-                                                         "history": history, "world_size": world}))
-        if world > 1:
-            dist.barrier()
-        ray.train.report({"final": True}, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+            marker = json.loads((folder / FINAL_MARKER).read_text())
+            marker.update(history=history, chosen_epoch=chosen if saved == chosen else None)
+            (folder / FINAL_MARKER).write_text(json.dumps(marker))
+        ray.train.report({"final": True},
+                         checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None)
 
 
 def _evaluate(engine, shard, encode, label2id, device) -> float:
@@ -278,6 +324,28 @@ def _evaluate(engine, shard, encode, label2id, device) -> float:
     if dist.is_initialized():
         dist.all_reduce(correct)
     return float(correct[0] / max(correct[1], 1))
+
+
+def _agreement(engine, shard, encode, label2id, device) -> float:
+    """Macro F1 of the encoder's labels against the shard's labels, over every rank's rows (a confusion matrix
+    all-reduced): the stop rule's measure."""
+    import torch
+    import torch.distributed as dist
+
+    engine.eval()
+    k = len(label2id)
+    confusion = torch.zeros(k * k, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for batch in shard.iter_batches(batch_size=64, batch_format="pandas"):
+            pred = engine(**encode(batch["text"].tolist())).logits.argmax(-1)
+            y = torch.tensor([label2id[v] for v in batch["label"]], device=device)
+            confusion += torch.bincount(y * k + pred, minlength=k * k).double()
+    if dist.is_initialized():
+        dist.all_reduce(confusion)
+    m = confusion.view(k, k).cpu()
+    tp, gold, predicted = m.diag(), m.sum(1), m.sum(0)
+    f1 = [float(2 * tp[i] / (gold[i] + predicted[i])) for i in range(k) if gold[i] + predicted[i] > 0]
+    return sum(f1) / len(f1) if f1 else 0.0
 
 
 def train_worker_env(use_gpu: bool) -> dict[str, str]:
@@ -320,23 +388,30 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
         init_model = str(Path(init_model).resolve())  # Ray Train's workers run in another working directory
     model_path = init_model or resolve_model(cfg.model)
     env = train_worker_env(cfg.use_gpu)
-    # rows trained, summed over workers and epochs: every worker takes the same whole steps (as _train_loop), the
-    # rest of an epoch's rows is dropped. A run resumed from a checkpoint ends below 100 %.
-    step_rows = cfg.batch_size * cfg.grad_accum
-    bar = Progress(f"train {name}", max(1, len(train) // cfg.workers // step_rows) * step_rows * cfg.workers
-                   * cfg.epochs)
     frame = train[["text", "label"]].reset_index(drop=True)
     if cfg.targets == "soft":
         frame["target"] = list(soft_targets(train, labels, cfg.soft_temperature))
     weights = class_weights(train["label"], labels) if cfg.class_balance == "weighted" else None
-    datasets = {"train": from_frames(frame)}
+    datasets: dict[str, Any] = {}
+    best_dir = None
+    if cfg.stop_rule == "agreement":  # a seeded slice apart: the epoch that agrees best with its labels is kept
+        held = frame.sample(frac=cfg.stop_holdout, random_state=cfg.seed)
+        frame = frame.drop(held.index).reset_index(drop=True)
+        datasets["agree"] = from_frames(held[["text", "label"]].reset_index(drop=True))
+        best_dir = str(output_dir / "best_epoch")
+    datasets["train"] = from_frames(frame)
     if eval_df is not None and len(eval_df):
         datasets["eval"] = from_frames(eval_df[["text", "label"]].reset_index(drop=True))
+    # rows trained, summed over workers and epochs: every worker takes the same whole steps (as _train_loop), the
+    # rest of an epoch's rows is dropped. A run resumed from a checkpoint ends below 100 %.
+    step_rows = cfg.batch_size * cfg.grad_accum
+    bar = Progress(f"train {name}", max(1, len(frame) // cfg.workers // step_rows) * step_rows * cfg.workers
+                   * cfg.epochs)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"train": cfg.model_dump(), "labels": labels, "model_path": model_path,
-                           "rows": len(train), "has_eval": "eval" in datasets, "progress": bar.tally(),
-                           "class_weights": weights},
+                           "rows": len(frame), "has_eval": "eval" in datasets,
+                           "progress": bar.tally(), "class_weights": weights, "best_dir": best_dir},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
@@ -352,7 +427,8 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
     seconds = time.time() - t0
     model_dir = _copy_final_model(result, output_dir, name)
     history = json.loads((model_dir / FINAL_MARKER).read_text()).get("history", [])
-    metrics = {"history": history, **(history[-1] if history else {})}
+    chosen = json.loads((model_dir / FINAL_MARKER).read_text()).get("chosen_epoch")
+    metrics = {"history": history, **(history[-1] if history else {}), "chosen_epoch": chosen}
     sps = [m["samples_per_s"] for m in history if "samples_per_s" in m]
     return TrainResult(model_dir=str(model_dir), rows=len(train), epochs=cfg.epochs, seconds=seconds,
                        samples_per_s=float(sum(sps) / len(sps)) if sps else math.nan, metrics=metrics)
@@ -391,6 +467,10 @@ def fit_variant(variant: str, annotations: pd.DataFrame, labels: list[str], cfg:
                 name=f"{variant.replace('+', '_')}-stage{i + 1}")
         init = r.model_dir
         results.append(r)
+        if r.metrics.get("chosen_epoch") is not None:
+            curve = ", ".join(f"{h['agreement_macro_f1']:.3f}" for h in r.metrics["history"])
+            log(f"  {variant}: stop rule kept epoch {r.metrics['chosen_epoch'] + 1} of {cfg.epochs} (macro F1 "
+                f"against the held-out rows' labels by epoch: {curve})")
     final = output_dir / "model"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(init, final)

@@ -35,6 +35,7 @@ class FaultServer:
         self.tries: Counter = Counter()
         self.log: list[tuple[float, str, int]] = []  # (time, row, status)
         self.auth: set[str] = set()
+        self.bodies: list[dict] = []
         self.down = False
         self.lock = threading.Lock()
         server = self
@@ -81,6 +82,7 @@ class FaultServer:
 
     def answer(self, body: dict) -> tuple:
         arrived = time.monotonic()
+        self.bodies.append(body)
         text = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
         row, sentiment = (re.findall(r"row-(\d+)-(pos|neg)", text) or [("probe", "pos")])[-1]
         with self.lock:
@@ -105,7 +107,7 @@ class FaultServer:
         word = "positive" if sentiment == "pos" else "negative"
         other = "negative" if word == "positive" else "positive"
         choice = {"index": 0, "message": {"role": "assistant", "content": word}, "finish_reason": "stop"}
-        if body.get("logprobs"):
+        if body.get("logprobs") and body["model"] != "other":  # "other" gives no logprobs, as some servers
             top = [{"token": word, "logprob": -0.1}, {"token": "The", "logprob": -2.0},
                    {"token": other, "logprob": -3.0}]
             choice["logprobs"] = {"content": [{"token": word, "logprob": -0.1, "top_logprobs": top}]}
@@ -249,6 +251,8 @@ def test_preflight_checks_key_model_and_one_row_in_the_mode(server, monkeypatch)
     ok = rows(mode="score")
     assert [c.status for c in ok.values()] == ["ok"] * 3, ok
     assert "one row answered" in ok["endpoint score mode"].detail
+    none = rows(mode="score", model="other")["endpoint score mode"]
+    assert none.status == "fail" and "no logprobs" in none.detail and "annotate.mode generate" in none.fix
     wrong = rows(model="gpt-nope")
     assert wrong["endpoint model"].status == "fail" and "fake-llm" in wrong["endpoint model"].detail
     monkeypatch.delenv(KEY_ENV)
@@ -279,3 +283,45 @@ def test_score_mode_by_token_text_and_retry_after_forms():
         EndpointConfig(base_url="https://api.openai.com/v1", api_key_env="sk-abc123-def")
     with pytest.raises(ValueError, match="holds credentials"):
         EndpointConfig(base_url="https://user:pw@api.example.com/v1")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_annotate_takes_its_gold_rows_apart_from_the_rows_it_labels(server, ray_local, tmp_path, caplog):
+    """`llambert annotate --gold FILE` with gold-knn shots: every prompt's examples are --gold rows, never a row being
+    labelled; a --gold row with the same text as one is warned about. Without --gold, the input's labelled rows that
+    are all being annotated are no gold (never their own): the error names --gold. The summary says on how many rows
+    it measured accuracy when only some have a gold label."""
+    from typer.testing import CliRunner
+
+    from llambert_ray.cli import app
+
+    rows = _rows(12, {})
+    for r in rows[6:]:
+        r["label"] = None  # a corpus mixing labelled and unlabelled rows
+    gold = [{"id": f"g{i}", "text": f"row-{100 + i}-{'pos' if i % 2 else 'neg'} gold example {i}",
+             "label": "positive" if i % 2 else "negative"} for i in range(8)]
+    gold.append({"id": "g-dup", "text": rows[0]["text"], "label": rows[0]["label"]})
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "gold.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gold))
+    (tmp_path / "run.yaml").write_text(
+        "annotate:\n  model: fake-llm\n  mode: generate\n  prompt_style: chat\n  shots: 2\n  shots_from: gold-knn\n"
+        f"  endpoint: {{base_url: '{server.url}', api_key_env: {KEY_ENV}}}\n")
+    base = ["annotate", "--task", "imdb-sentiment", "--input", str(tmp_path / "in.jsonl"), "-c",
+            str(tmp_path / "run.yaml")]
+    res = CliRunner().invoke(app, [*base, "--output", str(tmp_path / "a"), "--gold", str(tmp_path / "gold.jsonl")])
+    assert res.exit_code == 0, res.output
+    said = res.output + caplog.text
+    assert "1 of the 9 gold rows (--gold) have the same text" in said, said
+    shown = [json.dumps(b["messages"]) for b in server.bodies if "row-" in json.dumps(b["messages"])]
+    own = [r["text"] for r in rows]
+    for body in shown:
+        assert "gold example" in body  # its shots came from --gold
+        assert sum(t in body for t in own) <= 1 + (rows[0]["text"] in body)  # no other input row as a shot
+    assert "on the 6 of 12 rows that have a gold label" in res.output
+    from llambert_ray.annotate import AnnotationError
+    from llambert_ray.annotate.gold import run_gold_set
+
+    with pytest.raises(AnnotationError, match="--gold FILE"):  # what `annotate` without --gold meets here
+        run_gold_set(ray_local.data.from_items(rows), TASK, AnnotateConfig(calibration="gold"), encoder="minilm-l6",
+                     exclude={r["id"] for r in rows})

@@ -69,24 +69,41 @@ def test_checkpoints_go_once_the_variants_model_is_written(tmp_path, monkeypatch
 @pytest.mark.timeout(900)
 def test_zero3_saves_the_whole_gathered_model(ray_local, tweets_frame, tmp_path):
     """ZeRO-3 partitions every parameter over the workers; the saved HF model must hold the whole, trained
-    weights (gathered on every rank, written by rank 0), not the empty partitions."""
+    weights (gathered on every rank, written by rank 0), not the empty partitions: the stop rule's chosen epoch,
+    saved when it was measured."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from sklearn.metrics import f1_score
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from llambert_ray.models import resolve_model
-    from llambert_ray.train import fit
+    from llambert_ray.train import chosen_epoch, fit
 
     train = balanced(tweets_frame[tweets_frame["split"] == "train"], 32)
     # also the soft-target path with class weights, as the LLM's rows reach it (variant_stages keeps their scores)
     train = train.assign(llm_confidence=0.8, llm_raw='{"positive": -0.3, "negative": -1.4}')
+    # and the stop rule: a held-out slice measures each epoch; the chosen epoch's model, saved whole under ZeRO-3
+    # when it was measured, is the one kept
     cfg = TrainConfig(workers=2, cpus_per_worker=0.5, zero_stage=3, epochs=1, batch_size=8, max_length=32,
-                      learning_rate=1e-4, targets="soft", class_balance="weighted")
+                      learning_rate=1e-4, targets="soft", class_balance="weighted", stop_rule="agreement",
+                      stop_holdout=0.25)
     r = fit(train[["text", "label", "llm_confidence", "llm_raw"]], ["positive", "negative"], cfg, tmp_path,
             name="zero3")
-    last = r.metrics["history"][-1]
+    history = r.metrics["history"]
+    last = history[-1]
     assert last["targets"] == "soft" and last["class_weights"] == [1.0, 1.0], last  # balanced: 32 rows each
     assert 0.49 < last["train_loss"] < 5, last  # a soft cross-entropy: never below the targets' entropy, 0.50
-    saved = AutoModelForSequenceClassification.from_pretrained(r.model_dir)
+    assert [h["epoch"] for h in history] == [0] and all(0 <= h["agreement_macro_f1"] <= 1 for h in history)
+    chosen = r.metrics["chosen_epoch"]
+    assert chosen == chosen_epoch(history) == 0  # (which epoch wins: test_the_stop_rule_keeps_the_first_...)
+    # the model kept is the chosen epoch's: its macro F1 on the held-out rows is the one measured for that epoch
+    held = train[["text", "label"]].reset_index(drop=True).sample(frac=0.25, random_state=0)
+    tok = AutoTokenizer.from_pretrained(r.model_dir)
+    saved = AutoModelForSequenceClassification.from_pretrained(r.model_dir).eval()
+    with torch.no_grad():
+        pred = saved(**tok(held["text"].tolist(), truncation=True, max_length=32, padding=True,
+                           return_tensors="pt")).logits.argmax(-1).numpy()
+    f1 = f1_score([["positive", "negative"].index(v) for v in held["label"]], pred, average="macro")
+    assert f1 == pytest.approx(history[chosen]["agreement_macro_f1"], abs=1e-6), (f1, history)
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model("minilm-l6"), num_labels=2)
     w, w0 = saved.bert.embeddings.word_embeddings.weight, base.bert.embeddings.word_embeddings.weight
     assert w.shape == w0.shape and w.abs().sum() > 0  # whole, not a 0-sized partition
@@ -253,3 +270,12 @@ def test_relabelled_rows_lose_the_llms_scores():
     out = screen_llm_labels(ann, pd.DataFrame({"id": ["x"], "classifier_label": ["b"]}), "relabel")
     assert out["llm_label"].tolist() == ["b", "b"]
     assert out["llm_raw"].isna().tolist() == [True, False] and out["llm_confidence"].isna().tolist() == [True, False]
+
+
+def test_the_stop_rule_keeps_the_first_epoch_that_agrees_best():
+    from llambert_ray.train import chosen_epoch
+
+    h = [{"epoch": 0, "agreement_macro_f1": 0.7}, {"epoch": 1, "agreement_macro_f1": 0.8},
+         {"epoch": 2, "agreement_macro_f1": 0.8}, {"epoch": 3, "agreement_macro_f1": 0.6}]
+    assert chosen_epoch(h) == 1 and chosen_epoch(h[:1]) == 0
+    assert chosen_epoch([{"epoch": 0, "train_loss": 1.0}]) is None

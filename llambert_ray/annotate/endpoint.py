@@ -36,7 +36,7 @@ import pandas as pd
 
 from llambert_ray.annotate.columns import OUTPUT_COLUMNS, AnnotationError
 from llambert_ray.annotate.prompts import PromptPlan, row_examples
-from llambert_ray.annotate.served import ServedVLLMEngine, openai_request, write_parts
+from llambert_ray.annotate.served import answer_row, openai_request, write_parts
 from llambert_ray.config import AnnotateConfig, EndpointConfig
 from llambert_ray.progress import Progress
 from llambert_ray.ray_env import from_frames
@@ -294,7 +294,7 @@ class EndpointEngine:
     # ---- the annotation engine's interface
     def answer_frames(self, rows: pd.DataFrame, plan: PromptPlan, chunk: int) -> Iterator[pd.DataFrame]:
         """The answers to `rows`, `chunk` rows per frame, in row order, with the columns every engine gives
-        (ServedVLLMEngine._row). Raises EndpointError after endpoint.max_failures rows in a row failed with their
+        (served.answer_row). Raises EndpointError after endpoint.max_failures rows in a row failed with their
         retries spent, or at once when the endpoint refuses the key or the model; frames yielded before are the
         caller's to keep."""
         window = self.ep.concurrency * 4
@@ -335,7 +335,7 @@ class EndpointEngine:
                         failed_in_a_row = failed_in_a_row + 1 if error.startswith("no answer after") else 0
                     else:
                         failed_in_a_row = 0
-                    out.append(ServedVLLMEngine._row(plan, row, answer, error))
+                    out.append(answer_row(plan, row, answer, error))
                     if failed_in_a_row >= self.ep.max_failures:
                         yield pd.DataFrame(out)  # its failures too: counted, and sent again by the next run
                         out = []
@@ -367,9 +367,7 @@ class EndpointEngine:
         got = frame.iloc[0].to_dict() if len(frame) else {"llm_error": "no answer"}
         if got.get("llm_error"):
             why = str(got["llm_error"])
-            if plan.mode == "score" and "logprob" in why.lower():
-                why += "; fix: annotate.mode generate (the paper's parse) where the endpoint gives no logprobs"
-            elif plan.mode == "choice":
+            if plan.mode == "choice":
                 why += ("; fix: annotate.mode generate where the endpoint has no structured output "
                         "(vLLM's structured_outputs choice)")
             return {**got, "usable": False, "why": why}

@@ -10,18 +10,21 @@ column (JSON), which the prompt and the row's cache key both include. The same g
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from llambert_ray.annotate.columns import SHOTS_COLUMN
+from llambert_ray.annotate.columns import SHOTS_COLUMN, AnnotationError
 from llambert_ray.annotate.prompts import resolved_shots
 from llambert_ray.config import AnnotateConfig
 from llambert_ray.embeddings import Embed, embed_rows
 from llambert_ray.ray_env import from_frames
 from llambert_ray.tasks import Task
+
+log = logging.getLogger(__name__)
 
 
 def nearest_gold(x_rows: np.ndarray, row_ids: Sequence, x_gold: np.ndarray, gold_ids: Sequence,
@@ -130,16 +133,29 @@ def with_gold(rows: pd.DataFrame, corpus: pd.DataFrame, task: Task, cfg: Annotat
 def run_gold_set(corpus_ds, task: Task, cfg: AnnotateConfig, *, encoder: str, seed: int = 0,
                  exclude: set[str] | None = None) -> GoldSet | None:
     """The gold rows of a run (from the corpus's label column, never an id in `exclude`; gold-knn embeds them with
-    `encoder`), or None when `cfg` asks for none. Raises ValueError when it asks for some and the corpus has no
+    `encoder`), or None when `cfg` asks for none. Raises AnnotationError when it asks for some and the corpus has no
     gold labels."""
     if not wants_gold(cfg):  # before the corpus is pulled into this process
         return None
     corpus = corpus_ds.to_pandas() if "label" in corpus_ds.columns() else pd.DataFrame(columns=["id", "text", "label"])
     gold = gold_set(corpus, task, cfg, encoder=encoder, seed=seed, exclude=exclude)
     if gold is None or gold.rows.empty:
-        raise ValueError("annotate.shots_from gold-knn / calibration gold need gold labels in the corpus's label "
-                         "column, and it has none; fix: a labelled corpus, or shots_from: fixed / another calibration")
+        raise AnnotationError("annotate.shots_from gold-knn / calibration gold need gold labels in the corpus's label "
+                         "column, and it has none (apart from any rows being annotated, which are never their own "
+                         "gold); fix: a labelled corpus (llambert annotate --gold FILE), or shots_from: fixed / "
+                         "another calibration")
     return gold
+
+
+def warn_gold_overlap(gold: pd.DataFrame, rows: pd.DataFrame, source: str) -> int:
+    """Warn (and return how many) when gold rows share a text with the rows being annotated: their gold labels then
+    shape those rows' answers (as shots or through calibration), and accuracy measured on them says too much."""
+    same = int(gold["text"].isin(set(rows["text"])).sum()) if len(gold) and len(rows) else 0
+    if same:
+        log.warning("%d of the %d gold rows (%s) have the same text as rows being annotated: their labels shape "
+                    "those rows' answers, so accuracy measured on these rows overstates the LLM's; fix: gold rows "
+                    "apart from the rows to label (llambert annotate --gold FILE)", same, len(gold), source)
+    return same
 
 
 def gold_for_annotate(ds, gold: GoldSet | None):

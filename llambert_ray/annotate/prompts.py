@@ -68,7 +68,8 @@ class PromptPlan:
             scores = self._label_logprobs(logprobs)
             if scores is None:
                 why = ("no label word among the answer's top alternatives; fix: annotate.mode generate or choice"
-                       if not self.label_token_ids and logprobs else "engine returned no logprobs for the label tokens")
+                       if not self.label_token_ids and logprobs else "engine returned no logprobs for the label "
+                       "tokens; fix: annotate.mode generate (the paper's parse) where the LLM's server gives none")
                 return {"llm_label": None, "llm_confidence": None, "llm_raw": generated_text, "llm_error": why}
             top = max(scores, key=scores.get)
             z = max(scores.values())

@@ -77,6 +77,19 @@ def _token_key(token: Any) -> int | str:
     return int(t[len("token_id:"):]) if t.startswith("token_id:") and t[len("token_id:"):].isdigit() else t
 
 
+def answer_row(plan: PromptPlan, row: dict[str, Any], answer: dict[str, Any], error: str | None) -> dict[str, Any]:
+    """A row's output columns (id, text[, label, prompt_key] and OUTPUT_COLUMNS) from an OpenAI API answer (or the
+    request's error), as every engine gives them."""
+    out = {k: row[k] for k in ("id", "text", "label", PROMPT_KEY) if k in row}
+    if error is None and answer.get("error"):  # vLLM's ErrorResponse, e.g. a prompt over max_model_len
+        err = answer["error"]
+        error = str(err.get("message", err) if isinstance(err, dict) else err)
+    text, logprobs, tokens = openai_answer(answer)
+    out.update(plan.result(text, logprobs, error))
+    out["prompt_tokens"] = tokens
+    return out
+
+
 class ServedVLLMEngine:
     """One vLLM engine for every annotation call of a run: a Ray Serve LLM deployment (`ray.serve.llm`) that this
     process calls by its deployment handle, so the sample, the extra rows, the test rows and each active round share
@@ -225,21 +238,10 @@ class ServedVLLMEngine:
                         raise
                     error = f"{type(e).__name__}: {str(e)[:500]}"
             submit()
-            out.append(self._row(plan, row, answer, error))
+            out.append(answer_row(plan, row, answer, error))
             if len(out) == chunk or not pending:
                 yield pd.DataFrame(out)
                 out = []
-
-    @staticmethod
-    def _row(plan: PromptPlan, row: dict[str, Any], answer: dict[str, Any], error: str | None) -> dict[str, Any]:
-        out = {k: row[k] for k in ("id", "text", "label", PROMPT_KEY) if k in row}
-        if error is None and answer.get("error"):  # vLLM's ErrorResponse, e.g. a prompt over max_model_len
-            err = answer["error"]
-            error = str(err.get("message", err) if isinstance(err, dict) else err)
-        text, logprobs, tokens = openai_answer(answer)
-        out.update(plan.result(text, logprobs, error))
-        out["prompt_tokens"] = tokens
-        return out
 
     def write_answers(self, rows: pd.DataFrame, plan: PromptPlan, folder: Path, chunk: int,
                       bar: Progress | None) -> None:

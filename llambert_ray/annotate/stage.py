@@ -50,7 +50,8 @@ class AnnotationSummary:
     shots: int
     model: str
     label_counts: dict[str, int]
-    accuracy: float | None = None  # against gold labels, over all rows (dropped rows count as wrong)
+    accuracy: float | None = None  # against gold labels, over the rows with one (dropped rows count as wrong)
+    gold_rows: int = 0  # rows with a gold label, the ones accuracy is measured on
     calibration: dict[str, float] | None = None  # log-prob offsets subtracted per label (content-free / prior)
     cached: int = 0  # rows whose answers were reused from the cache of an earlier (interrupted) run
     attempts: int = 1  # engine runs (> 1: a run failed, the rows it left were sent again; 0: all were cached)
@@ -65,6 +66,9 @@ class AnnotationSummary:
 
     def lines(self) -> list[str]:
         acc = f", accuracy vs gold {self.accuracy:.2%}" if self.accuracy is not None else ""
+        if acc and self.gold_rows < self.rows_in:  # a corpus mixing labelled and unlabelled rows
+            acc += (f" (on the {self.gold_rows} of {self.rows_in} rows that have a gold label: the rest are not "
+                    f"measured)")
         return [f"annotated {self.rows_in} rows with {self.model} ({self.mode} mode, {self.style} prompt, "
                 f"{self.shots} shots{f' ({self.shots_from})' if self.shots else ''}) in {self.seconds:.1f}s",
                 f"  labelled {self.labelled}, dropped {self.dropped} (unparseable), failed {self.failed}{acc}"
@@ -164,16 +168,17 @@ def _summary(df: pd.DataFrame, plan: PromptPlan, model: str, seconds: float, **d
     failed = int(df["llm_error"].notna().sum())
     labelled = int(df["llm_label"].notna().sum())
     tokens = int(df["prompt_tokens"].fillna(0).sum())
-    acc = None
+    acc, n_gold = None, 0
     if "label" in df and df["label"].notna().any():
         gold = df[df["label"].notna()]
-        acc = float((gold["llm_label"] == gold["label"]).fillna(False).astype(bool).mean())
+        acc, n_gold = float((gold["llm_label"] == gold["label"]).fillna(False).astype(bool).mean()), len(gold)
     return AnnotationSummary(
         rows_in=len(df), labelled=labelled, dropped=len(df) - labelled - failed, failed=failed,
         seconds=seconds, rows_per_s=len(df) / seconds if seconds else 0.0, prompt_tokens=tokens,
         prompt_tokens_per_s=tokens / seconds if seconds else 0.0, mode=plan.mode, style=plan.style,
         shots=plan.shots, model=model,
         label_counts={str(k): int(v) for k, v in df["llm_label"].value_counts().items()}, accuracy=acc,
+        gold_rows=n_gold,
         calibration=done.pop("offsets"), warnings=llm_label_warnings(df, plan.task.labels), **done)
 
 

@@ -56,6 +56,9 @@ def annotate(
     id_column: str | None = typer.Option(None, "--id-column", help="column with row ids"),
     text_column: str | None = typer.Option(None, "--text-column", help="column with the texts"),
     label_column: str | None = typer.Option(None, "--label-column", help="column with gold labels"),
+    gold: str | None = typer.Option(None, "--gold", help="gold-labelled rows for gold-knn shots and calibration "
+                                    "gold (same columns as --input); default: --input's own labelled rows that are "
+                                    "not being annotated"),
     batch_size: int | None = typer.Option(None, "--batch-size", help="rows per engine call"),
     concurrency: int | None = typer.Option(None, help="engine replicas"),
     tensor_parallel_size: int | None = typer.Option(None, "--tp", help="GPUs per engine (tensor parallel)"),
@@ -87,7 +90,7 @@ def annotate(
         return
     from llambert_ray.commands import annotate_corpus
 
-    summary = annotate_corpus(cfg, output)
+    summary = annotate_corpus(cfg, output, gold_path=gold)
     typer.echo("\n".join(summary.lines()))
     typer.echo(f"wrote {output / 'annotations.parquet'}; logs: {output / 'logs'}")
 
