@@ -65,9 +65,11 @@ def run_domain(domain: str, a) -> dict:
     train = _rows(domain, "train", a.train_rows, a.seed)
     test = _rows(domain, "test", a.test_rows, a.seed)
     t0 = time.time()
-    ann, s = annotate(ray.data.from_pandas(train), task, AnnotateConfig(mode="score"), cache_dir=CACHE / domain)
+    ann, s = annotate(ray.data.from_pandas(train), task, AnnotateConfig(mode="score", max_text_chars=a.max_text_chars),
+                      cache_dir=CACHE / domain)
     teacher = classification_metrics(ann["label"], ann["llm_label"], labels)
     out: dict = {"task": spec["task"], "train_rows": len(train), "test_rows": len(test), "epochs": a.epochs,
+                 "max_length": a.max_length or spec["max_length"], "max_text_chars": a.max_text_chars,
                  "llm_seconds": round(time.time() - t0, 1),
                  "teacher": {"accuracy": teacher["accuracy"], "macro_f1": teacher["macro_f1"],
                              "shares": {lab: float((ann["llm_label"] == lab).mean()) for lab in labels}},
@@ -81,14 +83,15 @@ def run_domain(domain: str, a) -> dict:
                                                           ("none", "agreement"))]
     for source, targets, balance, stop in settings:
         name = f"{source} · {targets} · balance {balance} · stop {stop}"
-        cfg = TrainConfig(epochs=a.epochs, max_length=spec["max_length"], batch_size=16, learning_rate=5e-5,
+        cfg = TrainConfig(epochs=a.epochs, max_length=a.max_length or spec["max_length"], batch_size=16,
+                          learning_rate=5e-5,
                           workers=1, cpus_per_worker=1.5, targets=targets, class_balance=balance, stop_rule=stop,
                           seed=a.seed)
         t1 = time.time()
         r = fit(gold_rows if source == "gold" else llm_rows, labels, cfg,
                 RESULTS / "bench_tmp" / "distill" / domain / name.replace(" · ", "-").replace(" ", "_"),
                 name=f"distill-{domain}")
-        clf = Classifier(r.model_dir, max_length=spec["max_length"], threads=2)
+        clf = Classifier(r.model_dir, max_length=a.max_length or spec["max_length"], threads=2)
         pred = np.array(clf.labels)[clf.predict_proba(test["text"].tolist()).argmax(1)]
         m = classification_metrics(test["label"], pd.Series(pred), labels)
         out["students"][name] = {
@@ -110,7 +113,8 @@ def markdown(results: dict) -> str:
     for domain, r in results.items():
         t = r["teacher"]
         lines += [f"### {domain} ({r['task']}): {r['train_rows']} LLM-labelled training rows, {r['test_rows']} gold "
-                  f"test rows, {r['epochs']} epochs", "",
+                  f"test rows, {r['epochs']} epochs, encoder max_length {r['max_length']}, the LLM's texts cut at "
+                  f"{r['max_text_chars']} characters", "",
                   f"Teacher (SmolLM2-135M, score mode) on the annotated rows' gold: accuracy {t['accuracy']:.2%}, "
                   f"macro F1 {t['macro_f1']:.2%}; aim: accuracy >= {r['aim_accuracy']:.2%}, macro F1 >= "
                   f"{t['macro_f1'] - 0.02:.2%}.", "",
@@ -131,6 +135,8 @@ def main() -> None:
     ap.add_argument("--train-rows", type=int, default=1000)
     ap.add_argument("--test-rows", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--max-length", type=int, default=None, help="encoder tokens per text (default: the domain's)")
+    ap.add_argument("--max-text-chars", type=int, default=6000, help="characters of a text the LLM sees")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     from llambert_ray.ray_env import init_ray

@@ -4,6 +4,7 @@ whole calls and with the engine's start-up (an annotate call on 2 short terms) t
     python -m bench.prefix_cache   -> bench/results/prefix_cache_mesh.json
 """
 
+import argparse
 import json
 
 from bench.run import RESULTS, _excl_start, annotate_ours, engine_start, mesh_terms
@@ -12,6 +13,7 @@ from llambert_ray.tasks import load_task
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     init_ray(None, num_cpus=2)
     mesh = load_task("mesh-anatomy")
     terms = mesh_terms(400)
