@@ -94,7 +94,7 @@ def story_table(metrics: dict[str, Any]) -> str:
     # the LLM's own test rows are a column only where the LLM labelled some (evaluate.llm_test_sample)
     same = f" accuracy, the LLM's {n_same} test rows |" if n_same else ""
     lines = [f"| labeller | trained on |{same} accuracy, all {n_all or '–'} test rows | rows/s | "
-             f"{unit}-seconds per 1,000 rows | USD per 1,000 rows |", "|---|---|" + "---:|" * (5 + bool(same))]
+             f"{unit}-seconds per 1,000 rows | USD per 1,000 rows |", "|---|---|" + "---:|" * (4 + bool(same))]
     for r in rows:
         on_same = f" {_pct(r['same_rows'])} |" if same else ""
         lines.append(f"| {r['labeller']} | {r['trained_on']} |{on_same} {_pct(r['all_test'])} | "

@@ -40,11 +40,15 @@ def test_story_rows_and_table():
     assert "accuracy, the LLM's 400 test rows" in table and "all 1000 test rows" in table
     assert "| LLM smollm2-135m-instruct | – | 85.00 % | – | 6.0 | 333.3 |" in table
     assert "| minilm-l6 [llm] | LLM labels | 83.50 % | 82.00 % | 200.0 | 10.0 |" in table
+    head, rule = table.splitlines()[:2]
+    assert head.count("|") == rule.count("|") == 8  # a delimiter row of another width is no Markdown table
     # without the LLM's own test rows that column goes (no "the LLM's – test rows" header); the note says how
     m = _metrics()
     del m["llm_test"], m["variants_on_llm_test"]
     table = story_table(m)
     assert "LLM's" not in table.splitlines()[0] and "| minilm-l6 [llm] | LLM labels | 82.00 % | 200.0 |" in table
+    head, rule = table.splitlines()[:2]
+    assert head.count("|") == rule.count("|") == 7
     assert "evaluate.llm_test_sample" in table
 
 
