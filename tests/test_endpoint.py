@@ -325,3 +325,21 @@ def test_annotate_takes_its_gold_rows_apart_from_the_rows_it_labels(server, ray_
     with pytest.raises(AnnotationError, match="--gold FILE"):  # what `annotate` without --gold meets here
         run_gold_set(ray_local.data.from_items(rows), TASK, AnnotateConfig(calibration="gold"), encoder="minilm-l6",
                      exclude={r["id"] for r in rows})
+
+
+def test_the_limiter_keeps_requests_a_second_and_tokens_a_minute():
+    """endpoint.requests_per_s spaces requests 1 / rate apart; endpoint.tokens_per_min lets a full minute's tokens
+    through at once, then waits for the bucket to refill (a lower bound on the time: what a rate limit is)."""
+    from llambert_ray.annotate.endpoint import _Limiter
+
+    rps = _Limiter(EndpointConfig(base_url="http://127.0.0.1:1/v1", requests_per_s=50))
+    t0 = time.monotonic()
+    for _ in range(11):
+        rps.acquire(1)
+    assert time.monotonic() - t0 >= 10 / 50 * 0.95
+    tpm = _Limiter(EndpointConfig(base_url="http://127.0.0.1:1/v1", tokens_per_min=6000))  # 100 tokens a second
+    t0 = time.monotonic()
+    tpm.acquire(6000)
+    assert time.monotonic() - t0 < 0.1
+    tpm.acquire(30)
+    assert time.monotonic() - t0 >= 0.28
