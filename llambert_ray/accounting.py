@@ -117,9 +117,9 @@ def labeller_speeds(stages: dict[str, Any], a: AnnotateConfig, t: TrainConfig, l
                  "encoder": lab["seconds"] * busy["encoder"]}
         per_1k = sum(dev_s.values()) / lab["rows"] * 1000
         # an endpoint's LLM: its tokens' price (the sample's share), beside the devices' time
-        paid = ann.get("usd") * share if ann.get("device") == "endpoint" and ann.get("usd") is not None else 0.0
-        priced = all(price[k] is not None for k in dev_s) and not (ann.get("device") == "endpoint"
-                                                                    and ann.get("usd") is None)
+        paid = (ann.get("usd") if ann.get("device") == "endpoint" else 0.0)
+        priced = paid is not None and all(price[k] is not None for k in dev_s)
+        paid = (paid or 0.0) * share
         out["encoder_all_in"] = {"rows": lab["rows"], "device_seconds_per_1k": per_1k,
                                  "usd_per_1k": (sum(dev_s[k] * price[k] for k in dev_s) / 3600 + paid)
                                  / lab["rows"] * 1000 if priced else None}

@@ -41,11 +41,9 @@ def annotate_corpus(cfg: RunConfig, output_dir: str | Path, gold_path: str | Non
         gold_cfg = cfg.corpus.model_copy(update={"path": gold_path, "sql": None, "sample": None, "fraction": None,
                                                  "filters": {}})
         check_corpus_path(gold_cfg, "--gold")
-    if cfg.annotate.endpoint is None:  # an endpoint's model is the endpoint's, not resolved here
-        model_path = resolve_model(cfg.annotate.model, check_hub=ray_env.is_local(cfg.cluster.address))
-        make_plan(task, cfg.annotate, model_path)
-    else:
-        make_plan(task, cfg.annotate)
+    model_path = (resolve_model(cfg.annotate.model, check_hub=ray_env.is_local(cfg.cluster.address))
+                  if cfg.annotate.endpoint is None else None)  # an endpoint's model is the endpoint's
+    make_plan(task, cfg.annotate, model_path)
     out = Path(output_dir)
     ray_env.init_ray(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, log_dir=out / "logs")
     ray_env.require_shared_path(output_dir, "--output")

@@ -251,7 +251,7 @@ class _Estimator:
         from llambert_ray.annotate import engine_devices, resolved_shots
 
         style, shots = a.prompt_style or defaults["prompt_style"], resolved_shots(task, a)
-        llm_tok = TokenCounter(a.endpoint.tokenizer or a.model if a.endpoint is not None else a.model)
+        llm_tok = TokenCounter((a.endpoint and a.endpoint.tokenizer) or a.model)
         # gold-knn (#17): a row's examples are gold corpus rows; sampled texts stand in for them (same lengths)
         shown = ([Example(text=t, label=task.labels[i % len(task.labels)]) for i, t in enumerate(texts[:shots])]
                  if a.shots_from == "gold-knn" else None)

@@ -308,32 +308,14 @@ def _report_final_model(engine, tok, cfg: TrainConfig, labels: list[str], histor
                          checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None)
 
 
-def _evaluate(engine, shard, encode, label2id, device) -> float:
-    import torch
-    import torch.distributed as dist
-
-    engine.eval()
-    # on the training device: NCCL (GPU) reduces only CUDA tensors, gloo (CPU) only CPU ones
-    correct = torch.zeros(2, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for batch in shard.iter_batches(batch_size=64, batch_format="pandas"):
-            logits = engine(**encode(batch["text"].tolist())).logits
-            y = torch.tensor([label2id[v] for v in batch["label"]], device=device)
-            correct[0] += float((logits.argmax(-1) == y).sum())
-            correct[1] += len(batch)
-    if dist.is_initialized():
-        dist.all_reduce(correct)
-    return float(correct[0] / max(correct[1], 1))
-
-
-def _agreement(engine, shard, encode, label2id, device) -> float:
-    """Macro F1 of the encoder's labels against the shard's labels, over every rank's rows (a confusion matrix
-    all-reduced): the stop rule's measure."""
+def _confusion(engine, shard, encode, label2id, device):
+    """The encoder's confusion matrix (gold x predicted) on the shard's rows, summed over every rank's rows."""
     import torch
     import torch.distributed as dist
 
     engine.eval()
     k = len(label2id)
+    # on the training device: NCCL (GPU) reduces only CUDA tensors, gloo (CPU) only CPU ones
     confusion = torch.zeros(k * k, dtype=torch.float64, device=device)
     with torch.no_grad():
         for batch in shard.iter_batches(batch_size=64, batch_format="pandas"):
@@ -342,9 +324,20 @@ def _agreement(engine, shard, encode, label2id, device) -> float:
             confusion += torch.bincount(y * k + pred, minlength=k * k).double()
     if dist.is_initialized():
         dist.all_reduce(confusion)
-    m = confusion.view(k, k).cpu()
+    return confusion.view(k, k).cpu()
+
+
+def _evaluate(engine, shard, encode, label2id, device) -> float:
+    """Accuracy on the eval shard."""
+    m = _confusion(engine, shard, encode, label2id, device)
+    return float(m.diag().sum() / max(float(m.sum()), 1.0))
+
+
+def _agreement(engine, shard, encode, label2id, device) -> float:
+    """Macro F1 of the encoder's labels against the shard's labels: the stop rule's measure."""
+    m = _confusion(engine, shard, encode, label2id, device)
     tp, gold, predicted = m.diag(), m.sum(1), m.sum(0)
-    f1 = [float(2 * tp[i] / (gold[i] + predicted[i])) for i in range(k) if gold[i] + predicted[i] > 0]
+    f1 = [float(2 * tp[i] / (gold[i] + predicted[i])) for i in range(len(tp)) if gold[i] + predicted[i] > 0]
     return sum(f1) / len(f1) if f1 else 0.0
 
 
@@ -426,9 +419,9 @@ def fit(train: pd.DataFrame, labels: list[str], cfg: TrainConfig, output_dir: st
         result = trainer.fit()
     seconds = time.time() - t0
     model_dir = _copy_final_model(result, output_dir, name)
-    history = json.loads((model_dir / FINAL_MARKER).read_text()).get("history", [])
-    chosen = json.loads((model_dir / FINAL_MARKER).read_text()).get("chosen_epoch")
-    metrics = {"history": history, **(history[-1] if history else {}), "chosen_epoch": chosen}
+    marker = json.loads((model_dir / FINAL_MARKER).read_text())
+    history = marker.get("history", [])
+    metrics = {"history": history, **(history[-1] if history else {}), "chosen_epoch": marker.get("chosen_epoch")}
     sps = [m["samples_per_s"] for m in history if "samples_per_s" in m]
     return TrainResult(model_dir=str(model_dir), rows=len(train), epochs=cfg.epochs, seconds=seconds,
                        samples_per_s=float(sum(sps) / len(sps)) if sps else math.nan, metrics=metrics)

@@ -182,9 +182,6 @@ class EndpointEngine:
     def start_soon(self, spare_cpus: float) -> bool:
         return False  # nothing to start
 
-    def cpus(self) -> float:
-        return 0.0
-
     # ---- HTTP
     def api_key(self) -> str | None:
         """The key from the environment (endpoint.api_key_env), or None without one; a named variable that is not

@@ -116,15 +116,12 @@ def annotate(ds, task: Task, cfg: AnnotateConfig, *, engine: AnnotationEngine | 
     LLM's scores on it and applied to every row (summary.calibration; summary.calibration_report: before / after
     on held-out gold rows).
     """
-    if cfg.endpoint is not None:  # the model is the endpoint's: nothing to resolve here
-        plan = make_plan(task, cfg)
-        if engine is None:
-            with EndpointEngine(cfg) as client:  # one call's client, closed after it
-                return annotate(ds, task, cfg, engine=client, cache_dir=cache_dir, attempts=attempts, gold=gold)
-    else:
-        model_path = resolve_model(cfg.model)
-        plan = make_plan(task, cfg, model_path)
-        engine = engine or VLLMEngine(cfg, model_path)
+    if engine is None and cfg.endpoint is not None:
+        with EndpointEngine(cfg) as client:  # one call's client, closed after it
+            return annotate(ds, task, cfg, engine=client, cache_dir=cache_dir, attempts=attempts, gold=gold)
+    model_path = resolve_model(cfg.model) if cfg.endpoint is None else None  # an endpoint's model is its own
+    plan = make_plan(task, cfg, model_path)
+    engine = engine or VLLMEngine(cfg, model_path)
     usage = getattr(engine, "usage", None)
     usage = replace(usage) if isinstance(usage, EndpointUsage) else None  # this call's traffic: what it adds
     calibrate = cfg.calibration == "content-free" and plan.mode == "score"
