@@ -33,7 +33,7 @@ SETTINGS = {"random": ("random", "call"), "active_call": ("active", "call"), "ac
 def one_run(pool: str, test: str, budget: int, rounds: int, strategy: str, lifetime: str,
             out: str) -> dict[str, Any]:
     """One fresh process: open the run (Ray start, corpus read), then its annotate stage (runs in the child)."""
-    from llambert_ray.config import load_config
+    from llambert_ray.config_load import load_config
     from llambert_ray.pipeline import _open_run, annotate_stage
 
     cfg = load_config(None, {

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from llambert_ray.config import load_config
+from llambert_ray.config_load import load_config
 from llambert_ray.pipeline import run_pipeline
 from llambert_ray.report import headline_table
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from llambert_ray.config import load_config
+from llambert_ray.config_load import load_config
 
 KUBERAY = REPO / "cluster" / "kuberay"
 CFG_70B = load_config(REPO / "configs" / "imdb-llama2-70b.yaml")

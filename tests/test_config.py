@@ -1,6 +1,7 @@
 import pytest
 
-from llambert_ray.config import ConfigError, config_hash, load_config
+from llambert_ray.config import ConfigError, config_hash
+from llambert_ray.config_load import load_config
 
 
 def test_defaults_and_overrides(tmp_path):

@@ -78,7 +78,7 @@ def test_push_and_pull_a_model_mirror_folder(tmp_path):
 def test_every_shipped_config_names_models_that_resolve(config):
     """roberta-large (no org) is the flagship config's encoder; it once failed to resolve, so its train stage would
     have failed after hours of 70B annotation. Every model reference in configs/ must resolve."""
-    from llambert_ray.config import load_config
+    from llambert_ray.config_load import load_config
 
     cfg = load_config(config)
     for ref in (cfg.annotate.model, cfg.train.model, cfg.select.model):
@@ -89,7 +89,7 @@ def test_every_shipped_config_names_models_that_resolve(config):
 def test_pipeline_refuses_a_bad_encoder_before_any_llm_work(tmp_path, monkeypatch):
     """The encoder reference is checked with the LLM's, before Ray starts and before annotation."""
     import llambert_ray.ray_env as ray_env
-    from llambert_ray.config import load_config
+    from llambert_ray.config_load import load_config
     from llambert_ray.pipeline import run_pipeline
 
     monkeypatch.setattr(ray_env, "init_ray", lambda *a, **k: pytest.fail("Ray started before the check"))

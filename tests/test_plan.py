@@ -8,7 +8,8 @@ from conftest import REVIEWS
 from typer.testing import CliRunner
 
 from llambert_ray.cli import app
-from llambert_ray.config import ConfigError, load_config
+from llambert_ray.config import ConfigError
+from llambert_ray.config_load import load_config
 from llambert_ray.plan import load_hardware, plan_run
 from llambert_ray.tasks import load_task
 

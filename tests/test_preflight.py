@@ -18,7 +18,7 @@ from llambert_ray.cluster_shapes import (
     node_types_from_config,
     node_types_from_manifest,
 )
-from llambert_ray.config import load_config
+from llambert_ray.config_load import load_config
 from llambert_ray.placement import check_engine
 from llambert_ray.preflight import run_preflight, table
 

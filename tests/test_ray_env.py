@@ -25,7 +25,7 @@ def test_worker_env_outside_and_inside_a_ray_job(monkeypatch):
 
 def test_deepspeed_accelerator_follows_the_training_device(monkeypatch):
     """A DS_ACCELERATOR=cpu in the driver's environment must not put GPU training on DeepSpeed's CPU backend."""
-    from llambert_ray.train import train_worker_env
+    from llambert_ray.train_loop import train_worker_env
 
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")

@@ -110,7 +110,7 @@ def rehearsal_overrides(data: Path, runs: Path) -> dict:
 def test_the_rehearsal_changes_only_model_names_devices_sizes_and_locations(tmp_path):
     import yaml
 
-    from llambert_ray.config import load_config
+    from llambert_ray.config_load import load_config
 
     over = rehearsal_overrides(tmp_path / "d.parquet", tmp_path / "runs")
     assert set(over) <= MODEL_KEYS | DEVICE_KEYS | SIZE_KEYS | LOCATION_KEYS, set(over) - (
@@ -146,7 +146,7 @@ def _review_rows(path: Path) -> Path:
 _PREFLIGHT_DRIVER = """
 import json, sys
 import ray
-from llambert_ray.config import load_config
+from llambert_ray.config_load import load_config
 from llambert_ray.preflight import run_preflight
 ray.init(address={gcs!r})
 cases = json.loads({cases!r})

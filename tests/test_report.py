@@ -97,7 +97,7 @@ def test_a_gpu_runs_stages_are_priced_at_their_gpus_price():
     the GPU nodes' accelerator_type:X), in the manifest's stage records, the cost table and the speed table;
     a GPU of unknown type stays unpriced (–), never priced as a CPU core."""
     from llambert_ray.accounting import labeller_speeds, stage_cost, usd_per_device_hour
-    from llambert_ray.config import load_config
+    from llambert_ray.config_load import load_config
     from llambert_ray.report import cost_table
 
     cfg = load_config(None, {"annotate.device": "gpu", "annotate.accelerator_type": "A100-80G",
@@ -127,7 +127,7 @@ def test_an_endpoint_llm_is_priced_by_its_tokens_in_the_stage_and_speed_tables()
     """annotate.endpoint: the annotate stage holds no devices of the run's and costs what its tokens cost (the
     summary's endpoint usd); the LLM's USD per 1,000 rows and the encoder's all-in cost carry it."""
     from llambert_ray.accounting import labeller_speeds, stage_cost, usd_per_device_hour
-    from llambert_ray.config import load_config
+    from llambert_ray.config_load import load_config
     from llambert_ray.report import cost_table
 
     cfg = load_config(None, {"annotate.model": "gpt-4o-mini",

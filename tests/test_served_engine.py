@@ -209,7 +209,7 @@ def test_active_selection_run(served, tweets_frame, tmp_path):
     engine (run_pipeline's `engine`, as a notebook keeps one across runs): every round asks it, no other starts."""
     from conftest import balanced
 
-    from llambert_ray.config import load_config
+    from llambert_ray.config_load import load_config
     from llambert_ray.pipeline import run_pipeline
 
     pool = balanced(tweets_frame[tweets_frame["split"] == "train"], 30, seed=1)
@@ -253,7 +253,7 @@ def test_run_then_rerun_skips(served, tmp_path, capsys):
 
     from llambert_ray import console
     from llambert_ray.cli import app
-    from llambert_ray.config import load_config
+    from llambert_ray.config_load import load_config
     from llambert_ray.pipeline import run_pipeline
 
     corpus = pd.DataFrame(ROWS)

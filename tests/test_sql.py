@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from bench.pg_server import postgres_server
 from llambert_ray.cli import app
-from llambert_ray.config import ConfigError, CorpusConfig, LabelConfig, SqlConfig, load_config
+from llambert_ray.config import ConfigError, CorpusConfig, LabelConfig, SqlConfig
+from llambert_ray.config_load import load_config
 from llambert_ray.sql import SqlError, connector, text_hashes
 
 SECRET = "s3cret-Pg-passw0rd-7f3a"

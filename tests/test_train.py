@@ -76,7 +76,8 @@ def test_zero3_saves_the_whole_gathered_model(ray_local, tweets_frame, tmp_path)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from llambert_ray.models import resolve_model
-    from llambert_ray.train import chosen_epoch, fit
+    from llambert_ray.train import fit
+    from llambert_ray.train_loop import chosen_epoch
 
     train = balanced(tweets_frame[tweets_frame["split"] == "train"], 32)
     # also the soft-target path with class weights, as the LLM's rows reach it (variant_stages keeps their scores)
@@ -195,7 +196,7 @@ def test_deepspeed_is_given_ray_trains_device_not_local_rank(monkeypatch):
     import deepspeed.runtime.engine as ds_engine
     import torch
 
-    from llambert_ray.train import _deepspeed_engine
+    from llambert_ray.train_loop import _deepspeed_engine
 
     seen: dict = {}
 
@@ -273,7 +274,7 @@ def test_relabelled_rows_lose_the_llms_scores():
 
 
 def test_the_stop_rule_keeps_the_first_epoch_that_agrees_best():
-    from llambert_ray.train import chosen_epoch
+    from llambert_ray.train_loop import chosen_epoch
 
     h = [{"epoch": 0, "agreement_macro_f1": 0.7}, {"epoch": 1, "agreement_macro_f1": 0.8},
          {"epoch": 2, "agreement_macro_f1": 0.8}, {"epoch": 3, "agreement_macro_f1": 0.6}]

@@ -10,7 +10,8 @@ from typing import Any
 import typer
 
 from llambert_ray import console
-from llambert_ray.config import ConfigError, RunConfig, load_config
+from llambert_ray.config import ConfigError, RunConfig
+from llambert_ray.config_load import load_config
 from llambert_ray.tasks import preset_names
 
 # From the installed presets, so the help lists every one (a new preset file appears here by itself).
