@@ -100,6 +100,58 @@ def probe_score(x_tr, y_tr, w, x_te, y_te, n) -> dict[str, float]:
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
 
 
+def _calibration(pool: pd.DataFrame, labels: list[str], cf_offsets) -> dict:
+    """1. calibration of the LLM's labels (on the pool rows with gold labels)."""
+    gold_share = pool["label"].dropna().value_counts(normalize=True).to_dict() if "label" in pool else {}
+    cal = {"none": label_quality(pool, labels)}
+    if cf_offsets:
+        cal["content-free"] = {**label_quality(with_offsets(pool, labels, cf_offsets), labels), "offsets": cf_offsets}
+    for tag, prior in (("prior (equal shares)", None), ("prior (gold shares of the pool)", gold_share)):
+        df, off = apply_prior_calibration(pool.copy(), labels, prior)
+        cal[tag] = {**label_quality(df, labels), "offsets": off}
+    return cal
+
+
+def _filtering(ok: pd.DataFrame, x_ok, y_llm, conf, x_t, y_te, labels: list[str]) -> dict:
+    """2. confidence filtering / weighting at equal LLM calls (all pool rows were asked)."""
+    filt = {"all rows, unweighted": {**probe_score(x_ok, y_llm, None, x_t, y_te, len(labels)), "rows": len(ok)},
+            "all rows, weighted by confidence": {**probe_score(x_ok, y_llm, conf, x_t, y_te, len(labels)),
+                                                 "rows": len(ok)}}
+    for keep in (0.9, 0.8, 0.7, 0.5):
+        thr = float(np.quantile(conf, 1 - keep))
+        m = conf >= thr
+        q = label_quality(ok[m], labels) if "label" in ok else {}
+        filt[f"top {int(keep * 100)} % by confidence (>= {thr:.3f})"] = {
+            **probe_score(x_ok[m], y_llm[m], None, x_t, y_te, len(labels)), "rows": int(m.sum()),
+            "llm_accuracy_of_kept": q.get("accuracy")}
+    return filt
+
+
+def _active_curves(pool: pd.DataFrame, x_p, x_t, test: pd.DataFrame, labels: list[str], sel, a) -> list[dict]:
+    """3. active vs random selection, same budget and rounds, several seeds (mean curve per strategy)."""
+    answers = pool.set_index(pool["id"].astype(str))
+
+    def llm(ids):
+        return answers.loc[list(ids), ["llm_label", "llm_confidence"]].reset_index(names="id")
+
+    curves = []
+    pool_ids = pool["id"].astype(str).to_numpy()
+    for strategy, label, kw in (("random", "random (the paper)", {}),
+                               ("active", "active: uncertainty + diversity", {"diversity": True}),
+                               ("active", "active: uncertainty only", {"diversity": False})):
+        runs = []
+        for seed in range(a.seeds):
+            _, r = run_rounds(pool_ids, x_p, labels, a.budget, sel.model_copy(update=kw), llm, strategy=strategy,
+                              x_test=x_t, y_test=test["label"].tolist(), seed=seed, log=lambda s: None)
+            runs.append(r.to_dict()["rounds"])
+        mean = [{"round": i + 1, "llm_calls": runs[0][i]["llm_calls"],
+                 "probe_accuracy": float(np.mean([r[i]["probe_accuracy"] or 0 for r in runs])),
+                 "probe_macro_f1": float(np.mean([r[i]["probe_macro_f1"] or 0 for r in runs])),
+                 "accuracy_per_seed": [r[i]["probe_accuracy"] for r in runs]} for i in range(len(runs[0]))]
+        curves.append({"name": label, "strategy": strategy, "rounds": mean})
+    return curves
+
+
 def run_domain(name: str, task, pool: pd.DataFrame, test: pd.DataFrame, cf_offsets, a) -> dict:
     labels = task.labels
     idx = {lab: i for i, lab in enumerate(labels)}
@@ -113,57 +165,13 @@ def run_domain(name: str, task, pool: pd.DataFrame, test: pd.DataFrame, cf_offse
     x_t = x_t[pd.Series(np.arange(len(ids_t)), index=ids_t)[test["id"].astype(str)].to_numpy()]
     y_te = test["label"].map(idx).to_numpy()
     res["embed_s"] = round(time.time() - t0, 1)
-
-    # 1. calibration of the LLM's labels (on the pool rows with gold labels)
-    gold_share = pool["label"].dropna().value_counts(normalize=True).to_dict() if "label" in pool else {}
-    cal = {"none": label_quality(pool, labels)}
-    if cf_offsets:
-        cal["content-free"] = {**label_quality(with_offsets(pool, labels, cf_offsets), labels), "offsets": cf_offsets}
-    for tag, prior in (("prior (equal shares)", None), ("prior (gold shares of the pool)", gold_share)):
-        df, off = apply_prior_calibration(pool.copy(), labels, prior)
-        cal[tag] = {**label_quality(df, labels), "offsets": off}
-    res["calibration"] = cal
-
-    # 2. confidence filtering / weighting at equal LLM calls (all pool rows were asked)
+    res["calibration"] = _calibration(pool, labels, cf_offsets)
     ok = pool[pool["llm_label"].isin(labels)].reset_index(drop=True)
     rows = pool.index[pool["llm_label"].isin(labels)].to_numpy()
     y_llm = ok["llm_label"].map(idx).to_numpy()
     conf = ok["llm_confidence"].astype(float).to_numpy()
-    filt = {"all rows, unweighted": {**probe_score(x_p[rows], y_llm, None, x_t, y_te, len(labels)),
-                                     "rows": len(ok)},
-            "all rows, weighted by confidence": {**probe_score(x_p[rows], y_llm, conf, x_t, y_te, len(labels)),
-                                                 "rows": len(ok)}}
-    for keep in (0.9, 0.8, 0.7, 0.5):
-        thr = float(np.quantile(conf, 1 - keep))
-        m = conf >= thr
-        q = label_quality(ok[m], labels) if "label" in ok else {}
-        filt[f"top {int(keep * 100)} % by confidence (>= {thr:.3f})"] = {
-            **probe_score(x_p[rows][m], y_llm[m], None, x_t, y_te, len(labels)), "rows": int(m.sum()),
-            "llm_accuracy_of_kept": q.get("accuracy")}
-    res["confidence_filtering"] = filt
-
-    # 3. active vs random selection, same budget and rounds, several seeds
-    answers = pool.set_index(pool["id"].astype(str))
-
-    def llm(ids):
-        return answers.loc[list(ids), ["llm_label", "llm_confidence"]].reset_index(names="id")
-
-    curves = []
-    pool_ids = pool["id"].astype(str).to_numpy()
-    for strategy, label, kw in (("random", "random (the paper)", {}),
-                               ("active", "active: uncertainty + diversity", {"diversity": True}),
-                               ("active", "active: uncertainty only", {"diversity": False})):
-        runs = []
-        for seed in range(a.seeds):
-            cfg = sel.model_copy(update=kw)
-            _, r = run_rounds(pool_ids, x_p, labels, a.budget, cfg, llm, strategy=strategy, x_test=x_t,
-                              y_test=test["label"].tolist(), seed=seed, log=lambda s: None)
-            runs.append(r.to_dict()["rounds"])
-        mean = [{"round": i + 1, "llm_calls": runs[0][i]["llm_calls"],
-                 "probe_accuracy": float(np.mean([r[i]["probe_accuracy"] or 0 for r in runs])),
-                 "probe_macro_f1": float(np.mean([r[i]["probe_macro_f1"] or 0 for r in runs])),
-                 "accuracy_per_seed": [r[i]["probe_accuracy"] for r in runs]} for i in range(len(runs[0]))]
-        curves.append({"name": label, "strategy": strategy, "rounds": mean})
+    res["confidence_filtering"] = _filtering(ok, x_p[rows], y_llm, conf, x_t, y_te, labels)
+    curves = _active_curves(pool, x_p, x_t, test, labels, sel, a)
     full = probe_score(x_p[rows], y_llm, conf, x_t, y_te, len(labels))
     res["active"] = {"budget": a.budget, "rounds": a.rounds, "seeds": a.seeds, "curves": curves,
                      "whole_pool": {"llm_calls": len(pool), **full}}

@@ -168,29 +168,23 @@ def _http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int,
 
 
 # ------------------------------------------------------------------------------------------ the run
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes on the CPU: checks the script, not the GPU")
-    ap.add_argument("--skip", default="", help="comma-separated parts of step names to leave out, e.g. zero3,serve")
-    args = ap.parse_args()
-    SKIP.update(args.skip.split(","))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    quick = args.quick
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: every model here is a local folder
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+class _Checks:
+    """The steps, sharing the work folder, the synthetic rows, the encoders built and the models trained."""
 
-    import torch
+    def __init__(self, quick: bool) -> None:
+        import torch
 
-    use_gpu = torch.cuda.is_available() and not quick
-    # step limits (s): generous on the GPU, where the whole run must fit a device call; none needed in --quick
-    lim = (lambda s: None) if quick else (lambda s: s)
-    work = Path(tempfile.mkdtemp(prefix="gpu_check_cluster_"))
-    results: dict = {"mode": "quick (cpu)" if quick else ("gpu" if use_gpu else "cpu (no CUDA device)")}
-    (out / RESULT).write_text(json.dumps(results, indent=2))
+        self.quick = quick
+        self.use_gpu = torch.cuda.is_available() and not quick
+        self.work = Path(tempfile.mkdtemp(prefix="gpu_check_cluster_"))
+        self.train_df = synthetic_rows(64 if quick else 512, seed=1)
+        self.eval_df = synthetic_rows(32 if quick else 256, seed=2, prefix="e")
+        self.inits = {arch: self.work / f"init_{arch}" for arch in ("bert", "roberta")}
+        self.trained: dict[str, str] = {}
+        self.corpus = self.work / "corpus.parquet"
+        synthetic_rows(64, seed=3, prefix="c").to_parquet(self.corpus)
 
-    def env():
+    def env(self) -> dict:
         import deepspeed
         import fastapi
         import pydantic
@@ -199,6 +193,7 @@ def main() -> None:
         import ray.serve
         import ray.train.torch
         import starlette
+        import torch
         import transformers
         import uvicorn
 
@@ -212,64 +207,52 @@ def main() -> None:
                 "uvicorn": uvicorn.__version__, "cpus": os.cpu_count(),
                 "serve_gpus_per_replica_field": "gpus_per_replica" in ServeConfig.model_fields}
 
-    _record(results, out, "env", env)
+    def start_ray(self) -> dict:
+        import ray
 
-    import ray
+        from llambert_ray.ray_env import init_ray
 
-    from llambert_ray.config import LabelConfig, ServeConfig, TrainConfig, load_config
-    from llambert_ray.label import label
-    from llambert_ray.ray_env import init_ray
-    from llambert_ray.train import fit
-
-    def start_ray():
         init_ray(None, num_cpus=max(os.cpu_count() or 1, 4),
-                 object_store_memory=(4 << 30) if use_gpu else (1 << 30))
+                 object_store_memory=(4 << 30) if self.use_gpu else (1 << 30))
         res = ray.cluster_resources()
         return {"resources": {k: v for k, v in res.items() if k in ("CPU", "GPU", "memory", "object_store_memory")
                               or k.startswith("accelerator_type")},
                 "nodes": len([n for n in ray.nodes() if n.get("Alive")])}
 
-    _record(results, out, "ray_start", start_ray, lim(120))
+    def build(self) -> dict:
+        size = dict(hidden=64, layers=2, heads=2) if self.quick else dict(hidden=256, layers=4, heads=4)
+        return {arch: build_encoder(path, arch, **size) for arch, path in self.inits.items()}
 
-    n_train = 64 if quick else 512
-    size = dict(hidden=64, layers=2, heads=2) if quick else dict(hidden=256, layers=4, heads=4)
-    train_df = synthetic_rows(n_train, seed=1)
-    eval_df = synthetic_rows(32 if quick else 256, seed=2, prefix="e")
-    inits = {arch: work / f"init_{arch}" for arch in ("bert", "roberta")}
+    def _llm_config_only(self) -> Path:
+        """The LLM preflight checks: a config.json alone (light: no GPU asked for, no weights loaded)."""
+        llm = self.work / "llm_config_only"
+        llm.mkdir(exist_ok=True)
+        (llm / "config.json").write_text(json.dumps({
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256,
+            "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+            "vocab_size": 32000, "max_position_embeddings": 2048}))
+        return llm
 
-    def build():
-        return {arch: build_encoder(path, arch, **size) for arch, path in inits.items()}
-
-    _record(results, out, "build_encoders", build, lim(120))
-    corpus = work / "corpus.parquet"
-    synthetic_rows(64, seed=3, prefix="c").to_parquet(corpus)
-
-    # e. preflight against the live one-node cluster (light: no GPU asked for, no weights loaded)
-    llm = work / "llm_config_only"
-    llm.mkdir()
-    (llm / "config.json").write_text(json.dumps({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 32000,
-        "max_position_embeddings": 2048}))
-
-    def preflight(tp: int):
-        def run():
+    def preflight(self, tp: int):
+        """e. `llambert preflight` against the live one-node cluster, the engine at tensor-parallel `tp`."""
+        def run() -> dict:
+            from llambert_ray.config_load import load_config
             from llambert_ray.preflight import checks_to_dicts, run_preflight, table
 
             cfg = load_config(None, {
-                "output_dir": str(work / "runs"), "corpus.path": str(corpus), "test": {"path": str(corpus)},
-                "annotate.model": str(llm), "annotate.device": "gpu", "annotate.tensor_parallel_size": tp,
-                "train.model": str(inits["bert"]), "train.use_gpu": use_gpu,
-                "label.gpus_per_actor": 1.0 if use_gpu else 0.0})
+                "output_dir": str(self.work / "runs"), "corpus.path": str(self.corpus),
+                "test": {"path": str(self.corpus)}, "annotate.model": str(self._llm_config_only()),
+                "annotate.device": "gpu", "annotate.tensor_parallel_size": tp,
+                "train.model": str(self.inits["bert"]), "train.use_gpu": self.use_gpu,
+                "label.gpus_per_actor": 1.0 if self.use_gpu else 0.0})
             checks = run_preflight(cfg)
             print(table(checks), flush=True)
             by = {c.check: c for c in checks}
-            res = {"checks": checks_to_dicts(checks),
-                   "failed": [c.check for c in checks if c.status == "fail"]}
+            res = {"checks": checks_to_dicts(checks), "failed": [c.check for c in checks if c.status == "fail"]}
             if tp == 1:
                 res["expected"] = "engine replicas ok (1 GPU holds 1 replica of 1 x {GPU: 1, CPU: 1})"
                 got = by.get("engine replicas")
-                res["as_expected"] = bool(got and got.status == "ok") if use_gpu else None
+                res["as_expected"] = bool(got and got.status == "ok") if self.use_gpu else None
             else:
                 res["expected"] = f"engine fits a node fail (TP {tp} on a 1-GPU node)"
                 got = by.get("engine fits a node")
@@ -277,94 +260,93 @@ def main() -> None:
             return res
         return run
 
-    _record(results, out, "preflight_gpu_tp1", preflight(1), lim(120))
-    _record(results, out, "preflight_gpu_tp2", preflight(2), lim(120))
+    def train(self, arch: str, stage: int):
+        """b. training: 1 worker, bf16, ZeRO `stage`, `arch` from random init."""
+        def run() -> dict:
+            from llambert_ray.config import TrainConfig
+            from llambert_ray.train import fit
 
-    # b. training on the GPU: 1 worker, bf16, ZeRO-2 and ZeRO-3, BERT and RoBERTa from random init
-    trained: dict[str, str] = {}
-
-    def train(arch: str, stage: int):
-        def run():
-            cfg = TrainConfig(epochs=1, learning_rate=5e-4, batch_size=16 if quick else 32,
-                              max_length=32 if quick else 128, workers=1, use_gpu=use_gpu, zero_stage=stage,
-                              bf16=True, cpus_per_worker=1.0, warmup_ratio=0.1, max_failures=0)
-            r = fit(train_df, LABELS, cfg, work / f"{arch}_z{stage}", eval_df=eval_df, init_model=str(inits[arch]),
-                    name=f"{arch}-z{stage}")
-            trained[f"{arch}_z{stage}"] = r.model_dir
+            cfg = TrainConfig(epochs=1, learning_rate=5e-4, batch_size=16 if self.quick else 32,
+                              max_length=32 if self.quick else 128, workers=1, use_gpu=self.use_gpu,
+                              zero_stage=stage, bf16=True, cpus_per_worker=1.0, warmup_ratio=0.1, max_failures=0)
+            r = fit(self.train_df, LABELS, cfg, self.work / f"{arch}_z{stage}", eval_df=self.eval_df,
+                    init_model=str(self.inits[arch]), name=f"{arch}-z{stage}")
+            self.trained[f"{arch}_z{stage}"] = r.model_dir
             m = r.metrics
             res = {"rows": r.rows, "fit_s": round(r.seconds, 1), "samples_per_s": round(r.samples_per_s, 1),
                    "train_loss": m.get("train_loss"), "eval_accuracy": m.get("eval_accuracy"),
                    "worker_device": m.get("device"), "deepspeed_accelerator": m.get("accelerator"),
-                   "bf16": m.get("bf16"), "weights": compare_weights(inits[arch], r.model_dir)}
-            if use_gpu:
+                   "bf16": m.get("bf16"), "weights": compare_weights(self.inits[arch], r.model_dir)}
+            if self.use_gpu:
                 res["on_cuda"] = str(m.get("device", "")).startswith("cuda") and m.get("accelerator") == "cuda"
             return res
         return run
 
-    # --quick covers each architecture and each ZeRO stage once (the script, not the GPU, is what it checks)
-    for arch, stage in [("bert", 2), ("roberta", 3)] if quick else [("bert", 2), ("bert", 3), ("roberta", 2),
-                                                                    ("roberta", 3)]:
-        _record(results, out, f"train_{arch}_zero{stage}_bf16", train(arch, stage), lim(150))
+    def _model(self) -> str:
+        return self.trained.get("bert_z2") or self.trained.get("bert_z3") or str(self.inits["bert"])
 
-    # c. labelling with the Ray Data actor on the GPU
-    def labelling():
-        model_dir = trained.get("bert_z2") or trained.get("bert_z3") or str(inits["bert"])
+    def labelling(self) -> dict:
+        """c. labelling with the Ray Data actor on the GPU."""
+        import ray
+
+        from llambert_ray.config import LabelConfig
+        from llambert_ray.label import label
+
+        model_dir, quick = self._model(), self.quick
         rows = 512 if quick else 8192
         df = synthetic_rows(rows, seed=4, prefix="l")
         lcfg = LabelConfig(batch_size=128 if quick else 1024, sub_batch_size=32 if quick else 256, max_length=128,
-                           cpus_per_actor=1.0, gpus_per_actor=1.0 if use_gpu else 0.0,
-                           dtype="bfloat16" if use_gpu else "auto")
-        s = label(ray.data.from_pandas(df), model_dir, lcfg, work / "labels")
-        lab = pd.read_parquet(work / "labels")
-        return {"model": Path(model_dir).parent.name if model_dir != str(inits["bert"]) else "init (untrained)",
+                           cpus_per_actor=1.0, gpus_per_actor=1.0 if self.use_gpu else 0.0,
+                           dtype="bfloat16" if self.use_gpu else "auto")
+        s = label(ray.data.from_pandas(df), model_dir, lcfg, self.work / "labels")
+        lab = pd.read_parquet(self.work / "labels")
+        return {"model": Path(model_dir).parent.name if model_dir != str(self.inits["bert"]) else "init (untrained)",
                 "rows_in": rows, "rows_out": len(lab), "ids_unique": bool(lab["id"].is_unique),
                 "ids_match": set(lab["id"]) == set(df["id"]), "failed_rows": s.failed,
                 "accuracy_vs_synthetic_labels": s.accuracy, "rows_per_s_incl_actor_start": round(s.rows_per_s, 1),
                 "ok_rows_in_eq_out": len(lab) == rows and bool(lab["id"].is_unique)}
 
-    _record(results, out, "label_gpu_bf16", labelling, lim(150))
-
-    # d. Ray Serve: the classifier on a GPU replica, queried over HTTP
-    def serving():
+    def serving(self) -> dict:
+        """d. Ray Serve: the classifier on a GPU replica, queried over HTTP."""
         from ray import serve
 
+        from llambert_ray.config import ServeConfig
         from llambert_ray.serve import start
 
         has_field = "gpus_per_replica" in ServeConfig.model_fields
-        model_dir = trained.get("bert_z2") or trained.get("bert_z3") or str(inits["bert"])
         kw = dict(port=_free_port(), max_batch_size=32, max_texts_per_request=64, max_length=128, cpus_per_replica=1.0)
         if has_field:
-            kw["gpus_per_replica"] = 1.0 if use_gpu else 0.0
+            kw["gpus_per_replica"] = 1.0 if self.use_gpu else 0.0
         cfg = ServeConfig(**kw)
         t0 = time.time()
-        start(model_dir, cfg, name="gpu-check")
-        url = f"http://127.0.0.1:{cfg.port}"
+        start(self._model(), cfg, name="gpu-check")
         try:
-            up_s = time.time() - t0
-            texts = synthetic_rows(16, seed=5, prefix="s")
-            lat = []
-            for _ in range(3):
-                t1 = time.time()
-                status, body = _http(f"{url}/v1/classify", {"texts": texts["text"].tolist()})
-                lat.append(round(time.time() - t1, 3))
-            preds = body["predictions"]
-            acc = sum(p["label"] == g for p, g in zip(preds, texts["label"], strict=True)) / len(preds)
-            info_status, info = _http(f"{url}/v1/model")
-            res = {"gpus_per_replica": kw.get("gpus_per_replica", "skipped: no gpus_per_replica in ServeConfig "
-                                                                 "(served with the default CPU replica instead)"),
-                   "start_s": round(up_s, 1), "status": status, "predictions": len(preds),
-                   "accuracy_vs_synthetic_labels": acc, "latency_s": lat, "model_info_status": info_status,
-                   "model_info": {k: v for k, v in info.items() if k != "model_dir"},
-                   "reported_device": info.get("device", "not reported by /v1/model")}
-            if use_gpu and has_field and "device" in info:
-                res["on_cuda"] = str(info["device"]).startswith("cuda")
-            return res
+            return self._query(f"http://127.0.0.1:{cfg.port}", time.time() - t0, kw, has_field)
         finally:
             serve.shutdown()
 
-    _record(results, out, "serve_gpu_replica", serving, lim(150))
+    def _query(self, url: str, up_s: float, kw: dict, has_field: bool) -> dict:
+        texts = synthetic_rows(16, seed=5, prefix="s")
+        lat = []
+        for _ in range(3):
+            t1 = time.time()
+            status, body = _http(f"{url}/v1/classify", {"texts": texts["text"].tolist()})
+            lat.append(round(time.time() - t1, 3))
+        preds = body["predictions"]
+        acc = sum(p["label"] == g for p, g in zip(preds, texts["label"], strict=True)) / len(preds)
+        info_status, info = _http(f"{url}/v1/model")
+        res = {"gpus_per_replica": kw.get("gpus_per_replica", "skipped: no gpus_per_replica in ServeConfig "
+                                                             "(served with the default CPU replica instead)"),
+               "start_s": round(up_s, 1), "status": status, "predictions": len(preds),
+               "accuracy_vs_synthetic_labels": acc, "latency_s": lat, "model_info_status": info_status,
+               "model_info": {k: v for k, v in info.items() if k != "model_dir"},
+               "reported_device": info.get("device", "not reported by /v1/model")}
+        if self.use_gpu and has_field and "device" in info:
+            res["on_cuda"] = str(info["device"]).startswith("cuda")
+        return res
 
-    ray.shutdown()
+
+def _summary(results: dict, out: Path) -> None:
     steps = {k: v for k, v in results.items() if isinstance(v, dict)}
     ok = all(v.get("ok") for v in steps.values())
     expect = [k for k, v in steps.items() if v.get("as_expected") is False or v.get("on_cuda") is False
@@ -373,6 +355,40 @@ def main() -> None:
                           "failed": [k for k, v in steps.items() if not v.get("ok")]}
     (out / RESULT).write_text(json.dumps(results, indent=2, default=str))
     print("ALL OK" if ok and not expect else f"SOME CHECKS FAILED: {results['summary']}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes on the CPU: checks the script, not the GPU")
+    ap.add_argument("--skip", default="", help="comma-separated parts of step names to leave out, e.g. zero3,serve")
+    args = ap.parse_args()
+    SKIP.update(args.skip.split(","))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: every model here is a local folder
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quick = args.quick
+    checks = _Checks(quick)
+    # step limits (s): generous on the GPU, where the whole run must fit a device call; none needed in --quick
+    lim = (lambda s: None) if quick else (lambda s: s)
+    results: dict = {"mode": "quick (cpu)" if quick else ("gpu" if checks.use_gpu else "cpu (no CUDA device)")}
+    (out / RESULT).write_text(json.dumps(results, indent=2))
+    _record(results, out, "env", checks.env)
+    _record(results, out, "ray_start", checks.start_ray, lim(120))
+    _record(results, out, "build_encoders", checks.build, lim(120))
+    _record(results, out, "preflight_gpu_tp1", checks.preflight(1), lim(120))
+    _record(results, out, "preflight_gpu_tp2", checks.preflight(2), lim(120))
+    # --quick covers each architecture and each ZeRO stage once (the script, not the GPU, is what it checks)
+    for arch, stage in [("bert", 2), ("roberta", 3)] if quick else [("bert", 2), ("bert", 3), ("roberta", 2),
+                                                                    ("roberta", 3)]:
+        _record(results, out, f"train_{arch}_zero{stage}_bf16", checks.train(arch, stage), lim(150))
+    _record(results, out, "label_gpu_bf16", checks.labelling, lim(150))
+    _record(results, out, "serve_gpu_replica", checks.serving, lim(150))
+    import ray
+
+    ray.shutdown()
+    _summary(results, out)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,36 @@ def _quality(df: pd.DataFrame, labels: list[str]) -> dict[str, float]:
             **{f"share_{lab}": float((df["llm_label"] == lab).mean()) for lab in labels}}
 
 
+def _settings(df: pd.DataFrame, test: pd.DataFrame, gold: pd.DataFrame, x_test, labels: list[str]
+              ) -> tuple[dict, dict[str, pd.Series]]:
+    """Per shots setting (fixed, gold-knn) and calibration (none, prior, gold): the LLM's label quality on the test
+    rows and the label-issue flags' precision; and each setting's labels of the test rows."""
+    setting_of = df["id"].str.split("|", n=2)
+    df["setting"], df["kind"], df["id"] = setting_of.str[0], setting_of.str[1], setting_of.str[2]
+    gold_share = gold["label"].value_counts(normalize=True).reindex(labels).fillna(1e-3).to_dict()
+    labelled: dict[str, pd.Series] = {}
+    settings: dict = {}
+    for setting in ("fixed", "gold-knn"):
+        t = df[(df["setting"] == setting) & (df["kind"] == "test")].drop(columns=["setting", "kind"])
+        answered = test["id"].isin(set(t["id"])).to_numpy()  # all rows, unless read back from a cut-short run
+        t = t.set_index("id").loc[test["id"][answered]].reset_index()
+        g = df[(df["setting"] == setting) & (df["kind"] == "gold")].drop(columns=["setting", "kind"])
+        out = {"none": {**_quality(t, labels), "gold_rows_accuracy": _quality(g, labels)["accuracy"]}}
+        prior_df, prior_off = apply_prior_calibration(t.copy(), labels, gold_share)
+        out["prior"] = {**_quality(prior_df, labels), "offsets": prior_off}
+        gold_df, gold_off, report = apply_gold_calibration(t.copy(), g, labels)
+        out["gold"] = {**_quality(gold_df, labels), "offsets": gold_off, "held_out_gold": report}
+        for cal, frame in (("none", t), ("prior", prior_df), ("gold", gold_df)):
+            labelled[f"{setting}/{cal}"] = frame.set_index("id")["llm_label"]
+            issues = cv_label_issues(frame, x_test[answered], labels, folds=5)
+            summ = label_issue_summary(issues, frame)
+            summ["flag_vs_random"] = (summ["flag_precision"] / summ["llm_error_rate"]
+                                      if summ.get("flag_precision") is not None and summ["llm_error_rate"] else None)
+            out[cal]["label_issues"] = summ
+        settings[setting] = out
+    return settings, labelled
+
+
 def run_domain(name: str, n_gold: int, a) -> dict:
     spec = DOMAINS[name]
     task = load_task(spec["task"])
@@ -106,28 +136,7 @@ def run_domain(name: str, n_gold: int, a) -> dict:
                  "calib_rows": len(calib), "shots": shots,
                  "annotate": spec["annotate"], "prep_s": round(prep_s, 1), "llm_s": round(llm_s, 1),
                  "llm_rows": len(both), "prompt_tokens": s.prompt_tokens, "settings": {}}
-    setting_of = df["id"].str.split("|", n=2)
-    df["setting"], df["kind"], df["id"] = setting_of.str[0], setting_of.str[1], setting_of.str[2]
-    gold_share = gold["label"].value_counts(normalize=True).reindex(labels).fillna(1e-3).to_dict()
-    labelled: dict[str, pd.Series] = {}
-    for setting in ("fixed", "gold-knn"):
-        t = df[(df["setting"] == setting) & (df["kind"] == "test")].drop(columns=["setting", "kind"])
-        answered = test["id"].isin(set(t["id"])).to_numpy()  # all rows, unless read back from a cut-short run
-        t = t.set_index("id").loc[test["id"][answered]].reset_index()
-        g = df[(df["setting"] == setting) & (df["kind"] == "gold")].drop(columns=["setting", "kind"])
-        out = {"none": {**_quality(t, labels), "gold_rows_accuracy": _quality(g, labels)["accuracy"]}}
-        prior_df, prior_off = apply_prior_calibration(t.copy(), labels, gold_share)
-        out["prior"] = {**_quality(prior_df, labels), "offsets": prior_off}
-        gold_df, gold_off, report = apply_gold_calibration(t.copy(), g, labels)
-        out["gold"] = {**_quality(gold_df, labels), "offsets": gold_off, "held_out_gold": report}
-        for cal, frame in (("none", t), ("prior", prior_df), ("gold", gold_df)):
-            labelled[f"{setting}/{cal}"] = frame.set_index("id")["llm_label"]
-            issues = cv_label_issues(frame, x_test[answered], labels, folds=5)
-            summ = label_issue_summary(issues, frame)
-            summ["flag_vs_random"] = (summ["flag_precision"] / summ["llm_error_rate"]
-                                      if summ.get("flag_precision") is not None and summ["llm_error_rate"] else None)
-            out[cal]["label_issues"] = summ
-        res["settings"][setting] = out
+    res["settings"], labelled = _settings(df, test, gold, x_test, labels)
     # what the encoders are trained on (bench.label_quality --encoders): the test rows with each label set
     rows = test[["id", "text", "label"]].set_index("id")
     for key, lab in labelled.items():
@@ -155,6 +164,32 @@ def _fit_cached(train: pd.DataFrame, labels: list[str], cfg, init: Path | None =
     return out / "model"
 
 
+def _fine_tuned(out: dict, sets: dict, gold: pd.DataFrame, b_rows: pd.DataFrame, labels: list[str], enc: dict,
+                score, what: str) -> None:
+    """MiniLM fine-tuned (llambert_ray.train.fit) on a few of the label sets, and `combined` (the gold-knn/gold
+    model, then gold); each scored on half B's gold into out[label set]["fine_tuned"]."""
+    import numpy as np
+
+    from llambert_ray.config import TrainConfig
+    from llambert_ray.label import Classifier
+
+    out["combined: gold-knn/gold, then gold"] = {"train_rows": len(sets["gold-knn/gold"]) + len(gold),
+                                                 "train_label_accuracy": None}
+    cfg = TrainConfig(epochs=enc["epochs"], max_length=enc["max_length"], batch_size=16, learning_rate=1e-4,
+                      cpus_per_worker=1.5)
+    models: dict[str, Path] = {}
+    for label_set, (rows, then) in {"gold": (gold, None), "fixed/none": (sets["fixed/none"], None),
+                                    "gold-knn/gold": (sets["gold-knn/gold"], None),
+                                    "combined: gold-knn/gold, then gold": (gold, "gold-knn/gold")}.items():
+        t0 = time.time()
+        models[label_set] = _fit_cached(rows, labels, cfg, init=models[then] if then else None)
+        clf = Classifier(str(models[label_set]), max_length=enc["max_length"], threads=2)
+        out[label_set]["fine_tuned"] = {
+            **score(np.array(clf.labels)[clf.predict_proba(b_rows["text"].tolist()).argmax(1)]),
+            "seconds": round(time.time() - t0, 1)}
+        print(f"{what}, MiniLM fine-tuned on {label_set}: {out[label_set]['fine_tuned']}", flush=True)
+
+
 def encoder_domain(name: str, n_gold: int, a) -> dict:
     """Encoders trained on each label set, scored on held-out gold. The test rows (with run_domain's LLM labels)
     are split in half by a seeded draw: an encoder trains on half A's labels of a set and is scored on half B's
@@ -166,9 +201,7 @@ def encoder_domain(name: str, n_gold: int, a) -> dict:
     names this domain and gold size."""
     import numpy as np
 
-    from llambert_ray.config import TrainConfig
     from llambert_ray.embeddings import Probe
-    from llambert_ray.label import Classifier
 
     spec = DOMAINS[name]
     labels = load_task(spec["task"]).labels
@@ -209,25 +242,10 @@ def encoder_domain(name: str, n_gold: int, a) -> dict:
                                   "train_label_accuracy": float((rows["label"] == rows["truth"]).mean())
                                   if "truth" in rows else None,
                                   "probe": score(pred)}
-    if f"{name}-{n_gold}" not in a.finetune.split(","):
-        return res
-    res["sets"]["combined: gold-knn/gold, then gold"] = {"train_rows": len(sets["gold-knn/gold"]) + len(gold),
-                                                         "train_label_accuracy": None}
-    cfg = TrainConfig(epochs=enc["epochs"], max_length=enc["max_length"], batch_size=16, learning_rate=1e-4,
-                      cpus_per_worker=1.5)
-    models: dict[str, Path] = {}
-    for label_set, (rows, then) in {"gold": (gold, None), "fixed/none": (sets["fixed/none"], None),
-                                    "gold-knn/gold": (sets["gold-knn/gold"], None),
-                                    "combined: gold-knn/gold, then gold": (gold, "gold-knn/gold")}.items():
-        t0 = time.time()
-        models[label_set] = _fit_cached(rows, labels, cfg, init=models[then] if then else None)
-        clf = Classifier(str(models[label_set]), max_length=enc["max_length"], threads=2)
-        res["sets"][label_set]["fine_tuned"] = {
-            **score(np.array(clf.labels)[clf.predict_proba(b_rows["text"].tolist()).argmax(1)]),
-            "seconds": round(time.time() - t0, 1)}
-        print(f"{name} {n_gold} gold, MiniLM fine-tuned on {label_set}: {res['sets'][label_set]['fine_tuned']}",
-              flush=True)
+    if f"{name}-{n_gold}" in a.finetune.split(","):
+        _fine_tuned(res["sets"], sets, gold, b_rows, labels, enc, score, f"{name} {n_gold} gold")
     return res
+
 
 def _pct(v) -> str:
     return "" if v is None else f"{100 * v:.1f}%"
