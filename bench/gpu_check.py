@@ -13,36 +13,17 @@ DIR for --data holds train.parquet / test.parquet (id, text, label in {negative,
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import pandas as pd
 
+from bench.harness import Steps, check_parser
+
 LABELS = ["negative", "positive"]
-
-
-SKIP: set[str] = set()
-
-
-def _record(results: dict, out: Path, name: str, fn) -> None:
-    if any(s and s in name for s in SKIP):
-        return
-    t0 = time.time()
-    print(f"=== {name}", flush=True)
-    try:
-        results[name] = {"ok": True, **fn()}
-    except Exception as e:  # a check that fails is a result too
-        traceback.print_exc()
-        results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
-    results[name]["wall_s"] = round(time.time() - t0, 1)
-    print(json.dumps({name: results[name]}, default=str), flush=True)
-    (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
 
 
 def _build_model(path: Path, tokenizer: str, *, hidden: int, layers: int, heads: int, vocab: int | None = None,
@@ -214,35 +195,29 @@ class _Checks:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = check_parser(__doc__)
     ap.add_argument("--data", required=True)
     ap.add_argument("--tokenizer", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes on CPU: checks the script, not the GPU")
-    ap.add_argument("--skip", default="", help="comma-separated steps to leave out, e.g. zero2")
     args = ap.parse_args()
-    SKIP.update(args.skip.split(","))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     import ray
 
     from llambert_ray.ray_env import init_ray
 
-    checks, results = _Checks(args), {}
-    _record(results, out, "env", checks.env)
-    _record(results, out, "ceiling", checks.ceiling)
+    checks, steps = _Checks(args), Steps(args.out, "gpu_check.json", args.skip)
+    steps.run("env", checks.env)
+    steps.run("ceiling", checks.ceiling)
     # The trap train_worker_env guards against: DS_ACCELERATOR=cpu left in the driver's environment (and so in
     # ray.init's runtime_env); GPU training must still get DeepSpeed's CUDA accelerator (recorded per epoch).
     os.environ["DS_ACCELERATOR"] = "cpu"
     init_ray(None, num_cpus=os.cpu_count(), object_store_memory=8 << 30 if checks.use_gpu else 1 << 30)
-    _record(results, out, "learn_small_bert_zero2_bf16", checks.learn)
-    _record(results, out, "build_roberta_large_shape", checks.build_large)
-    _record(results, out, "train_roberta_large_shape_zero2", checks.train_large(2))
-    _record(results, out, "label_roberta_large_shape_ray", checks.label_large)
-    _record(results, out, "label_dtype_bf16_vs_fp32", checks.dtypes)
-    _record(results, out, "train_roberta_large_shape_zero3", checks.train_large(3))
+    steps.run("learn_small_bert_zero2_bf16", checks.learn)
+    steps.run("build_roberta_large_shape", checks.build_large)
+    steps.run("train_roberta_large_shape_zero2", checks.train_large(2))
+    steps.run("label_roberta_large_shape_ray", checks.label_large)
+    steps.run("label_dtype_bf16_vs_fp32", checks.dtypes)
+    steps.run("train_roberta_large_shape_zero3", checks.train_large(3))
     ray.shutdown()
-    ok = all(v.get("ok") for v in results.values())
+    ok = all(v.get("ok") for v in steps.results.values())
     print("ALL OK" if ok else "SOME CHECKS FAILED", flush=True)
 
 

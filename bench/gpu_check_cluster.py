@@ -16,57 +16,23 @@ device machine with the carried wheels.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import random
-import signal
 import socket
 import tempfile
 import time
-import traceback
 import urllib.request
 from pathlib import Path
 
 import pandas as pd
 
+from bench.harness import Steps, check_parser
+
 LABELS = ["negative", "positive"]
 TOKENIZER = Path(__file__).resolve().parent / "assets" / "minilm_tokenizer"
-SKIP: set[str] = set()
 RESULT = "gpu_check_cluster.json"
-
-
-class StepTimeout(Exception):
-    pass
-
-
-def _on_alarm(signum, frame):
-    raise StepTimeout("step ran past its time limit")
-
-
-def _record(results: dict, out: Path, name: str, fn, limit_s: int | None = None) -> None:
-    """Run one step: its dict (ok True) or its error (ok False), its wall time; the JSON rewritten after it."""
-    if any(s and s in name for s in SKIP):
-        return
-    t0 = time.time()
-    print(f"=== {name}", flush=True)
-    if limit_s:
-        signal.signal(signal.SIGALRM, _on_alarm)
-        signal.alarm(limit_s)
-    try:
-        results[name] = {"ok": True, **fn()}
-    except BaseException as e:  # a check that fails is a result too (StepTimeout included)
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        traceback.print_exc()
-        results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:3000]}
-    finally:
-        if limit_s:
-            signal.alarm(0)
-    results[name]["wall_s"] = round(time.time() - t0, 1)
-    print(json.dumps({name: results[name]}, default=str), flush=True)
-    (out / RESULT).write_text(json.dumps(results, indent=2, default=str))
 
 
 # ------------------------------------------------------------------------------------------ data and models
@@ -346,49 +312,43 @@ class _Checks:
         return res
 
 
-def _summary(results: dict, out: Path) -> None:
-    steps = {k: v for k, v in results.items() if isinstance(v, dict)}
-    ok = all(v.get("ok") for v in steps.values())
-    expect = [k for k, v in steps.items() if v.get("as_expected") is False or v.get("on_cuda") is False
+def _summary(steps: Steps) -> None:
+    results = steps.results
+    done = {k: v for k, v in results.items() if isinstance(v, dict)}
+    ok = all(v.get("ok") for v in done.values())
+    expect = [k for k, v in done.items() if v.get("as_expected") is False or v.get("on_cuda") is False
               or (v.get("weights") or {}).get("full_size") is False or v.get("ok_rows_in_eq_out") is False]
     results["summary"] = {"all_ok": ok, "not_as_expected": expect,
-                          "failed": [k for k, v in steps.items() if not v.get("ok")]}
-    (out / RESULT).write_text(json.dumps(results, indent=2, default=str))
+                          "failed": [k for k, v in done.items() if not v.get("ok")]}
+    steps.save()
     print("ALL OK" if ok and not expect else f"SOME CHECKS FAILED: {results['summary']}", flush=True)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes on the CPU: checks the script, not the GPU")
-    ap.add_argument("--skip", default="", help="comma-separated parts of step names to leave out, e.g. zero3,serve")
-    args = ap.parse_args()
-    SKIP.update(args.skip.split(","))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args = check_parser(__doc__).parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: every model here is a local folder
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quick = args.quick
-    checks = _Checks(quick)
+    checks, steps = _Checks(quick), Steps(args.out, RESULT, args.skip)
     # step limits (s): generous on the GPU, where the whole run must fit a device call; none needed in --quick
     lim = (lambda s: None) if quick else (lambda s: s)
-    results: dict = {"mode": "quick (cpu)" if quick else ("gpu" if checks.use_gpu else "cpu (no CUDA device)")}
-    (out / RESULT).write_text(json.dumps(results, indent=2))
-    _record(results, out, "env", checks.env)
-    _record(results, out, "ray_start", checks.start_ray, lim(120))
-    _record(results, out, "build_encoders", checks.build, lim(120))
-    _record(results, out, "preflight_gpu_tp1", checks.preflight(1), lim(120))
-    _record(results, out, "preflight_gpu_tp2", checks.preflight(2), lim(120))
+    steps.results["mode"] = "quick (cpu)" if quick else ("gpu" if checks.use_gpu else "cpu (no CUDA device)")
+    steps.save()
+    steps.run("env", checks.env)
+    steps.run("ray_start", checks.start_ray, lim(120))
+    steps.run("build_encoders", checks.build, lim(120))
+    steps.run("preflight_gpu_tp1", checks.preflight(1), lim(120))
+    steps.run("preflight_gpu_tp2", checks.preflight(2), lim(120))
     # --quick covers each architecture and each ZeRO stage once (the script, not the GPU, is what it checks)
     for arch, stage in [("bert", 2), ("roberta", 3)] if quick else [("bert", 2), ("bert", 3), ("roberta", 2),
                                                                     ("roberta", 3)]:
-        _record(results, out, f"train_{arch}_zero{stage}_bf16", checks.train(arch, stage), lim(150))
-    _record(results, out, "label_gpu_bf16", checks.labelling, lim(150))
-    _record(results, out, "serve_gpu_replica", checks.serving, lim(150))
+        steps.run(f"train_{arch}_zero{stage}_bf16", checks.train(arch, stage), lim(150))
+    steps.run("label_gpu_bf16", checks.labelling, lim(150))
+    steps.run("serve_gpu_replica", checks.serving, lim(150))
     import ray
 
     ray.shutdown()
-    _summary(results, out)
+    _summary(steps)
 
 
 if __name__ == "__main__":
