@@ -141,13 +141,17 @@ def _deepspeed_engine(cfg: TrainConfig, model_ref: str, labels: list[str], total
 
 
 def _restore(engine) -> tuple[int, list[dict[str, Any]]]:
-    """(first epoch to run, history so far): from Ray Train's latest checkpoint when this attempt resumes."""
+    """(first epoch to run, history so far): from Ray Train's latest checkpoint when this attempt resumes. A latest
+    checkpoint that is a finished run's final model (fit called again on a kept output folder: no DeepSpeed state in
+    it) is no epoch to resume from: the run trains afresh."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if not ckpt:
         return 0, []
     with ckpt.as_directory() as d:
+        if not (Path(d) / "ds").is_dir():
+            return 0, []
         _, client = engine.load_checkpoint(d, tag="ds")
     return int((client or {}).get("epoch", -1)) + 1, list((client or {}).get("history", []))
 

@@ -1,5 +1,7 @@
 """Fine-tuning: the paper's variants (pure), and real DeepSpeed ZeRO-2 training on 2 Ray Train CPU workers."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from conftest import balanced
@@ -280,3 +282,25 @@ def test_the_stop_rule_keeps_the_first_epoch_that_agrees_best():
          {"epoch": 2, "agreement_macro_f1": 0.8}, {"epoch": 3, "agreement_macro_f1": 0.6}]
     assert chosen_epoch(h) == 1 and chosen_epoch(h[:1]) == 0
     assert chosen_epoch([{"epoch": 0, "train_loss": 1.0}]) is None
+
+
+def test_a_finished_runs_final_model_is_no_epoch_to_resume_from(tmp_path, monkeypatch):
+    """fit again on a kept output folder: Ray Train hands the worker its latest checkpoint, the final model (no
+    DeepSpeed state): the run trains afresh instead of failing in DeepSpeed's load_checkpoint."""
+    import ray.train
+
+    from llambert_ray.train_loop import FINAL_MARKER, _restore
+
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / FINAL_MARKER).write_text("{}")
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(final)))
+
+    class Engine:
+        def load_checkpoint(self, d, tag):
+            assert (Path(d) / tag).is_dir()
+            return None, {"epoch": 1, "history": [{"epoch": 0}, {"epoch": 1}]}
+
+    assert _restore(Engine()) == (0, [])
+    (final / "ds").mkdir()  # an epoch's DeepSpeed checkpoint: resumed after it
+    assert _restore(Engine()) == (2, [{"epoch": 0}, {"epoch": 1}])
