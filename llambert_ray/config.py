@@ -277,14 +277,15 @@ class TrainConfig(_Strict):
     bf16: bool | None = Field(None, description="null = bf16 on GPU, fp32 on CPU")
     seed: int = 0
     min_confidence: float = Field(0.0, ge=0, le=1, description="drop LLM labels below this confidence")
+    # soft + weighted: the defaults bench.distill chose (bench/README.md "Distillation"); the stop rule measured even
     targets: Literal["hard", "soft"] = Field(
-        "hard", description="what the encoder learns from LLM-labelled rows: hard = the LLM's label; soft = its "
+        "soft", description="what the encoder learns from LLM-labelled rows: hard = the LLM's label; soft = its "
                             "per-label probabilities (score mode; the calibrated confidence on its label), gold "
                             "rows and rows without scores one-hot (llambert_ray/targets.py)")
     soft_temperature: float = Field(1.0, gt=0, description="targets: soft: p ** (1 / T), renormalised (< 1 "
                                                            "sharpens toward the LLM's label)")
     class_balance: Literal["none", "weighted"] = Field(
-        "none", description="weighted: each label's loss weighted n / (labels x its rows), so a skewed label set "
+        "weighted", description="weighted: each label's loss weighted n / (labels x its rows), so a skewed label set "
                             "does not collapse the encoder onto its majority label")
     stop_rule: Literal["none", "agreement"] = Field(
         "none", description="agreement: a seeded slice of the training rows (stop_holdout of them) is kept apart; "
