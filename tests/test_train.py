@@ -248,6 +248,9 @@ def test_soft_targets_class_weights_and_the_loss():
     # row 1: calibration moved the label to b with 0.7; a and c share 0.3 as 0.5 : 0.2
     assert np.allclose(t[1], [0.3 * 5 / 7, 0.7, 0.3 * 2 / 7], atol=1e-6)
     assert np.allclose(t[2], [0, 0, 1])  # no scores: one-hot
+    # generate / choice mode: llm_raw is the answer's text (the default targets: soft must train on it, one-hot)
+    answers = pd.DataFrame({"label": ["a", "c"], "llm_confidence": [0.9, None], "llm_raw": ["A.", '"c"']})
+    assert np.allclose(soft_targets(answers, labels), [[1, 0, 0], [0, 0, 1]])
     sharp = soft_targets(frame, labels, temperature=0.5)
     assert sharp[0, 0] > t[0, 0] and np.allclose(sharp[0], np.array([0.25, 0.09, 0.04]) / 0.38, atol=1e-6)
     w = class_weights(pd.Series(["a"] * 8 + ["b"] * 2), labels)
