@@ -27,7 +27,7 @@ def soft_targets(frame: pd.DataFrame, labels: list[str], temperature: float = 1.
                                                                                 index=frame.index)
     for r, (lab, raw, conf) in enumerate(zip(frame["label"], raws, confs, strict=True)):
         i = index[lab]
-        scores = _scores(raw)
+        scores = label_scores(raw)
         if not scores or conf is None or pd.isna(conf) or any(x not in scores for x in labels):
             out[r, i] = 1.0
             continue
@@ -39,7 +39,7 @@ def soft_targets(frame: pd.DataFrame, labels: list[str], temperature: float = 1.
     return (out / out.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def _scores(raw: Any) -> dict[str, float] | None:
+def label_scores(raw: Any) -> dict[str, float] | None:
     """Score mode's label log-probabilities from llm_raw (a JSON object), or None: generate / choice mode's llm_raw
     is the answer's text ("Positive."), which is no score."""
     if not isinstance(raw, str) or not raw.lstrip().startswith("{"):

@@ -4,7 +4,6 @@ raw scores, so a correction can be audited or undone."""
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
@@ -12,6 +11,7 @@ import pandas as pd
 
 from llambert_ray.annotate.columns import AnnotationError
 from llambert_ray.metrics import classification_metrics
+from llambert_ray.targets import label_scores
 
 # Content-free inputs for contextual calibration: the LLM's label preference on them is its bias, independent of
 # any row.
@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def label_logsoftmax(raw: str | None, labels: list[str]) -> np.ndarray | None:
-    if not isinstance(raw, str) or not raw:
+    scores = label_scores(raw)
+    if scores is None:
         return None
-    scores = json.loads(raw)
     v = np.array([scores[lab] for lab in labels], dtype=float)
     return v - (v.max() + np.log(np.exp(v - v.max()).sum()))
 
